@@ -1,0 +1,54 @@
+"""Render a spec into one self-contained CUDA translation unit.
+
+The templates read like CUDA; everything they need comes from one context built
+here: the spec, the shared constants and the kernel parameter struct.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import jinja2
+
+from swrgen import constants
+from swrgen.runtime.params import template_fields
+from swrgen.spec import Spec
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
+MAIN_TEMPLATE = "swr.cu.j2"
+# Entry points every rendered module defines: "vec" needs 16-byte aligned rows and
+# L % (block_len / 2) == 0; "scalar" takes any L and any strides.
+KERNEL_NAMES = ("swr_fwd_vec", "swr_fwd_scalar", "swr_bwd_vec", "swr_bwd_scalar")
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,  # a missing value is an error, not an empty string
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _constants_namespace() -> SimpleNamespace:
+    return SimpleNamespace(**{k: v for k, v in vars(constants).items() if k.isupper()})
+
+
+def render_source(spec: Spec) -> str:
+    """The CUDA source for ``spec``: a pure function of the spec and the templates."""
+    r, t = spec.recurrence, spec.target
+    types = SimpleNamespace(
+        input=constants.CUDA_TYPES[r.input_dtype],
+        gate=constants.CUDA_TYPES[r.gate_dtype],
+        output=constants.CUDA_TYPES[r.output_dtype],
+    )
+    template = _environment().get_template(MAIN_TEMPLATE)
+    return template.render(
+        spec=spec,
+        r=r,
+        t=t,
+        c=_constants_namespace(),
+        types=types,
+        params=template_fields(),
+    )

@@ -1,0 +1,95 @@
+"""On-disk cubin cache keyed by a hash of source, options, NVRTC version and arch.
+
+Entries are written to a temporary file and renamed into place, so concurrent
+builds never see half an entry; each entry carries the SHA-256 of its cubin and of its
+ptxas log (the resource report), so a corrupt or truncated one is detected, dropped and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from swrgen.compiler.nvrtc import BASE_OPTIONS, CompileResult, compile_cubin, nvrtc_version, parse_resources
+
+ENV_CACHE_DIR = "SWRGEN_CACHE_DIR"
+_MAGIC = b"SWRGEN-CUBIN-1\n"
+
+
+def default_cache_dir() -> Path:
+    if env := os.environ.get(ENV_CACHE_DIR):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "swrgen"
+
+
+def cache_key(source: str, arch: str) -> str:
+    h = hashlib.sha256()
+    for part in (source, arch, nvrtc_version(), *BASE_OPTIONS):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class CompileCache:
+    def __init__(self, directory: Path | str | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.cubin"
+
+    def load(self, key: str, arch: str) -> CompileResult | None:
+        """The cached result, or None when missing or damaged (a damaged entry is removed)."""
+        path = self.path(key)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            if not blob.startswith(_MAGIC):
+                raise ValueError("bad magic")
+            header_end = blob.index(b"\n", len(_MAGIC))
+            header = json.loads(blob[len(_MAGIC) : header_end])
+            cubin = blob[header_end + 1 :]
+            if len(cubin) != header["size"] or hashlib.sha256(cubin).hexdigest() != header["sha256"]:
+                raise ValueError("checksum mismatch")
+            log = header["log"]
+            if hashlib.sha256(log.encode()).hexdigest() != header["log_sha256"]:  # the log gives the resources
+                raise ValueError("log checksum mismatch")
+            return CompileResult(arch=arch, cubin=cubin, log=log, resources=parse_resources(log))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            path.unlink(missing_ok=True)
+            return None
+
+    def store(self, key: str, result: CompileResult) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        header = {
+            "size": len(result.cubin),
+            "sha256": hashlib.sha256(result.cubin).hexdigest(),
+            "log": result.log,
+            "log_sha256": hashlib.sha256(result.log.encode()).hexdigest(),
+        }
+        data = _MAGIC + json.dumps(header).encode() + b"\n" + result.cubin
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".cubin")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path(key))  # atomic: readers see the old entry or the whole new one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def compile(self, source: str, arch: str) -> CompileResult:
+        key = cache_key(source, arch)
+        if (hit := self.load(key, arch)) is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        result = compile_cubin(source, arch)
+        self.store(key, result)
+        return result

@@ -1,0 +1,64 @@
+"""Single source of truth for constants shared by Python and the CUDA templates.
+
+Everything here that a kernel depends on is passed to the Jinja templates by
+``swrgen.codegen.render`` (see ``template_constants``), so Python and CUDA never
+disagree about the tile geometry or the allowed values.
+"""
+
+from __future__ import annotations
+
+# --- Kernel geometry (fixed by the template design; see templates/swr_common.cuh.j2) ---
+WARP_SIZE = 32
+CHANNELS_PER_WARP = 16  # one warp holds 16 channels of one head ...
+LANES_PER_TILE = 2  # ... and each 16-token tile is split over a pair of lanes
+VECTOR_BYTES = 16  # widest per-lane global access (LDG.128 / STG.128)
+# Streamed inputs (read once) can be loaded with an L2 prefetch-size hint so DRAM serves whole
+# 256-byte runs of a row instead of 32-byte sectors scattered over 16 rows; 0 disables the hint.
+L2_PREFETCH_BYTES = 0  # 256 measured slower on H100 (44% vs 58% of floor, bench/RESULTS.md run 4)
+
+# --- Allowed spec values ---
+HEAD_DIMS = (16, 32, 64)
+BLOCK_LENS = (16, 32, 64)
+MAX_WINDOW_BLOCKS = 8
+GATE_LAYOUTS = ("per_head", "per_channel")
+DTYPES = ("bf16", "fp16", "fp32")
+ACCUM_DTYPES = ("fp32",)
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100a", "sm_120")
+CLUSTER_ARCHS = ("sm_90", "sm_90a", "sm_100a", "sm_120")  # thread-block clusters exist
+WARPS_PER_CTA = (1, 2, 4, 8, 16, 32)
+TILES_IN_FLIGHT = (1, 2, 4, 8)
+CLUSTER_SIZES = (1, 2, 4, 8)  # 8 is the portable maximum
+MAX_TILES_PER_WARP = 1 << 16
+# How a carrier (a tile's last local state and gate product) crosses each level.
+# registers: kept in a rolling register window inside one warp's chunk of tiles.
+# halo: recomputed by re-reading the window_blocks-1 tiles before the chunk, so no
+#       level ever waits on another (works on every architecture).
+WARP_CARRIERS = ("registers",)
+CTA_CARRIERS = ("halo",)
+CLUSTER_CARRIERS = ("halo",)
+# Per-lane register budget: tokens per lane times tiles in flight must stay under this
+# or the loads spill to local memory.
+MAX_TOKENS_IN_FLIGHT_PER_LANE = 64
+
+# C++ type and size of each dtype name.
+CUDA_TYPES = {"bf16": "__nv_bfloat16", "fp16": "__half", "fp32": "float"}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def tokens_per_lane(block_len: int) -> int:
+    return block_len // LANES_PER_TILE
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def dtype_name(dtype) -> str:
+    import torch
+
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    if dtype not in names:
+        raise TypeError(f"unsupported dtype {dtype}; allowed: torch.bfloat16, torch.float16, torch.float32")
+    return names[dtype]

@@ -1,0 +1,1 @@
+"""Ops: one folder per op, a naive reference beside every fast path."""

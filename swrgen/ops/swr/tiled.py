@@ -1,0 +1,200 @@
+"""Torch mirror of the GPU kernels' tile algorithm: forward and closed-form backward, in float64.
+
+Used to check the kernels' math on the CPU against :func:`swrgen.ops.swr.reference.swr_reference`.
+Semantics (DESIGN.md section 1), ``k = window_blocks``, ``BL = block_len``, ``i = t // BL``::
+
+    y_t = sum_{s = max(0, (i-k+1)*BL) .. t} ( prod_{q=s+1..t} a_q ) * u_s
+
+Tiles are processed in independent chunks of ``tiles_per_chunk`` tiles (all tiles in one chunk when
+None), like CTAs/warps of a kernel. A chunk sees only its own tiles plus a halo of ``k-1`` tiles before it
+(to rebuild the forward carriers) and, in the backward, a lookahead of ``k-1`` tiles after it (to rebuild
+the reverse carriers); nothing else crosses a chunk edge, so a result that depended on the chunking would
+be a bug in the carrier logic. Inside a chunk the per-tile local scans are vectorised over tiles and the
+carrier recursions are vectorised tile shifts.
+
+Padding: L is padded to a multiple of BL with x = 0, dy = 0 and gates 1; the "next gate" after the last
+tile (read by the backward's suffix products) is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from swrgen.ops.swr.reference import check_swr_args, gates_as_4d
+
+__all__ = ["swr_tiled_backward", "swr_tiled_forward"]
+
+
+def _to_tiles(t: torch.Tensor, block_len: int, nt: int, pad_value: float) -> torch.Tensor:
+    """[..., L] -> float64 [..., nt, BL], padding the partial last tile with ``pad_value``."""
+    t = t.to(torch.float64)
+    t = F.pad(t, (0, nt * block_len - t.shape[-1]), value=pad_value)
+    return t.reshape(*t.shape[:-1], nt, block_len)
+
+
+def _chunks(nt: int, tiles_per_chunk: int | None) -> list[tuple[int, int]]:
+    if tiles_per_chunk is None:
+        return [(0, nt)]
+    if int(tiles_per_chunk) < 1:
+        raise ValueError(f"tiles_per_chunk must be >= 1, got {tiles_per_chunk}")
+    tpc = int(tiles_per_chunk)
+    return [(c0, min(c0 + tpc, nt)) for c0 in range(0, nt, tpc)]
+
+
+def _shift_tiles(t: torch.Tensor, p: int) -> torch.Tensor:
+    """Along the last (tile) dim of a per-tile tensor [..., nt]: out[i] = t[i - p], zero-filled.
+
+    p > 0 looks back (tile i-p), p < 0 looks ahead (tile i+|p|); tiles outside the slice read as 0, which
+    is exactly the rule "tiles before the sequence / past its end have carrier 0".
+    """
+    dim = t.dim() - 1
+    n = t.shape[dim]
+    if abs(p) >= n:
+        return torch.zeros_like(t)
+    if p > 0:
+        return torch.cat([torch.zeros_like(t.narrow(dim, 0, p)), t.narrow(dim, 0, n - p)], dim=dim)
+    if p < 0:
+        q = -p
+        return torch.cat([t.narrow(dim, q, n - q), torch.zeros_like(t.narrow(dim, 0, q))], dim=dim)
+    return t
+
+
+def _local_forward(a_t: torch.Tensor, u_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-initialised scan inside every tile: w_t = a_t w_{t-1} + u_t, and g_t = prod_{tile start..t} a.
+
+    a_t: [..., G, nt, BL] with G = 1 (per head) or DH; u_t: [..., DH, nt, BL]. Returns (w, g).
+    """
+    BL = u_t.shape[-1]
+    w_cols = [u_t[..., 0]]
+    g_cols = [a_t[..., 0]]
+    for r in range(1, BL):
+        w_cols.append(a_t[..., r] * w_cols[-1] + u_t[..., r])
+        g_cols.append(a_t[..., r] * g_cols[-1])
+    return torch.stack(w_cols, dim=-1), torch.stack(g_cols, dim=-1)
+
+
+def _carry_in(v: torch.Tensor, P: torch.Tensor, k: int) -> torch.Tensor:
+    """Horner carry into every tile of the slice: C_i = v_{i-1} + P_{i-1}(v_{i-2} + ... + v_{i-k+1}).
+
+    v: [..., DH, nt]; P: [..., G, nt]. Innermost term first, as the kernel's rolling carrier window does.
+    """
+    C = torch.zeros_like(v)
+    for p in range(k - 1, 0, -1):
+        C = _shift_tiles(v, p) + _shift_tiles(P, p) * C
+    return C
+
+
+def swr_tiled_forward(
+    a: torch.Tensor,
+    x: torch.Tensor,
+    window_blocks: int,
+    block_len: int,
+    tiles_per_chunk: int | None = None,
+) -> torch.Tensor:
+    """Forward by local tile scans + Horner carry: ``y_t = w_t + g_t * C_i``. Returns float64 [B,H,DH,L].
+
+    Each chunk of tiles [c0, c1) recomputes the carriers of its k-1 halo tiles [c0-k+1, c0) itself.
+    """
+    check_swr_args(a, x, window_blocks, block_len)
+    k, BL = int(window_blocks), int(block_len)
+    L = x.shape[-1]
+    nt = -(-L // BL)
+    a_t = _to_tiles(gates_as_4d(a), BL, nt, 1.0)
+    u_t = _to_tiles(x, BL, nt, 0.0)
+    ys = []
+    for c0, c1 in _chunks(nt, tiles_per_chunk):
+        lo = max(0, c0 - (k - 1))  # halo start: all this chunk may read
+        w, g = _local_forward(a_t[..., lo:c1, :], u_t[..., lo:c1, :])
+        C = _carry_in(w[..., -1], g[..., -1], k)  # carriers v_i = w[tile end], P_i = g[tile end]
+        y = w + g * C.unsqueeze(-1)
+        ys.append(y[..., c0 - lo :, :])
+    y = torch.cat(ys, dim=-2)
+    return y.reshape(*y.shape[:-2], nt * BL)[..., :L]
+
+
+def swr_tiled_backward(
+    a: torch.Tensor,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    window_blocks: int,
+    block_len: int,
+    tiles_per_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form gradients of :func:`swr_tiled_forward`: returns float64 ``(dx, da)`` shaped like x, a.
+
+    For token q in tile j (all per tile, vectorised over the chunk's tiles):
+
+    * reverse local scan ``r_s = dy_s + a_{s+1} r_{s+1}`` (0 past the tile end) and suffix product
+      ``G'_s = prod_{q=s+1..(j+1)BL} a_q`` (includes the next tile's first gate; 0 after the last tile);
+      reverse carriers ``rho_j = r[tile start]``, ``Q_j = G'[tile start]``;
+    * ``D^(m)_j = rho_{j+1} + Q_{j+1} D^(m-1)_{j+1}`` (``D^(0) = 0``), ``R^(m) = r + G' D^(m)``;
+    * ``dx = R^(k-1)``;
+    * ``da_q = sum_channels[ w_{q-1} R^(k-1)_q + gx_q sum_{p=1}^{k-1} c_p R^(k-1-p)_q ]`` with
+      ``w_{q-1}`` the tile-local forward state before q (0 at tile start), ``gx_q = prod_{jBL..q-1} a``
+      and the forward constants ``c_p = (prod_{m=1}^{p-1} P_{j-m}) v_{j-p}``.
+
+    The sum over channels applies to per-head gates only. Each chunk [c0, c1) reads the halo
+    [c0-k+1, c0) (for c_p, i.e. the forward carriers) and the lookahead [c1, c1+k-1) (for D).
+    """
+    check_swr_args(a, x, window_blocks, block_len)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    k, BL = int(window_blocks), int(block_len)
+    L = x.shape[-1]
+    nt = -(-L // BL)
+    per_head = a.dim() == 3
+    a_t = _to_tiles(gates_as_4d(a), BL, nt, 1.0)
+    u_t = _to_tiles(x, BL, nt, 0.0)
+    dy_t = _to_tiles(dy, BL, nt, 0.0)
+    # First gate of the next tile, one per tile; the tile after the last one has gate 0.
+    a_next = _shift_tiles(a_t[..., 0], -1)  # [..., G, nt]
+
+    dxs, das = [], []
+    for c0, c1 in _chunks(nt, tiles_per_chunk):
+        lo, hi = max(0, c0 - (k - 1)), min(nt, c1 + (k - 1))  # halo before, lookahead after
+        a_s, u_s, dy_s = a_t[..., lo:hi, :], u_t[..., lo:hi, :], dy_t[..., lo:hi, :]
+
+        # Forward recompute: tile-local states and inclusive prefix products.
+        w, g = _local_forward(a_s, u_s)
+        v, P = w[..., -1], g[..., -1]
+        wx = F.pad(w[..., :-1], (1, 0), value=0.0)  # w_{q-1}, 0 at tile start
+        gx = F.pad(g[..., :-1], (1, 0), value=1.0)  # prod_{jBL..q-1} a, 1 at tile start
+
+        # Reverse local scan with shifted gates b_s = a_{s+1}; suffix products G' include a_next.
+        r_cols = [dy_s[..., BL - 1]]
+        G_cols = [a_next[..., lo:hi]]
+        for s in range(BL - 2, -1, -1):
+            b = a_s[..., s + 1]
+            r_cols.append(dy_s[..., s] + b * r_cols[-1])
+            G_cols.append(b * G_cols[-1])
+        r = torch.stack(r_cols[::-1], dim=-1)
+        Gp = torch.stack(G_cols[::-1], dim=-1)
+        rho, Q = r[..., 0], Gp[..., 0]
+
+        # R^(m) for m = 0..k-1 (reverse carries from the next m tiles).
+        R = [r]
+        D = torch.zeros_like(rho)
+        for _m in range(1, k):
+            D = _shift_tiles(rho, -1) + _shift_tiles(Q, -1) * _shift_tiles(D, -1)
+            R.append(r + Gp * D.unsqueeze(-1))
+        dx = R[k - 1]
+
+        # da: in-tile part plus c_p, p = 1..k-1 (c_1 = v_{j-1}, c_p(j) = P_{j-1} c_{p-1}(j-1)).
+        da = wx * R[k - 1]
+        c = torch.zeros_like(v)
+        carry_part = torch.zeros_like(dx)
+        for p in range(1, k):
+            c = _shift_tiles(v, 1) if p == 1 else _shift_tiles(P, 1) * _shift_tiles(c, 1)
+            carry_part = carry_part + c.unsqueeze(-1) * R[k - 1 - p]
+        da = da + gx * carry_part
+        if per_head:
+            da = da.sum(dim=2, keepdim=True)
+        dxs.append(dx[..., c0 - lo : c1 - lo, :])
+        das.append(da[..., c0 - lo : c1 - lo, :])
+
+    dx = torch.cat(dxs, dim=-2)
+    da = torch.cat(das, dim=-2)
+    dx = dx.reshape(*dx.shape[:-2], nt * BL)[..., :L]
+    da = da.reshape(*da.shape[:-2], nt * BL)[..., :L]
+    return dx, (da.squeeze(2) if per_head else da)

@@ -1,0 +1,91 @@
+"""Thin, checked wrappers over cuda.bindings.driver: context, modules, launches.
+
+torch owns the CUDA context (the device's primary context); we only make sure it is
+current on this thread, load modules into it and launch on torch's current stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import torch
+from cuda.bindings import driver as cu
+
+from swrgen.runtime.params import KernelParams
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def check(result, what: str):
+    err, *rest = result
+    if err != cu.CUresult.CUDA_SUCCESS:
+        _, msg = cu.cuGetErrorString(err)
+        detail = msg.decode() if isinstance(msg, bytes) else str(msg)
+        raise CudaError(f"{what} failed: {err.name} ({detail})")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def ensure_context(device: torch.device) -> None:
+    """Make torch's primary context for ``device`` current on this thread."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.init()
+    with torch.cuda.device(index):
+        torch.cuda.current_stream()  # forces torch to create and bind the primary context
+        ctx = check(cu.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        if ctx is None or int(ctx) == 0:
+            dev = check(cu.cuDeviceGet(index), "cuDeviceGet")
+            ctx = check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+            check(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+@cache
+def multiprocessor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+class Kernel:
+    """One __global__ function of a loaded module, launched with a KernelParams struct."""
+
+    def __init__(self, module, name: str) -> None:
+        self.name = name
+        self.function = check(cu.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({name})")
+
+    def max_active_ctas_per_sm(self, threads: int) -> int:
+        return check(
+            cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, 0),
+            f"occupancy of {self.name}",
+        )
+
+    def launch(self, grid: int, threads: int, params: KernelParams, stream: int, cluster: int = 1) -> None:
+        arg = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        if cluster == 1:
+            check(
+                cu.cuLaunchKernel(self.function, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(arg), 0),
+                f"launch of {self.name}",
+            )
+            return
+        attr = cu.CUlaunchAttribute()
+        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster, 1, 1
+        config = cu.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
+        config.sharedMemBytes = 0
+        config.hStream = cu.CUstream(stream)
+        config.attrs = [attr]
+        config.numAttrs = 1
+        check(cu.cuLaunchKernelEx(config, self.function, ctypes.addressof(arg), 0), f"cluster launch of {self.name}")
+
+
+class Module:
+    """A cubin loaded into the current context, with its kernels looked up by name."""
+
+    def __init__(self, cubin: bytes, names: tuple[str, ...]) -> None:
+        self._cubin = cubin  # the driver reads the image during load; keep it alive anyway
+        self.handle = check(cu.cuModuleLoadData(cubin), "cuModuleLoadData")
+        self.kernels = {n: Kernel(self.handle, n) for n in names}

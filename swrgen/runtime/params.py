@@ -1,0 +1,41 @@
+"""The kernels' one parameter: a struct passed by value.
+
+This field list is the single source of truth for its layout: the template renders
+it as a C struct (``templates/swr_params.cuh.j2``) and ``KernelParams`` mirrors it
+with ctypes. Every field is 8 bytes, so C and ctypes agree without padding rules.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+# (name, C type). "ptr" fields are device addresses, "i64" fields are element counts or strides.
+PARAM_FIELDS: tuple[tuple[str, str], ...] = (
+    ("x", "ptr"),  # inputs u            [B, H, DH, L]
+    ("a", "ptr"),  # gates               [B, H, L] or [B, H, DH, L]
+    ("y", "ptr"),  # forward output      [B, H, DH, L]
+    ("dy", "ptr"),  # backward: grad of y
+    ("dx", "ptr"),  # backward: grad of x
+    ("da", "ptr"),  # backward: fp32 partial grad of a, contiguous [B, H, G, L] or [B, H, DH, L]
+    ("len", "i64"),  # L
+    ("heads", "i64"),  # H
+    ("rows", "i64"),  # B * H * (DH / 16): one row is 16 channels of one head
+    ("tiles_per_warp", "i64"),  # chunk of tiles one warp owns (a tuning knob)
+    ("sxb", "i64"), ("sxh", "i64"), ("sxc", "i64"),
+    ("sab", "i64"), ("sah", "i64"), ("sac", "i64"),
+    ("syb", "i64"), ("syh", "i64"), ("syc", "i64"),
+    ("sdyb", "i64"), ("sdyh", "i64"), ("sdyc", "i64"),
+    ("sdxb", "i64"), ("sdxh", "i64"), ("sdxc", "i64"),
+)  # fmt: skip
+
+C_TYPES = {"ptr": "const void*", "i64": "long long"}
+_CTYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_int64}
+
+
+class KernelParams(ctypes.Structure):
+    _fields_ = [(name, _CTYPES[kind]) for name, kind in PARAM_FIELDS]
+
+
+def template_fields() -> list[tuple[str, str]]:
+    """(C type, name) pairs for the template's struct."""
+    return [(C_TYPES[kind], name) for name, kind in PARAM_FIELDS]

@@ -1,0 +1,53 @@
+"""Shared test setup.
+
+* The whole session compiles into its own temporary cubin cache (``SWRGEN_CACHE_DIR``, set by an autouse
+  session fixture before the first test runs and inherited by subprocesses), so tests never read a stale
+  entry from, or write into, the user's ``~/.cache/swrgen``.
+* Tests marked ``gpu`` are skipped when torch sees no CUDA device (CI and developer machines have none).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS_DIR = REPO / "specs"
+SPEC_PATHS = sorted(SPECS_DIR.glob("*.yaml"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The cubin cache directory every test in this session compiles into."""
+    path = tmp_path_factory.mktemp("swrgen-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SWRGEN_CACHE_DIR", str(path))
+        yield path
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _never_the_user_cache() -> None:
+    # Guards every test: a test that changes SWRGEN_CACHE_DIR must use monkeypatch, so it is restored.
+    value = os.environ.get("SWRGEN_CACHE_DIR")
+    assert value, "SWRGEN_CACHE_DIR is unset: an earlier test removed it without monkeypatch"
+    assert Path(value).resolve() != (Path.home() / ".cache" / "swrgen").resolve()

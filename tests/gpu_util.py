@@ -1,0 +1,88 @@
+"""Shared helpers for the GPU tests: inputs, error metric, specs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swrgen import constants
+from swrgen.spec import default_spec
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GATE_KINDS = {
+    "typical": (0.5, 1.0),
+    "near0": (0.0, 0.05),
+    "near1": (0.95, 1.0),
+    "signed": (-1.0, 1.0),
+}
+
+
+# Tuning configs that must all give bitwise-identical results (the window never depends on them).
+TUNING = [
+    dict(warps_per_cta=1),
+    dict(warps_per_cta=8),
+    dict(warps_per_cta=32),
+    dict(tiles_per_warp=1),
+    dict(tiles_per_warp=3),
+    dict(tiles_per_warp=1024),
+    dict(tiles_in_flight=1),
+    dict(tiles_in_flight=8),
+    dict(cluster_size=2, archs=("sm_90a",)),
+    dict(cluster_size=4, archs=("sm_90a",), warps_per_cta=2),
+    dict(persistent=True),
+    dict(persistent=True, tiles_per_warp=5, warps_per_cta=8),
+]
+
+
+# Recurrence variants the forward tests cover (beyond the default k=2 bf16->fp32 spec).
+FWD_VARIANTS = [
+    dict(dtype="fp16"),
+    dict(dtype="fp32"),
+    dict(out="bf16"),
+    dict(dtype="bf16", gate_dtype="fp32"),
+    dict(per_channel=True),
+    dict(dh=32),
+    dict(dh=64, k=3),
+    dict(bl=32),
+    dict(bl=64, k=3),
+    dict(k=5),
+]
+# Variants the backward tests cover.
+BWD_VARIANTS = [dict(dtype="fp32"), dict(dtype="fp16"), dict(out="bf16"), dict(per_channel=True), dict(dh=32),
+     dict(dh=64, k=3), dict(bl=32), dict(bl=64, k=2), dict(k=5), dict(per_channel=True, k=3, bl=32)]  # fmt: skip
+
+
+def make_inputs(batch, heads, head_dim, length, *, dtype=torch.bfloat16, gate_dtype=None, per_channel=False,
+                gates="typical", seed=0, device="cuda"):  # fmt: skip
+    """Fresh random x ~ N(0,1) and gates ~ U(lo, hi): never zeros, so unwritten outputs can't hide."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(batch, heads, head_dim, length, generator=g)
+    shape = (batch, heads, head_dim, length) if per_channel else (batch, heads, length)
+    lo, hi = GATE_KINDS[gates]
+    a = lo + (hi - lo) * torch.rand(shape, generator=g)
+    return a.to(device=device, dtype=gate_dtype or dtype), x.to(device=device, dtype=dtype)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite values in the kernel output"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def spec_for(k=2, bl=16, dh=16, dtype="bf16", gate_dtype=None, out="fp32", per_channel=False, **target):
+    spec = default_spec(head_dim=dh, block_len=bl, window_blocks=k, input_dtype=dtype, gate_dtype=gate_dtype or dtype,
+                        output_dtype=out, gate_layout="per_channel" if per_channel else "per_head")  # fmt: skip
+    return spec.replace_target(**target) if target else spec
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return constants.torch_dtype(name)
+
+
+def all_gpu_test_specs():
+    """Every spec the GPU tests compile (bench/warm_cache.py pre-builds their cubins)."""
+    base = [spec_for(k=k) for k in (1, 2, 3)]
+    specs = base + [spec_for(**kw) for kw in FWD_VARIANTS + BWD_VARIANTS]
+    specs += [b.replace_target(**kw) for b in base for kw in TUNING]
+    return specs

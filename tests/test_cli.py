@@ -1,0 +1,341 @@
+"""The ``swrgen`` command line (click), run in-process with CliRunner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import SPEC_PATHS, SPECS_DIR
+
+from swrgen import cli
+from swrgen.build import load_generated
+from swrgen.codegen import KERNEL_NAMES, render_source
+from swrgen.compiler import cache as cache_module
+from swrgen.spec import Target, load_spec
+
+COMMANDS = ("build", "demo", "list", "show", "validate")
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+
+
+def spec_path(stem: str) -> Path:
+    return SPECS_DIR / f"{stem}.yaml"
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BAD_SPEC = """\
+name: bad_window
+recurrence:
+  head_dim: 16
+  window_blocks: 9
+"""
+
+
+# --- help, version --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_commands(flag: str) -> None:
+    result = run(flag)
+    assert result.exit_code == 0
+    commands = result.output.split("Commands:")[1]
+    listed = sorted(line.split()[0] for line in commands.strip().splitlines())
+    assert listed == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command: str) -> None:
+    result = run(command, "--help")
+    assert result.exit_code == 0
+    assert f"Usage: main {command}" in result.output or f"{command} [OPTIONS]" in result.output
+
+
+def test_version() -> None:
+    import swrgen
+
+    result = run("--version")
+    assert result.exit_code == 0
+    assert swrgen.__version__ in result.output
+
+
+def test_unknown_command() -> None:
+    result = run("frobnicate")
+    assert result.exit_code == 2
+    assert "No such command" in result.output
+
+
+# --- validate -------------------------------------------------------------------------------------------
+
+
+def test_validate_all_shipped_specs() -> None:
+    result = run("validate", *SPEC_PATHS)
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == len(SPEC_PATHS)
+    for line, path in zip(lines, SPEC_PATHS, strict=True):
+        spec = load_spec(path)
+        assert line.startswith("ok") and str(path) in line
+        assert spec.name in line and spec.digest()[:12] in line
+
+
+def test_validate_bad_spec_names_file_line_and_field(tmp_path: Path) -> None:
+    bad = write(tmp_path, "bad.yaml", BAD_SPEC)
+    result = run("validate", bad)
+    assert result.exit_code == 1
+    assert f"{bad}:4: recurrence.window_blocks" in result.stderr  # window_blocks is on line 4
+    assert "allowed: 1..8" in result.stderr
+    assert result.stdout == ""
+
+
+def test_validate_mixed_reports_every_file(tmp_path: Path) -> None:
+    bad = write(tmp_path, "bad.yaml", BAD_SPEC)
+    typo = write(tmp_path, "typo.yaml", "name: t\ntarget:\n  warps_per_cat: 4\n")
+    good = spec_path("hopper_k2")
+    result = run("validate", bad, good, typo)
+    assert result.exit_code == 1
+    assert f"ok    {good}" in result.stdout
+    assert f"{bad}:4: recurrence.window_blocks" in result.stderr
+    assert f"{typo}:3: target.warps_per_cat" in result.stderr
+    assert "did you mean 'warps_per_cta'" in result.stderr
+
+
+def test_validate_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    result = run("validate", tmp_path / "nope.yaml")
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_validate_needs_an_argument() -> None:
+    assert run("validate").exit_code == 2
+
+
+# --- list, show -----------------------------------------------------------------------------------------
+
+
+def test_list_shipped_specs() -> None:
+    result = run("list")
+    assert result.exit_code == 0
+    lines = result.output.strip().splitlines()
+    assert [line.split()[0] for line in lines] == [p.name for p in SPEC_PATHS]
+    k3 = next(line for line in lines if line.startswith("hopper_k3.yaml"))
+    assert "k=3" in k3 and "archs=sm_90a,sm_100a" in k3
+    cluster = next(line for line in lines if line.startswith("hopper_k2_cluster.yaml"))
+    assert "cluster=2" in cluster
+    assert "bf16->bf16" in next(line for line in lines if line.startswith("hopper_k2_bf16out.yaml"))
+
+
+def test_list_folder_with_an_invalid_spec(tmp_path: Path) -> None:
+    write(tmp_path, "bad.yaml", BAD_SPEC)
+    write(tmp_path, "good.yml", "name: good\n")
+    write(tmp_path, "notes.txt", "not a spec\n")
+    result = run("list", tmp_path)
+    assert result.exit_code == 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("bad.yaml") and "INVALID" in lines[0] and "9" in lines[0]
+    assert lines[1].startswith("good.yml") and "k=2 bl=16 dh=16 bf16->fp32" in lines[1]
+
+
+def test_show_fills_in_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "tiny.yaml", "name: tiny\nrecurrence: {window_blocks: 3}\n")
+    result = run("show", path)
+    assert result.exit_code == 0
+    first, _, body = result.output.partition("\n")
+    spec = load_spec(path)
+    assert first == f"# {path}  digest {spec.digest()}"
+    shown = yaml.safe_load(body)
+    assert shown == spec.to_dict()
+    assert shown["recurrence"]["window_blocks"] == 3
+    assert shown["recurrence"]["dtypes"] == {"input": "bf16", "gate": "bf16", "output": "fp32", "accum": "fp32"}
+    defaults = Target()
+    assert shown["target"]["tiles_per_warp"] == defaults.tiles_per_warp
+    assert shown["target"]["archs"] == list(defaults.archs)
+    # The printed YAML is itself a valid spec with the same digest.
+    again = write(tmp_path, "again.yaml", body)
+    assert load_spec(again).digest() == spec.digest()
+
+
+def test_show_source() -> None:
+    path = spec_path("hopper_k3")
+    result = run("show", "--source", path)
+    assert result.exit_code == 0
+    assert result.output == render_source(load_spec(path))
+
+
+def test_show_bad_spec(tmp_path: Path) -> None:
+    result = run("show", write(tmp_path, "bad.yaml", BAD_SPEC))
+    assert result.exit_code == 1
+    assert "recurrence.window_blocks" in result.output and ":4:" in result.output
+
+
+# --- build ----------------------------------------------------------------------------------------------
+
+
+def check_build_folder(folder: Path, spec_file: Path, archs: tuple[str, ...]) -> dict:
+    spec = load_spec(spec_file)
+    source = (folder / "swr.cu").read_text()
+    assert source == render_source(spec)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["spec_digest"] == spec.digest()
+    assert manifest["spec"] == spec.to_dict()
+    assert manifest["source_sha256"] == hashlib.sha256(source.encode()).hexdigest()
+    assert manifest["kernels"] == list(KERNEL_NAMES)
+    assert manifest["launch"]["threads_per_cta"] == 32 * spec.target.warps_per_cta
+    assert sorted(manifest["archs"]) == sorted(archs)
+    for arch in archs:
+        entry = manifest["archs"][arch]
+        cubin = (folder / entry["cubin"]).read_bytes()
+        assert entry["cubin"] == f"swr.{arch}.cubin"
+        assert cubin[:4] == b"\x7fELF"
+        assert entry["cubin_sha256"] == hashlib.sha256(cubin).hexdigest()
+        assert sorted(entry["resources"]) == sorted(KERNEL_NAMES)
+        for usage in entry["resources"].values():
+            assert usage["registers"] > 0
+            assert set(usage) == {"registers", "shared_bytes", "stack_bytes", "spill_store_bytes", "spill_load_bytes"}
+    assert sorted(p.name for p in folder.glob("*.cubin")) == sorted(f"swr.{a}.cubin" for a in archs)
+    return manifest
+
+
+def test_build_spec_archs(tmp_path: Path) -> None:
+    spec_file = spec_path("hopper_k1")
+    result = run("build", spec_file, "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "hopper_k1"
+    manifest = check_build_folder(folder, spec_file, ("sm_90a", "sm_100a"))
+    assert manifest["nvrtc_version"].startswith("13.")
+    assert f"wrote {folder}/swr.cu" in result.output
+    for arch in ("sm_90a", "sm_100a"):
+        assert f"  {arch}: " in result.output
+    assert "swr_fwd_vec: " in result.output and " regs, " in result.output
+
+
+def test_build_arch_override_and_reuse_through_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec_file = spec_path("hopper_k1")
+    archs = ("sm_80", "sm_120")
+    result = run("build", spec_file, "-o", tmp_path, "--arch", archs[0], "--arch", archs[1])
+    assert result.exit_code == 0, result.output
+    check_build_folder(tmp_path / "hopper_k1", spec_file, archs)
+
+    # A second build of the same source is served from the (session) disk cache: no NVRTC call.
+    def fail(*args, **kwargs):
+        raise AssertionError("NVRTC called although the cache holds these cubins")
+
+    monkeypatch.setattr(cache_module, "compile_cubin", fail)
+    again = run("build", spec_file, "-o", tmp_path / "again", "--arch", archs[0], "--arch", archs[1])
+    assert again.exit_code == 0, again.output
+    for arch in archs:
+        name = f"swr.{arch}.cubin"
+        assert (tmp_path / "again" / "hopper_k1" / name).read_bytes() == (tmp_path / "hopper_k1" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("spec_stem", "arch", "fragment"),
+    [
+        ("hopper_k1", "sm_81", "'sm_81'; allowed: sm_80"),
+        ("hopper_k1", "90a", "'90a'"),
+        ("hopper_k2_cluster", "sm_80", "sm_80 has no clusters"),
+    ],
+)
+def test_build_bad_arch(tmp_path: Path, spec_stem: str, arch: str, fragment: str) -> None:
+    result = run("build", spec_path(spec_stem), "-o", tmp_path, "--arch", arch)
+    assert result.exit_code == 2
+    assert "Invalid value for --arch" in result.output and fragment in result.output
+    assert list(tmp_path.iterdir()) == [], "a rejected build wrote files"
+
+
+def test_build_no_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "compile_cubin", lambda *a, **k: pytest.fail("--no-compile compiled"))
+    spec_file = spec_path("hopper_k2_bf16out")
+    result = run("build", spec_file, "-o", tmp_path, "--no-compile")
+    assert result.exit_code == 0, result.output
+    manifest = check_build_folder(tmp_path / "hopper_k2_bf16out", spec_file, ())
+    assert manifest["nvrtc_version"] is None and manifest["archs"] == {}
+
+
+def test_build_bad_spec(tmp_path: Path) -> None:
+    result = run("build", write(tmp_path, "bad.yaml", BAD_SPEC), "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "recurrence.window_blocks" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_compile_error_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import swrgen.build
+
+    good = swrgen.build.render_source
+    monkeypatch.setattr(swrgen.build, "render_source", lambda spec: good(spec) + "\nthis is not cuda;\n")
+    result = run("build", spec_path("hopper_k1"), "-o", tmp_path, "--arch", "sm_80")
+    assert result.exit_code == 1
+    assert "could not compile swr.cu for sm_80" in result.output
+    assert "this is not cuda;" in result.output  # the marked source line
+
+
+def test_load_generated_uses_built_cubins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec_file = spec_path("hopper_k1")
+    assert run("build", spec_file, "-o", tmp_path, "--arch", "sm_80").exit_code == 0
+    folder = tmp_path / "hopper_k1"
+    monkeypatch.setattr(cache_module, "compile_cubin", lambda *a, **k: pytest.fail("recompiled a built cubin"))
+    program = load_generated(folder)
+    assert program.spec == load_spec(spec_file)
+    assert program.source == (folder / "swr.cu").read_text()
+    assert program.cubin("sm_80") == (folder / "swr.sm_80.cubin").read_bytes()
+
+    # A cubin that no longer matches the manifest is not trusted.
+    (folder / "swr.sm_80.cubin").write_bytes(b"\x7fELF damaged")
+    monkeypatch.undo()
+    assert load_generated(folder).cubin("sm_80")[:4] == b"\x7fELF"
+    assert load_generated(folder).cubin("sm_80") != b"\x7fELF damaged"
+
+
+def test_load_generated_without_manifest(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="swrgen build"):
+        load_generated(tmp_path)
+
+
+# --- demo -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stem", ["hopper_k2", "hopper_k3", "hopper_k2_bf16out"])
+def test_demo_on_cpu(stem: str) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU path")
+    result = run("demo", spec_path(stem), "--length", 77, "--batch", 1, "--heads", 2)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["spec"] == stem
+    assert report["device"].startswith("cpu")
+    assert report["shape"] == [1, 2, 16, 77]
+    assert 0 <= report["rel_err_vs_float64"] < 2e-3
+    assert "rel_err" in result.output
+
+
+def test_demo_per_channel_fp32(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "pc.yaml",
+        "name: pc\nrecurrence:\n  head_dim: 32\n  gate_layout: per_channel\n  dtypes: {input: fp32}\n",
+    )
+    result = run("demo", path, "--length", 50, "--batch", 1, "--heads", 1)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["shape"] == [1, 1, 32, 50]
+    assert report["rel_err_vs_float64"] < 1e-6  # fp32 in, fp32 out: only the final rounding
+
+
+def test_demo_default_spec() -> None:
+    result = run("demo", "--length", 20, "--batch", 1, "--heads", 1)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["spec"] == "hopper_k2"
