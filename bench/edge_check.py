@@ -28,6 +28,18 @@ def main() -> None:
                 dx, da = launch.backward(prog, a, x, torch.randn_like(y))
                 torch.cuda.synchronize()
                 assert torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(da).all()
+    # Packed sequences (element-wise and vector kernels) and a resumed stream.
+    for lens in ([1, 15, 17, 1000, 33], [8, 1024, 40]):
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+        x = torch.randn(1, 3, 16, int(cu[-1]), device="cuda").bfloat16().requires_grad_()
+        a = torch.rand(1, 3, int(cu[-1]), device="cuda").bfloat16().requires_grad_()
+        swrgen.swr(a, x, cu_seqlens=cu).sum().backward()
+    x = torch.randn(2, 3, 16, 300, device="cuda").bfloat16()
+    a = torch.rand(2, 3, 300, device="cuda").bfloat16()
+    for split in (7, 8, 16, 100):
+        _, st = swrgen.swr(a[..., :split], x[..., :split], return_state=True)
+        swrgen.swr(a[..., split:], x[..., split:], initial_state=st)
+    torch.cuda.synchronize()
     print("edge_check: ok")
 
 

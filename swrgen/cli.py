@@ -1,4 +1,4 @@
-"""``swrgen`` command line: validate, show, list, build, demo."""
+"""``swrgen`` command line: validate, show, list, build, demo, tune, bench."""
 
 from __future__ import annotations
 
@@ -140,6 +140,103 @@ def demo(spec: str, batch: int, heads: int, length: int, seed: int) -> None:
     click.echo(json.dumps(report, indent=2))
     if not err < 2e-3:
         raise click.ClickException(f"relative error {err:.3g} exceeds 2e-3")
+
+
+def _parse_shapes(shapes: tuple[str, ...]) -> list[tuple[int, ...]]:
+    out = []
+    for text in shapes:
+        try:
+            dims = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            dims = ()
+        if len(dims) not in (3, 4) or min(dims) < 1:
+            raise click.BadParameter(f"{text!r}: expected B,H,L (or B,H,DH,L) positive integers", param_hint="--shape")
+        out.append(dims)
+    return out
+
+
+@main.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.option("--shape", "shapes", multiple=True, help="B,H,L to tune for (repeatable; one run per shape bucket).  "
+              "[default: 4,64,8192]")
+@click.option("--grid", default="", help='Knob values to try instead of the defaults, e.g. '
+              '"warps_per_cta=4,8;tiles_per_warp=64,128" (knobs: warps_per_cta, tiles_per_warp, tiles_in_flight, '
+              'cluster_size, persistent).')
+@click.option("--objective", type=click.Choice(["train", "fwd"]), default="train", show_default=True,
+              help="Score: forward + backward time (train) or forward alone (inference).")
+@click.option("--rep-ms", default=40.0, show_default=True, help="Timing window per kernel (do_bench rep).")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write every result.")
+@click.option("--no-save", is_flag=True, help="Do not store the winners in the tuned cache.")
+@click.option("--compile-only", is_flag=True, help="No GPU needed: only compile every candidate's cubin into the "
+              "cubin cache (to carry to a GPU machine).")
+@click.option("--arch", default=None, help="With --compile-only: the arch to compile for [default: the spec's first].")
+def tune(spec: str, shapes: tuple[str, ...], grid: str, objective: str, rep_ms: float, json_out: str | None,
+         no_save: bool, compile_only: bool, arch: str | None) -> None:
+    """Search SPEC's tuning knobs on the GPU per shape bucket; check each candidate against float64, time it,
+    and cache the winner (in $SWRGEN_CACHE_DIR/tuned/), which the op then uses for shapes of that bucket."""
+    from swrgen import constants
+    from swrgen.tune import space
+
+    s = _load(spec)
+    try:
+        grid_dict = space.parse_grid(grid)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--grid") from None
+    dims = _parse_shapes(shapes) or [(4, 64, 8192)]
+    if compile_only:
+        from swrgen.codegen import render_source
+        from swrgen.compiler import CompileCache, CompileError
+
+        arch = arch or s.target.archs[0]
+        if arch not in constants.ARCHS:
+            raise click.BadParameter(f"{arch!r}; allowed: {', '.join(constants.ARCHS)}", param_hint="--arch")
+        cands = space.candidates(s, arch, grid_dict)
+        sources = sorted({render_source(s.replace_target(**c)) for c in cands})
+        click.echo(f"{len(cands)} candidates, {len(sources)} distinct sources for {arch}")
+        cache = CompileCache()
+        for i, source in enumerate(sources, 1):
+            try:
+                cache.compile(source, arch)
+            except CompileError as e:
+                raise click.ClickException(str(e)) from None
+            click.echo(f"  compiled {i}/{len(sources)}")
+        click.echo(f"cubin cache: {cache.directory} ({cache.hits} hits, {cache.misses} compiled)")
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("swrgen tune needs a CUDA device, and torch sees none here "
+                                   "(torch.cuda.is_available() is False). Run it on the GPU machine; here, "
+                                   "--compile-only pre-builds the candidates' cubins.")  # fmt: skip
+    from swrgen.tune.search import tune as run_tune
+
+    try:
+        result = run_tune(s, dims, device="cuda", grid=grid_dict, objective=objective, rep_ms=rep_ms,
+                          save=not no_save, progress=lambda m: click.echo(m))  # fmt: skip
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1, default=str))
+        click.echo(f"wrote {json_out}")
+    if not any(b["winner"] for b in result["buckets"].values()):
+        raise click.ClickException("no candidate passed the correctness check")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})  # fmt: skip
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run the benchmark suite on the GPU (bench/suite.py; `swrgen bench -h` lists its options)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "suite.py").is_file():
+        raise click.ClickException(f"bench/suite.py not found under {root}: the suite runs from a source checkout")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench import suite
+
+    code = suite.main(list(args))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from swrgen.codegen import KERNEL_NAMES, render_source
 from swrgen.compiler import cache as cache_module
 from swrgen.spec import Target, load_spec
 
-COMMANDS = ("build", "demo", "list", "show", "validate")
+COMMANDS = ("bench", "build", "demo", "list", "show", "tune", "validate")
 
 
 def run(*args: str):

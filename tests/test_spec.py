@@ -61,7 +61,7 @@ def test_shipped_spec_loads(stem: str) -> None:
     assert spec.recurrence.output_dtype == out
     assert (spec.recurrence.head_dim, spec.recurrence.block_len) == (16, 16)
     assert (spec.recurrence.input_dtype, spec.recurrence.gate_dtype) == ("bf16", "bf16")
-    assert (spec.target.warps_per_cta, spec.target.tiles_per_warp, spec.target.tiles_in_flight) == (4, 64, 2)
+    assert (spec.target.warps_per_cta, spec.target.tiles_per_warp, spec.target.tiles_in_flight) == (4, 64, 8)
 
 
 def test_default_file_spells_out_every_key() -> None:
@@ -93,7 +93,7 @@ def test_defaults() -> None:
     assert (t.warps_per_cta, t.tiles_per_warp, t.tiles_in_flight, t.cluster_size, t.persistent) == (
         4,
         64,
-        2,
+        8,
         1,
         False,
     )
@@ -116,7 +116,7 @@ def test_gate_dtype_defaults_to_input_dtype() -> None:
 def test_unspecified_tiles_in_flight_is_capped_to_what_fits() -> None:
     spec = spec_from_dict({"name": "x", "recurrence": {"block_len": 64}})
     assert spec.target.tiles_in_flight == 2  # 32 tokens per lane x 2 = 64, the limit
-    assert spec_from_dict({"name": "x", "recurrence": {"block_len": 32}}).target.tiles_in_flight == 2
+    assert spec_from_dict({"name": "x", "recurrence": {"block_len": 32}}).target.tiles_in_flight == 4  # 16 x 4 = 64
 
 
 # --- to_dict / digest -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 //
 // head_dim=16 block_len=16 window_blocks=2
 // gates=per_head in=bf16 gate=bf16 out=bf16 accum=fp32
-// warps_per_cta=4 tiles_in_flight=2
+// warps_per_cta=4 tiles_in_flight=8
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -21,7 +21,7 @@ constexpr int kWindow = 2;
 constexpr int kTokensPerLane = kBlockLen / kLanesPerTile;
 constexpr int kGroups = kHeadDim / kChannelsPerWarp;  // warps that share one head's gates
 constexpr int kWarpsPerCta = 4;
-constexpr int kTilesInFlight = 2;
+constexpr int kTilesInFlight = 8;
 constexpr bool kPerChannelGate = false;
 constexpr int kCarry = kWindow > 1 ? kWindow - 1 : 1;  // carriers kept per direction (array size >= 1)
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -45,6 +45,13 @@ struct Params {
   long long heads;
   long long rows;
   long long tiles_per_warp;
+  long long chunks;
+  long long work;
+  long long phase;
+  long long num_seqs;
+  const void* seq_start;
+  const void* seq_chunk;
+  const void* state;
   long long sxb;
   long long sxh;
   long long sxc;
@@ -108,15 +115,21 @@ struct Lane<false, T> {
   float f[kTokensPerLane];
 };
 
-// Elements at or past `len` read as `fill`.
-template <bool kVec, typename T>
-__device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, long long t0, long long len, float fill) {
+// A 16-byte load of data read once: bypass L1 and ask L2 to fetch the surrounding run of the row.
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  return __ldg(p);
+}
+
+// Elements outside [lo, hi) read as `fill`. kStream: read once (see load_stream).
+template <bool kVec, typename T, bool kStream = false>
+__device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, long long t0, long long lo, long long hi,
+                                                  float fill) {
   Lane<kVec, T> l;
   if constexpr (kVec) {
-    if (t0 >= 0 && t0 < len) {  // halo steps before the sequence start load nothing
+    if (t0 >= lo && t0 < hi) {  // e.g. halo steps before the sequence start load nothing
       const uint4* src = reinterpret_cast<const uint4*>(row + t0);
 #pragma unroll
-      for (int i = 0; i < Lane<kVec, T>::kChunks; ++i) l.q[i] = __ldg(src + i);
+      for (int i = 0; i < Lane<kVec, T>::kChunks; ++i) l.q[i] = kStream ? load_stream(src + i) : __ldg(src + i);
     } else {
       const float two[2] = {fill, fill};
       const unsigned word = pack(two, static_cast<const T*>(nullptr));
@@ -125,7 +138,8 @@ __device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, lon
     }
   } else {
 #pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e) l.f[e] = (t0 >= 0 && t0 + e < len) ? to_f32(__ldg(row + t0 + e)) : fill;
+    for (int e = 0; e < kTokensPerLane; ++e)
+      l.f[e] = (t0 + e >= lo && t0 + e < hi) ? to_f32(__ldg(row + t0 + e)) : fill;
   }
   return l;
 }
@@ -147,18 +161,18 @@ __device__ __forceinline__ void unpack_lane(const Lane<kVec, T>& l, float (&out)
 }
 
 template <bool kVec, typename T>
-__device__ __forceinline__ void load_lane(const T* __restrict__ row, long long t0, long long len, float fill,
+__device__ __forceinline__ void load_lane(const T* __restrict__ row, long long t0, long long lo, long long hi, float fill,
                                           float (&out)[kTokensPerLane]) {
-  unpack_lane(load_raw<kVec>(row, t0, len, fill), out);
+  unpack_lane(load_raw<kVec>(row, t0, lo, hi, fill), out);
 }
 
 template <bool kVec, typename T>
-__device__ __forceinline__ void store_lane(T* __restrict__ row, long long t0, long long len,
+__device__ __forceinline__ void store_lane(T* __restrict__ row, long long t0, long long lo, long long hi,
                                            const float (&v)[kTokensPerLane]) {
   if constexpr (kVec) {
     constexpr int kElemsPerWord = 4 / sizeof(T);
     constexpr int kChunks = kTokensPerLane * sizeof(T) / 16;
-    if (t0 < len) {
+    if (t0 >= lo && t0 < hi) {
       uint4* dst = reinterpret_cast<uint4*>(row + t0);
 #pragma unroll
       for (int i = 0; i < kChunks; ++i) {
@@ -173,7 +187,47 @@ __device__ __forceinline__ void store_lane(T* __restrict__ row, long long t0, lo
   } else {
 #pragma unroll
     for (int e = 0; e < kTokensPerLane; ++e)
-      if (t0 + e < len) row[t0 + e] = from_f32<T>(v[e]);
+      if (t0 + e >= lo && t0 + e < hi) row[t0 + e] = from_f32<T>(v[e]);
+  }
+}
+
+// A lane pair's outputs, stored so that every instruction writes whole 32-byte sectors.
+// With 32 bytes per lane (fp32, 8 tokens) the pair's four 16-byte chunks lie as
+// [even0 even1 odd0 odd1]; stored as they lie, each instruction half-fills sectors. Swapping
+// even1 and odd0 within the pair makes instruction 0 write chunks 0-1 and instruction 1
+// chunks 2-3. Other widths store directly.
+template <bool kVec, typename T>
+__device__ __forceinline__ void store_pair(T* __restrict__ row, long long t0, long long lo, long long hi,
+                                           const float (&v)[kTokensPerLane], bool odd) {
+  if constexpr (kVec && sizeof(T) * kTokensPerLane == 32) {
+    constexpr int kQ = 16 / sizeof(T);  // elements per 16-byte chunk
+    constexpr int kElemsPerWord = 4 / sizeof(T);
+    float recv[kQ];
+#pragma unroll
+    for (int i = 0; i < kQ; ++i) recv[i] = __shfl_xor_sync(kFullMask, odd ? v[i] : v[kQ + i], 1);
+    const long long pair = t0 - (odd ? kTokensPerLane : 0);
+    const bool even_ok = pair >= lo && pair < hi;  // vectors are wholly in or out (kVec)
+    const bool odd_ok = pair + kTokensPerLane >= lo && pair + kTokensPerLane < hi;
+    float c0[kQ], c1[kQ];  // this lane's chunks for instruction 0 and 1
+#pragma unroll
+    for (int i = 0; i < kQ; ++i) {
+      c0[i] = odd ? recv[i] : v[i];
+      c1[i] = odd ? v[kQ + i] : recv[i];
+    }
+    uint4 q0, q1;
+    q0.x = pack(c0 + 0 * kElemsPerWord, static_cast<const T*>(nullptr));
+    q0.y = pack(c0 + 1 * kElemsPerWord, static_cast<const T*>(nullptr));
+    q0.z = pack(c0 + 2 * kElemsPerWord, static_cast<const T*>(nullptr));
+    q0.w = pack(c0 + 3 * kElemsPerWord, static_cast<const T*>(nullptr));
+    q1.x = pack(c1 + 0 * kElemsPerWord, static_cast<const T*>(nullptr));
+    q1.y = pack(c1 + 1 * kElemsPerWord, static_cast<const T*>(nullptr));
+    q1.z = pack(c1 + 2 * kElemsPerWord, static_cast<const T*>(nullptr));
+    q1.w = pack(c1 + 3 * kElemsPerWord, static_cast<const T*>(nullptr));
+    uint4* dst = reinterpret_cast<uint4*>(row + pair);
+    if (even_ok) dst[odd ? 1 : 0] = q0;
+    if (odd_ok) dst[odd ? 3 : 2] = q1;
+  } else {
+    store_lane<kVec>(row, t0, lo, hi, v);
   }
 }
 
@@ -253,24 +307,48 @@ __device__ __forceinline__ float carry_in(const float (&cv)[kCarry], const float
 }
 
 // ---- Work decomposition: one warp = 16 channels of one head x a chunk of tiles ----
+// Positions are "virtual": token t of a sequence sits at t + phase, so tiles stay aligned
+// to the sequence's true start when a stream resumes mid-tile. Valid tokens: [lo, hi).
 struct WarpWork {
-  long long b, h;
-  int channel;         // this lane's channel in [0, head_dim)
-  long long row;       // (b * H + h) * kGroups + group
-  long long first;     // first tile this warp writes
-  long long last;      // one past the last tile it writes
+  long long b, h, seq;  // batch, head, and the sequence (batch entry, or packed sequence)
+  int channel;          // this lane's channel in [0, head_dim)
+  int group;            // which 16-channel group of the head
+  long long base;       // token offset of the sequence in the buffers minus phase
+  long long lo, hi;     // valid virtual positions
+  long long first;      // first tile this warp writes
+  long long last;       // one past the last tile it writes
 };
 
-__device__ __forceinline__ WarpWork decode_work(const Params& p, long long item, long long chunks, long long num_tiles,
-                                                int lane) {
+constexpr int kStateLen = 2 + 2 * (kWindow - 1);  // (w, g, v_1..v_{k-1}, P_1..P_{k-1}) per channel
+
+__device__ __forceinline__ WarpWork decode_work(const Params& p, long long item, int lane) {
   WarpWork w;
-  w.row = item / chunks;
-  const long long chunk = item - w.row * chunks;
-  const int group = static_cast<int>(w.row % kGroups);
-  const long long bh = w.row / kGroups;
+  long long row = item / p.chunks;
+  long long chunk = item - row * p.chunks;
+  long long len = p.len;
+  w.base = -p.phase;
+  const long long* seq_chunk = static_cast<const long long*>(p.seq_chunk);
+  if (p.seq_start != nullptr) {  // packed sequences: find the one holding this chunk
+    const long long* seq_start = static_cast<const long long*>(p.seq_start);
+    long long lo = 0, hi = p.num_seqs;  // seq_chunk[lo] <= chunk < seq_chunk[hi]
+    while (hi - lo > 1) {
+      const long long mid = (lo + hi) / 2;
+      if (seq_chunk[mid] <= chunk) lo = mid; else hi = mid;
+    }
+    chunk -= seq_chunk[lo];
+    w.seq = lo;
+    w.base += seq_start[lo];
+    len = seq_start[lo + 1] - seq_start[lo];
+  }
+  w.group = static_cast<int>(row % kGroups);
+  const long long bh = row / kGroups;
   w.b = bh / p.heads;
   w.h = bh - w.b * p.heads;
-  w.channel = group * kChannelsPerWarp + lane / kLanesPerTile;
+  if (p.seq_start == nullptr) w.seq = w.b;
+  w.channel = w.group * kChannelsPerWarp + lane / kLanesPerTile;
+  w.lo = p.phase;
+  w.hi = p.phase + len;
+  const long long num_tiles = (w.hi + kBlockLen - 1) / kBlockLen;
   w.first = chunk * p.tiles_per_warp;
   w.last = min(num_tiles, w.first + p.tiles_per_warp);
   return w;
@@ -281,28 +359,39 @@ __device__ __forceinline__ WarpWork decode_work(const Params& p, long long item,
 
 namespace swr {
 
-// Forward. Each warp walks its chunk of tiles in order, kFlight tiles of loads
-// at a time, starting k-1 tiles early (the halo) so its first tile's carry is
-// recomputed rather than received: no warp or CTA ever waits for another.
+// Forward. Each warp walks its chunk of tiles in order, kFlight tiles of loads at a
+// time, starting k-1 tiles early (the halo) so its first tile's carry is recomputed
+// rather than received: no warp or CTA ever waits for another.
+// Streaming: an optional state (w, g, carriers per channel) continues a sequence whose
+// first `phase` tokens of the current tile were consumed by an earlier call.
 template <bool kVec>
 __device__ __forceinline__ void fwd(const Params& p) {
   constexpr int kFlight = kVec ? kTilesInFlight : 1;  // element-wise loads: no batching (registers)
   const int lane = threadIdx.x % kWarpSize;
   const bool odd = lane & 1;
-  const long long num_tiles = (p.len + kBlockLen - 1) / kBlockLen;
-  const long long chunks = (num_tiles + p.tiles_per_warp - 1) / p.tiles_per_warp;
-  const long long work = p.rows * chunks;
+  const int half_off = odd ? kTokensPerLane : 0;
   const long long stride = static_cast<long long>(gridDim.x) * kWarpsPerCta;
-  for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < work;
+  for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
-    const WarpWork w = decode_work(p, item, chunks, num_tiles, lane);
-    const in_t* x = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + w.channel * p.sxc;
-    const gate_t* a = static_cast<const gate_t*>(p.a) + w.b * p.sab + w.h * p.sah + (kPerChannelGate ? w.channel * p.sac : 0);
-    out_t* y = const_cast<out_t*>(static_cast<const out_t*>(p.y)) + w.b * p.syb + w.h * p.syh + w.channel * p.syc;
+    const WarpWork w = decode_work(p, item, lane);
+    const in_t* x = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + w.channel * p.sxc + w.base;
+    const gate_t* a = static_cast<const gate_t*>(p.a) + w.b * p.sab + w.h * p.sah +
+                      (kPerChannelGate ? w.channel * p.sac : 0) + w.base;
+    out_t* y = const_cast<out_t*>(static_cast<const out_t*>(p.y)) + w.b * p.syb + w.h * p.syh + w.channel * p.syc +
+               w.base;
 
+    // Carriers of the tiles before the sequence start come from the state (zero without one).
+    const float* st = p.state == nullptr ? nullptr
+                      : static_cast<const float*>(p.state) + ((w.seq * p.heads + w.h) * kHeadDim + w.channel) * kStateLen;
     float cv[kCarry], cp[kCarry];
 #pragma unroll
-    for (int j = 0; j < kCarry; ++j) cv[j] = cp[j] = 0.f;  // tiles before t = 0 contribute nothing
+    for (int j = 0; j < kCarry; ++j) {
+      cv[j] = (st != nullptr && j < kWindow - 1) ? st[2 + j] : 0.f;
+      cp[j] = (st != nullptr && j < kWindow - 1) ? st[2 + (kWindow - 1) + j] : 0.f;
+    }
+    // A partial first tile resumes from (w0, g0): a virtual token at lo-1 with u = w0, a = g0.
+    const bool resume = st != nullptr && w.lo > 0;
+    const float w0 = resume ? st[0] : 0.f, g0 = resume ? st[1] : 1.f;
 
     // Double-buffered: the next kFlight tiles are loading while these are computed.
     using XLane = Lane<kVec, in_t>;
@@ -312,10 +401,10 @@ __device__ __forceinline__ void fwd(const Params& p) {
     const auto load_batch = [&](long long tile, XLane (&xs)[kFlight], ALane (&as)[kFlight]) {
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
-        const long long t0 = (tile + f) * kBlockLen + (odd ? kTokensPerLane : 0);
-        const long long lim = (tile + f < w.last) ? p.len : 0;  // tiles past the chunk load nothing
-        xs[f] = load_raw<kVec>(x, t0, lim, 0.f);
-        as[f] = load_raw<kVec>(a, t0, lim, 1.f);
+        const long long t0 = (tile + f) * kBlockLen + half_off;
+        const bool in_chunk = tile + f < w.last;  // tiles past the chunk load nothing
+        xs[f] = load_raw<kVec, in_t, true>(x, t0, in_chunk ? w.lo : 0, in_chunk ? w.hi : 0, 0.f);
+        as[f] = load_raw<kVec>(a, t0, in_chunk ? w.lo : 0, in_chunk ? w.hi : 0, 1.f);
       }
     };
     const long long start = max(0LL, w.first - (kWindow - 1));
@@ -327,9 +416,17 @@ __device__ __forceinline__ void fwd(const Params& p) {
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
         if (tile + f >= w.last) break;  // uniform across the warp
+        const long long t0 = (tile + f) * kBlockLen + half_off;
         float u[kTokensPerLane], g8[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
         unpack_lane(xb[f], u);
         unpack_lane(ab[f], g8);
+        if (resume && tile + f == 0) {
+#pragma unroll
+          for (int e = 0; e < kTokensPerLane; ++e) {
+            u[e] = (t0 + e == w.lo - 1) ? w0 : u[e];
+            g8[e] = (t0 + e == w.lo - 1) ? g0 : g8[e];
+          }
+        }
         tile_scan_fwd(u, g8, odd, wl, gl);
         const float v_tile = __shfl_sync(kFullMask, wl[kTokensPerLane - 1], lane | 1);
         const float p_tile = __shfl_sync(kFullMask, gl[kTokensPerLane - 1], lane | 1);
@@ -338,7 +435,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
           float out[kTokensPerLane];
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) out[e] = fmaf(gl[e], carry, wl[e]);
-          store_lane<kVec>(y, (tile + f) * kBlockLen + (odd ? kTokensPerLane : 0), p.len, out);
+          store_pair<kVec>(y, t0, w.lo, w.hi, out, odd);
         }
         push_carrier(cv, cp, v_tile, p_tile);
       }
@@ -393,25 +490,29 @@ __device__ __forceinline__ int reduce_channels(float (&v)[kTokensPerLane], int l
   }
   return offset;
 }
+// da is written in the gate dtype, except per-head gates of a head wider than 16 channels:
+// then each 16-channel group writes an fp32 partial and the host sums them (fixed order).
+constexpr int kDaRows = kPerChannelGate ? kHeadDim : kGroups;
+using da_t = __nv_bfloat16;
 // Lanes that hold duplicate totals after the reduction (when a half-tile has < 16 tokens).
 constexpr unsigned kDuplicateLaneBits = kTokensPerLane >= 16 ? 0u : (kTokensPerLane == 8 ? 16u : (kTokensPerLane == 4 ? 24u : 28u));
 
 // dx and da of tile j, given its forward scan (wl, gl), the forward carriers of the
 // tiles before it (cv, cp) and the reverse carriers of the tiles after it (rr, rq).
 template <bool kVec>
-__device__ __forceinline__ void finish_tile(const Params& p, const out_t* __restrict__ dy, const gate_t* __restrict__ a,
-                                            in_t* __restrict__ dx, float* __restrict__ da, long long j, long long t0,
+__device__ __forceinline__ void finish_tile(const WarpWork& w, const out_t* __restrict__ dy, const gate_t* __restrict__ a,
+                                            in_t* __restrict__ dx, da_t* __restrict__ da, long long j, long long t0,
                                             int lane, bool odd, const float (&g8)[kTokensPerLane], const float (&wl)[kTokensPerLane],
                                             const float (&gl)[kTokensPerLane], const float (&cv)[kCarry],
                                             const float (&cp)[kCarry], const float (&rr)[kCarry],
                                             const float (&rq)[kCarry]) {
   // Reverse local scan of tile j (gates beyond L are 0: nothing flows back from there).
   float d[kTokensPerLane], ga[kTokensPerLane], r[kTokensPerLane], gs[kTokensPerLane];
-  load_lane<kVec>(dy, t0, p.len, 0.f, d);
+  load_lane<kVec>(dy, t0, w.lo, w.hi, 0.f, d);
 #pragma unroll
-  for (int e = 0; e < kTokensPerLane; ++e) ga[e] = (t0 + e < p.len) ? g8[e] : 0.f;
+  for (int e = 0; e < kTokensPerLane; ++e) ga[e] = (t0 + e < w.hi) ? g8[e] : 0.f;
   const long long tn = (j + 1) * kBlockLen;
-  const float a_next = tn < p.len ? to_f32(__ldg(a + tn)) : 0.f;
+  const float a_next = tn < w.hi ? to_f32(__ldg(a + tn)) : 0.f;
   tile_scan_rev(d, ga, a_next, odd, r, gs);
 
   // Reverse carries D^(m), m = 0..k-1, from rho/Q of tiles j+1..j+k-1 (rr[k-1-i] is tile j+i).
@@ -447,17 +548,17 @@ __device__ __forceinline__ void finish_tile(const Params& p, const out_t* __rest
     dxv[e] = full;
     dav[e] = fmaf(gx, acc, wx * full);
   }
-  store_lane<kVec>(dx, t0, p.len, dxv);
+  store_pair<kVec>(dx, t0, w.lo, w.hi, dxv, odd);
   if constexpr (kPerChannelGate) {
 #pragma unroll
     for (int e = 0; e < kTokensPerLane; ++e)
-      if (t0 + e < p.len) da[t0 + e] = dav[e];
+      if (t0 + e >= w.lo && t0 + e < w.hi) da[t0 + e] = from_f32<da_t>(dav[e]);
   } else {
     const int off = reduce_channels(dav, lane);
     if ((static_cast<unsigned>(lane) & kDuplicateLaneBits) == 0) {
 #pragma unroll
       for (int i = 0; i < kReduced; ++i)
-        if (t0 + off + i < p.len) da[t0 + off + i] = dav[i];
+        if (t0 + off + i >= w.lo && t0 + off + i < w.hi) da[t0 + off + i] = from_f32<da_t>(dav[i]);
     }
   }
 }
@@ -472,23 +573,26 @@ __device__ __forceinline__ void finish_tile(const Params& p, const out_t* __rest
 // c_p = (prod_{m<p} P_{j-m}) v_{j-p} the contribution of tile j-p.
 template <bool kVec>
 __device__ __forceinline__ void bwd(const Params& p) {
-  constexpr int kFlight = kVec ? kTilesInFlight : 1;  // element-wise loads: no batching (registers)
+  // The backward keeps four streams per tile in flight (x, a, dy and the look-ahead dy, a); past two
+  // tiles its registers cut occupancy more than the extra bytes in flight gain (measured on H100).
+  constexpr int kFlight = kVec ? (kTilesInFlight < 2 ? kTilesInFlight : 2) : 1;
   const int lane = threadIdx.x % kWarpSize;
   const bool odd = lane & 1;
-  const long long num_tiles = (p.len + kBlockLen - 1) / kBlockLen;
-  const long long chunks = (num_tiles + p.tiles_per_warp - 1) / p.tiles_per_warp;
-  const long long work = p.rows * chunks;
   const long long stride = static_cast<long long>(gridDim.x) * kWarpsPerCta;
   const int half_off = odd ? kTokensPerLane : 0;
-  for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < work;
+  for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
-    const WarpWork w = decode_work(p, item, chunks, num_tiles, lane);
-    const in_t* x = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + w.channel * p.sxc;
-    const gate_t* a = static_cast<const gate_t*>(p.a) + w.b * p.sab + w.h * p.sah + (kPerChannelGate ? w.channel * p.sac : 0);
-    const out_t* dy = static_cast<const out_t*>(p.dy) + w.b * p.sdyb + w.h * p.sdyh + w.channel * p.sdyc;
-    in_t* dx = const_cast<in_t*>(static_cast<const in_t*>(p.dx)) + w.b * p.sdxb + w.h * p.sdxh + w.channel * p.sdxc;
-    float* da = const_cast<float*>(static_cast<const float*>(p.da)) +
-                (kPerChannelGate ? ((w.b * p.heads + w.h) * kHeadDim + w.channel) : w.row) * p.len;
+    const WarpWork w = decode_work(p, item, lane);
+    const long long num_tiles = (w.hi + kBlockLen - 1) / kBlockLen;
+    const in_t* x = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + w.channel * p.sxc + w.base;
+    const gate_t* a = static_cast<const gate_t*>(p.a) + w.b * p.sab + w.h * p.sah +
+                      (kPerChannelGate ? w.channel * p.sac : 0) + w.base;
+    const out_t* dy = static_cast<const out_t*>(p.dy) + w.b * p.sdyb + w.h * p.sdyh + w.channel * p.sdyc + w.base;
+    in_t* dx = const_cast<in_t*>(static_cast<const in_t*>(p.dx)) + w.b * p.sdxb + w.h * p.sdxh + w.channel * p.sdxc +
+               w.base;
+    // da: one row per channel (per-channel gates) or per 16-channel group (summed on the host if DH > 16).
+    da_t* da = const_cast<da_t*>(static_cast<const da_t*>(p.da)) +
+               ((w.b * p.heads + w.h) * kDaRows + (kPerChannelGate ? w.channel : w.group)) * p.len + w.base;
 
     float cv[kCarry], cp[kCarry];  // forward carriers (v, P) of the tiles before j, newest first
     float rr[kCarry], rq[kCarry];  // reverse carriers (rho, Q) of the tiles up to n = j + k - 1, newest first
@@ -511,13 +615,12 @@ __device__ __forceinline__ void bwd(const Params& p) {
       for (int f = 0; f < kFlight; ++f) {
         const long long n = n0 + f, j = n - (kWindow - 1);
         const bool look = kWindow > 1 && n > w.first && n < num_tiles && n < end;
-        const long long lim = look ? p.len : 0;
-        dyn[f] = load_raw<kVec>(dy, n * kBlockLen + half_off, lim, 0.f);
-        an[f] = load_raw<kVec>(a, n * kBlockLen + half_off, lim, 0.f);
-        anext[f] = (look && (n + 1) * kBlockLen < p.len) ? to_f32(__ldg(a + (n + 1) * kBlockLen)) : 0.f;
-        const long long jlim = (j >= 0 && n < end) ? p.len : 0;
-        xj[f] = load_raw<kVec>(x, j * kBlockLen + half_off, jlim, 0.f);
-        aj[f] = load_raw<kVec>(a, j * kBlockLen + half_off, jlim, 1.f);
+        dyn[f] = load_raw<kVec>(dy, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
+        an[f] = load_raw<kVec>(a, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
+        anext[f] = (look && (n + 1) * kBlockLen < w.hi) ? to_f32(__ldg(a + (n + 1) * kBlockLen)) : 0.f;
+        const bool fwd_step = j >= 0 && n < end;
+        xj[f] = load_raw<kVec, in_t, true>(x, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 0.f);
+        aj[f] = load_raw<kVec>(a, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 1.f);
       }
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
@@ -542,7 +645,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
         unpack_lane(xj[f], u);
         unpack_lane(aj[f], g8);
         tile_scan_fwd(u, g8, odd, wl, gl);
-        if (j >= w.first) finish_tile<kVec>(p, dy, a, dx, da, j, t0, lane, odd, g8, wl, gl, cv, cp, rr, rq);
+        if (j >= w.first) finish_tile<kVec>(w, dy, a, dx, da, j, t0, lane, odd, g8, wl, gl, cv, cp, rr, rq);
         push_carrier(cv, cp, __shfl_sync(kFullMask, wl[kTokensPerLane - 1], lane | 1),
                      __shfl_sync(kFullMask, gl[kTokensPerLane - 1], lane | 1));
       }

@@ -17,10 +17,17 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("dy", "ptr"),  # backward: grad of y
     ("dx", "ptr"),  # backward: grad of x
     ("da", "ptr"),  # backward: fp32 partial grad of a, contiguous [B, H, G, L] or [B, H, DH, L]
-    ("len", "i64"),  # L
+    ("len", "i64"),  # L: tokens per row of the buffers
     ("heads", "i64"),  # H
     ("rows", "i64"),  # B * H * (DH / 16): one row is 16 channels of one head
     ("tiles_per_warp", "i64"),  # chunk of tiles one warp owns (a tuning knob)
+    ("chunks", "i64"),  # chunks per row (dense) or over all packed sequences (seq_start set)
+    ("work", "i64"),  # warp work items: rows * chunks
+    ("phase", "i64"),  # tokens of the first tile already consumed (streaming state), 0..BL-1
+    ("num_seqs", "i64"),  # packed sequences (seq_start set), else 0
+    ("seq_start", "ptr"),  # int64 [S+1] token offset of each packed sequence, or null (dense batch)
+    ("seq_chunk", "ptr"),  # int64 [S+1] cumulative chunk count of the packed sequences
+    ("state", "ptr"),  # float32 [S, H, DH, 2 + 2(k-1)] = (w, g, v.., P..) per sequence, or null
     ("sxb", "i64"), ("sxh", "i64"), ("sxc", "i64"),
     ("sab", "i64"), ("sah", "i64"), ("sac", "i64"),
     ("syb", "i64"), ("syh", "i64"), ("syc", "i64"),

@@ -237,7 +237,7 @@ class Target:
     archs: tuple[str, ...] = ("sm_90a",)
     warps_per_cta: int = 4
     tiles_per_warp: int = 64  # measured best on H100 at L 2K-128K (bench/RESULTS.md)
-    tiles_in_flight: int = 2  # double-buffered: 2 in use + 2 loading; 4 costs registers (bench/RESULTS.md)
+    tiles_in_flight: int = 8  # forward loads in flight (double-buffered); the backward caps at 2 (RESULTS.md)
     cluster_size: int = 1
     persistent: bool = False
     carriers: Carriers = field(default_factory=Carriers)

@@ -1,11 +1,14 @@
 """Launch the generated forward/backward kernels on torch tensors.
 
-Chooses the 16-byte vector kernel when every row is aligned and L is a multiple of
-the lane's token count, the element-wise kernel otherwise; sizes the grid from the
-spec's tuning knobs (tiles per warp, warps per CTA, cluster, persistence).
+Chooses the 16-byte vector kernel when every row is aligned and all sequence starts and
+lengths are multiples of the lane's token count, the element-wise kernel otherwise; sizes
+the grid from the spec's tuning knobs (tiles per warp, warps per CTA, cluster, persistence).
 """
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -15,17 +18,49 @@ from swrgen.runtime.params import KernelParams
 from swrgen.runtime.program import Program
 
 
-def _rows_aligned(t: torch.Tensor, dims: tuple[int, ...]) -> bool:
+@dataclass(frozen=True)
+class Packed:
+    """Packed sequences of one buffer (cu_seqlens): starts and cumulative chunk counts, on device."""
+
+    starts: list[int]  # S+1 token offsets, host copy
+    seq_start: torch.Tensor  # int64 [S+1]
+    seq_chunk: torch.Tensor  # int64 [S+1]
+    chunks: int  # total chunks over all sequences
+
+
+def _ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def pack_sequences(program: Program, cu_seqlens: list[int], device: torch.device) -> Packed:
+    t = program.spec.target
+    bl = program.spec.recurrence.block_len
+    counts = [_ceil_div(_ceil_div(e - s, bl), t.tiles_per_warp) for s, e in itertools.pairwise(cu_seqlens)]
+    cum = [0]
+    for c in counts:
+        cum.append(cum[-1] + c)
+    return Packed(
+        starts=list(cu_seqlens),
+        seq_start=torch.tensor(cu_seqlens, dtype=torch.int64, device=device),
+        seq_chunk=torch.tensor(cum, dtype=torch.int64, device=device),
+        chunks=cum[-1],
+    )
+
+
+def _rows_aligned(t: torch.Tensor) -> bool:
     """Every row start 16-byte aligned: the base and every row stride (of dims longer than 1)."""
     if t.data_ptr() % constants.VECTOR_BYTES:
         return False
+    dims = range(t.dim() - 1)
     return all(t.shape[d] == 1 or (t.stride(d) * t.element_size()) % constants.VECTOR_BYTES == 0 for d in dims)
 
 
-def use_vector_kernel(program: Program, length: int, tensors: list[torch.Tensor]) -> bool:
-    if length % constants.tokens_per_lane(program.spec.recurrence.block_len):
+def use_vector_kernel(program: Program, length: int, tensors: list[torch.Tensor], phase: int = 0,
+                      starts: list[int] | None = None) -> bool:  # fmt: skip
+    v = constants.tokens_per_lane(program.spec.recurrence.block_len)
+    if length % v or phase % v or any(s % v for s in starts or ()):
         return False
-    return all(_rows_aligned(t, tuple(range(t.dim() - 1))) for t in tensors)
+    return all(_rows_aligned(t) for t in tensors)
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -47,33 +82,45 @@ def _grid(program: Program, kernel, work: int, device: torch.device) -> int:
     return -(-ctas // t.cluster_size) * t.cluster_size  # whole clusters; spare warps find no work
 
 
-def _launch(program: Program, name: str, x: torch.Tensor, params: KernelParams) -> None:
-    t, r = program.spec.target, program.spec.recurrence
-    kernel = program.module(x.device).kernels[name]
-    num_tiles = -(-x.shape[-1] // r.block_len)
-    work = params.rows * -(-num_tiles // t.tiles_per_warp)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    kernel.launch(_grid(program, kernel, work, x.device), t.warps_per_cta * constants.WARP_SIZE, params, stream,
-                  t.cluster_size)  # fmt: skip
-
-
-def _base_params(program: Program, a: torch.Tensor, x: torch.Tensor) -> KernelParams:
+def _params(program: Program, a: torch.Tensor, x: torch.Tensor, packed: Packed | None, phase: int) -> KernelParams:
     batch, heads, head_dim, length = x.shape
+    t, r = program.spec.target, program.spec.recurrence
     p = KernelParams()
     p.x, p.a = x.data_ptr(), a.data_ptr()
     p.len, p.heads = length, heads
     p.rows = batch * heads * (head_dim // constants.CHANNELS_PER_WARP)
-    p.tiles_per_warp = program.spec.target.tiles_per_warp
+    p.tiles_per_warp = t.tiles_per_warp
+    p.phase = phase
+    if packed is None:
+        p.chunks = _ceil_div(_ceil_div(length + phase, r.block_len), t.tiles_per_warp)
+    else:
+        p.chunks = packed.chunks
+        p.num_seqs = len(packed.starts) - 1
+        p.seq_start, p.seq_chunk = packed.seq_start.data_ptr(), packed.seq_chunk.data_ptr()
+    p.work = p.rows * p.chunks
     p.sxb, p.sxh, p.sxc = _strides3(x)
     p.sab, p.sah, p.sac = _strides3(a)
     return p
 
 
-def forward(program: Program, a: torch.Tensor, x: torch.Tensor, poison: float | None = None) -> torch.Tensor:
+def _launch(program: Program, name: str, x: torch.Tensor, params: KernelParams) -> None:
+    t = program.spec.target
+    if params.work == 0:
+        return
+    kernel = program.module(x.device).kernels[name]
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    kernel.launch(_grid(program, kernel, params.work, x.device), t.warps_per_cta * constants.WARP_SIZE, params, stream,
+                  t.cluster_size)  # fmt: skip
+
+
+def forward(program: Program, a: torch.Tensor, x: torch.Tensor, poison: float | None = None,
+            packed: Packed | None = None, state: torch.Tensor | None = None,
+            phase: int = 0) -> torch.Tensor:  # fmt: skip
     """y [B, H, DH, L] in the spec's output dtype; inputs already validated.
 
-    ``poison`` (tests): fill the output with this value first, so an element the kernel
-    fails to write shows up.
+    packed: sequences of a [1, H, DH, T] buffer (cu_seqlens). state: float32
+    [S, H, DH, 2 + 2(k-1)] (w, g, carriers) to resume each sequence from, `phase` tokens into
+    its current tile. poison (tests): fill the output first, so an unwritten element shows.
     """
     out_dtype = constants.torch_dtype(program.spec.recurrence.output_dtype)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -81,34 +128,39 @@ def forward(program: Program, a: torch.Tensor, x: torch.Tensor, poison: float | 
         y.fill_(poison)
     if y.numel() == 0:
         return y
-    p = _base_params(program, a, x)
+    p = _params(program, a, x, packed, phase)
     p.y = y.data_ptr()
     p.syb, p.syh, p.syc = _strides3(y)
-    vec = use_vector_kernel(program, x.shape[-1], [x, a, y])
+    if state is not None:
+        p.state = state.data_ptr()
+    vec = use_vector_kernel(program, x.shape[-1], [x, a, y], phase, packed.starts if packed else None)
     _launch(program, "swr_fwd_vec" if vec else "swr_fwd_scalar", x, p)
     return y
 
 
-def backward(program: Program, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
-             poison: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dx, da) for upstream gradient dy (spec output dtype, unit stride along L); ``poison`` as in forward."""
+def backward(program: Program, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, poison: float | None = None,
+             packed: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx, da) for upstream gradient dy (spec output dtype, unit stride along L); args as in forward."""
     batch, heads, head_dim, length = x.shape
+    r = program.spec.recurrence
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     groups = head_dim // constants.CHANNELS_PER_WARP
     per_channel = a.dim() == 4
-    # fp32 partials: per channel, or per 16-channel group of a head (summed below, in a fixed order).
-    da32 = torch.empty((batch, heads, head_dim if per_channel else groups, length), dtype=torch.float32,
-                       device=x.device)  # fmt: skip
+    partial = not per_channel and groups > 1  # fp32 partial per 16-channel group, summed below in a fixed order
+    da_buf = torch.empty((batch, heads, head_dim if per_channel else groups, length),
+                         dtype=torch.float32 if partial else a.dtype, device=x.device)  # fmt: skip
     if poison is not None:
         dx.fill_(poison)
-        da32.fill_(poison)
+        da_buf.fill_(poison)
     if x.numel() == 0:
         return dx, torch.zeros_like(a)
-    p = _base_params(program, a, x)
-    p.dy, p.dx, p.da = dy.data_ptr(), dx.data_ptr(), da32.data_ptr()
+    p = _params(program, a, x, packed, 0)
+    p.dy, p.dx, p.da = dy.data_ptr(), dx.data_ptr(), da_buf.data_ptr()
     p.sdyb, p.sdyh, p.sdyc = _strides3(dy)
     p.sdxb, p.sdxh, p.sdxc = _strides3(dx)
-    vec = use_vector_kernel(program, length, [x, a, dy, dx])
+    vec = use_vector_kernel(program, length, [x, a, dy, dx], 0, packed.starts if packed else None)
     _launch(program, "swr_bwd_vec" if vec else "swr_bwd_scalar", x, p)
-    da = da32 if per_channel else da32.sum(dim=2) if groups > 1 else da32.squeeze(2)
-    return dx, da.to(a.dtype)
+    assert r.gate_layout == ("per_channel" if per_channel else "per_head")
+    if per_channel:
+        return dx, da_buf
+    return dx, (da_buf.sum(dim=2).to(a.dtype) if partial else da_buf.squeeze(2))

@@ -12,6 +12,7 @@ every intermediate), so training needs no memory beyond the op's inputs and outp
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from swrgen import constants
 from swrgen.ops.swr import launch
 from swrgen.ops.swr.reference import swr_reference
+from swrgen.ops.swr.tiled import swr_tiled_backward
 from swrgen.runtime.program import Program
 from swrgen.spec import Spec, default_spec, load_spec
 
@@ -37,93 +39,82 @@ def _register(program: Program) -> str:
 
 
 @torch.library.custom_op("swrgen::swr_fwd", mutates_args=())
-def _swr_fwd(a: torch.Tensor, x: torch.Tensor, window_blocks: int, block_len: int, key: str,
-             out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+def _swr_fwd(a: torch.Tensor, x: torch.Tensor, window_blocks: int, block_len: int, key: str, out_dtype: torch.dtype,
+             cu_seqlens: torch.Tensor | None = None, state: torch.Tensor | None = None,
+             phase: int = 0) -> torch.Tensor:  # fmt: skip
+    """cu_seqlens: int64 CPU [S+1] (packed sequences of a [1, H, DH, T] buffer); state: packed SwrState."""
     if x.is_cuda:
-        return launch.forward(_PROGRAMS[key], a, x)
+        program = _PROGRAMS[key]
+        packed = None if cu_seqlens is None else launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
+        return launch.forward(program, a, x, packed=packed, state=state, phase=phase)
+    if cu_seqlens is not None:
+        from swrgen.ops.swr.varlen import swr_varlen_reference
+
+        y = swr_varlen_reference(a, x, cu_seqlens, window_blocks, block_len)
+    elif state is not None:
+        from swrgen.ops.swr.state import swr_with_state
+
+        y, _ = swr_with_state(a, x, window_blocks, block_len, _unpack_state(state, phase, window_blocks, block_len))
+    else:
+        y = swr_reference(a, x, window_blocks=window_blocks, block_len=block_len)
     # Contiguous like the fake below (the reference returns a strided slice when BL does not divide L).
-    return swr_reference(a, x, window_blocks=window_blocks, block_len=block_len).to(out_dtype).contiguous()
+    return y.to(out_dtype).contiguous()
 
 
 @_swr_fwd.register_fake
-def _(a, x, window_blocks, block_len, key, out_dtype):
+def _(a, x, window_blocks, block_len, key, out_dtype, cu_seqlens=None, state=None, phase=0):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
+def _unpack_state(packed: torch.Tensor, pos: int, window_blocks: int, block_len: int):
+    """SwrState from the kernel layout [..., 2 + 2(k-1)] = (w, g, v.., P..)."""
+    from swrgen.ops.swr.state import SwrState
+
+    return SwrState.from_packed(packed, pos, block_len)
+
+
 @torch.library.custom_op("swrgen::swr_bwd", mutates_args=())
-def _swr_bwd(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, window_blocks: int, block_len: int,
-             key: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _swr_bwd(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, window_blocks: int, block_len: int, key: str,
+             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     if x.is_cuda:
-        return launch.backward(_PROGRAMS[key], a, x, dy)
-    dx, da = _reference_backward(a, x, dy, window_blocks, block_len)
+        program = _PROGRAMS[key]
+        packed = None if cu_seqlens is None else launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
+        return launch.backward(program, a, x, dy, packed=packed)
+    # A custom op runs below autograd (enable_grad records nothing here), so the CPU backward is the
+    # closed-form float64 mirror of the kernel's math, per packed sequence.
+    if cu_seqlens is None:
+        dx, da = swr_tiled_backward(a, x, dy, window_blocks, block_len)
+    else:
+        bounds = cu_seqlens.tolist()
+        parts = [swr_tiled_backward(a[..., s:e], x[..., s:e], dy[..., s:e], window_blocks, block_len)
+                 for s, e in itertools.pairwise(bounds)]  # fmt: skip
+        dx, da = torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
     return dx.to(x.dtype).contiguous(), da.to(a.dtype).contiguous()
 
 
 @_swr_bwd.register_fake
-def _(a, x, dy, window_blocks, block_len, key):
+def _(a, x, dy, window_blocks, block_len, key, cu_seqlens=None):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(a, memory_format=torch.contiguous_format))  # fmt: skip
 
 
-def _reference_backward(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, window_blocks: int,
-                        block_len: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dx, da) of ``swr_reference`` in float64 by the adjoint recurrence, without autograd.
-
-    A custom op's kernel runs below the autograd dispatch keys, where ``torch.enable_grad()`` records no
-    graph, so the CPU backward cannot call ``torch.autograd.grad`` on the reference. Same windows as the
-    reference: every tile i runs ``h_j = a_j h_{j-1} + u_j`` over the k*BL padded tokens from the start of
-    tile i-k+1; its adjoint is ``g_j = dy_j + a_{j+1} g_{j+1}``, giving ``du_j = g_j`` and
-    ``da_j = g_j h_{j-1}``, summed over the k windows that hold each token.
-    """
-    k, bl = int(window_blocks), int(block_len)
-    length = x.shape[-1]
-    nt = -(-length // bl)
-    width = k * bl
-    pad = ((k - 1) * bl, nt * bl - length)
-    a4 = a.unsqueeze(2) if a.dim() == 3 else a
-    u_w = torch.nn.functional.pad(x.double(), pad).unfold(-1, width, bl)  # [B, H, DH, nt, k*BL]
-    a_w = torch.nn.functional.pad(a4.double(), pad, value=1.0).unfold(-1, width, bl)
-    dy_w = torch.nn.functional.pad(dy.double(), (0, nt * bl - length)).unfold(-1, bl, bl)  # [B, H, DH, nt, BL]
-    states = []
-    h = torch.zeros(u_w.shape[:-1], dtype=torch.float64, device=x.device)
-    for j in range(width):
-        h = a_w[..., j] * h + u_w[..., j]
-        states.append(h)
-    du_w = torch.zeros(u_w.shape, dtype=torch.float64, device=x.device)
-    da_w = torch.zeros(u_w.shape, dtype=torch.float64, device=x.device)
-    g = torch.zeros(u_w.shape[:-1], dtype=torch.float64, device=x.device)
-    for j in reversed(range(width)):
-        if j >= (k - 1) * bl:  # tile i's outputs are the window's last BL states
-            g = g + dy_w[..., j - (k - 1) * bl]
-        du_w[..., j] = g
-        if j > 0:
-            da_w[..., j] = g * states[j - 1]
-        g = a_w[..., j] * g
-
-    def fold(w: torch.Tensor) -> torch.Tensor:  # [..., nt, k*BL] per window -> [..., L] per token
-        out = torch.zeros(*w.shape[:-2], (nt + k - 1) * bl, dtype=torch.float64, device=x.device)
-        for m in range(k):  # block m of window i holds padded tokens [(i+m)*BL, (i+m+1)*BL)
-            out[..., m * bl : m * bl + nt * bl] += w[..., m * bl : (m + 1) * bl].reshape(*w.shape[:-2], nt * bl)
-        return out[..., (k - 1) * bl : (k - 1) * bl + length]
-
-    da = fold(da_w)
-    return fold(du_w), (da.sum(dim=2) if a.dim() == 3 else da)
-
-
 def _setup_context(ctx, inputs, output) -> None:
-    a, x, window_blocks, block_len, key, out_dtype = inputs
-    ctx.save_for_backward(a, x)
+    a, x, window_blocks, block_len, key, out_dtype, cu_seqlens, state, _phase = inputs
+    ctx.save_for_backward(a, x, cu_seqlens)
     ctx.window_blocks, ctx.block_len, ctx.key, ctx.out_dtype = window_blocks, block_len, key, out_dtype
+    ctx.streaming = state is not None
 
 
 def _backward(ctx, dy: torch.Tensor):
-    a, x = ctx.saved_tensors
+    a, x, cu_seqlens = ctx.saved_tensors
+    if ctx.streaming:
+        raise RuntimeError("swrgen.swr with initial_state is for inference and has no backward; detach its inputs")
     # Upstream gradients may be expanded (stride 0) or of another dtype; the kernel needs unit stride along L.
     dy = dy.to(ctx.out_dtype)
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    dx, da = _swr_bwd(a, x, dy, ctx.window_blocks, ctx.block_len, ctx.key)
-    return da, dx, None, None, None, None
+    dx, da = _swr_bwd(a, x, dy, ctx.window_blocks, ctx.block_len, ctx.key, cu_seqlens)
+    return da, dx, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("swrgen::swr_fwd", _backward, setup_context=_setup_context)
@@ -190,7 +181,9 @@ class SwrOp:
     def source(self) -> str:
         return self.program.source
 
-    def __call__(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor, x: torch.Tensor, *, cu_seqlens=None, initial_state=None,
+                 return_state: bool = False):  # fmt: skip
+        """y = SWR(a, x); see ``swrgen.swr`` for cu_seqlens, initial_state and return_state."""
         _check_tensors(a, x)
         r = self.spec.recurrence
         if x.is_cuda:
@@ -198,7 +191,7 @@ class SwrOp:
             out_dtype = constants.torch_dtype(r.output_dtype)
         else:  # CPU: the reference, any floating dtype; output as the spec says, float64 stays float64
             out_dtype = x.dtype if (x.dtype == torch.float64 or r.output_dtype != "fp32") else torch.float32
-        return _swr_fwd(a, x, r.window_blocks, r.block_len, self.key, out_dtype)
+        return _run(a, x, r.window_blocks, r.block_len, self.key, out_dtype, cu_seqlens, initial_state, return_state)
 
     def __repr__(self) -> str:
         return f"SwrOp(spec={self.spec.name!r}, window_blocks={self.spec.recurrence.window_blocks})"
@@ -241,14 +234,67 @@ def _default_key(head_dim: int, per_channel: bool, x_dtype: torch.dtype, a_dtype
     return load(spec).key
 
 
+def _check_cu_seqlens(cu_seqlens, x: torch.Tensor) -> torch.Tensor:
+    from swrgen.ops.swr.varlen import check_cu_seqlens
+
+    if x.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, x must be the packed sequences as batch 1, [1, H, DH, T]; got {x.shape}")
+    cu = torch.as_tensor(cu_seqlens).detach().to("cpu", torch.int64)  # host copy: the launch sizes its grid from it
+    check_cu_seqlens(cu, x.shape[-1])
+    return cu
+
+
+def _run(a, x, k: int, bl: int, key: str, out_dtype: torch.dtype, cu_seqlens, initial_state, return_state: bool):
+    """Shared tail of ``swr`` and ``SwrOp.__call__``: packed sequences and streaming state."""
+    cu = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, x)
+    packed_state, phase = None, 0
+    if initial_state is not None:
+        if cu is not None:
+            raise ValueError("initial_state with cu_seqlens is not supported: stream each sequence as a batch entry")
+        _check_state(initial_state, x, k, bl)
+        if not x.is_cuda:  # the reference continuation keeps a float64 state exact
+            from swrgen.ops.swr.state import swr_with_state
+
+            y, new_state = swr_with_state(a, x, k, bl, initial_state)
+            y = y.to(out_dtype).contiguous()
+            return (y, new_state) if return_state else y
+        packed_state = initial_state.packed().to(dtype=torch.float32).contiguous()
+        phase = initial_state.pos % bl
+    y = _swr_fwd(a, x, k, bl, key, out_dtype, cu, packed_state, phase)
+    if not return_state:
+        return y
+    if cu is not None:
+        raise ValueError("return_state with cu_seqlens is not supported: stream each sequence as a batch entry")
+    from swrgen.ops.swr.state import final_state
+
+    return y, final_state(a.detach(), x.detach(), k, bl, initial_state)
+
+
+def _check_state(state, x: torch.Tensor, k: int, bl: int) -> None:
+    from swrgen.ops.swr.state import SwrState
+
+    if not isinstance(state, SwrState):
+        raise TypeError(f"initial_state must be a swrgen SwrState; got {type(state).__name__}")
+    batch, heads, head_dim, _ = x.shape
+    state.check(batch, heads, head_dim, k, bl)
+    if state.device != x.device:
+        raise ValueError(f"initial_state is on {state.device} but the inputs are on {x.device}")
+
+
 def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, block_len: int | None = None,
-        spec: Spec | str | Path | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+        spec: Spec | str | Path | None = None, out_dtype: torch.dtype | None = None, cu_seqlens=None,
+        initial_state=None, return_state: bool = False):  # fmt: skip
     """Sliding Window Recurrence over the jagged window of ``window_blocks`` tiles of ``block_len`` tokens.
 
     a: gates [B, H, L] (per head) or [B, H, DH, L] (per channel); x: inputs [B, H, DH, L].
     Returns y [B, H, DH, L]: fp32 by default (``out_dtype`` or the spec may say the input dtype).
     With ``spec`` (a Spec, YAML path or generated folder) the kernel is that spec's; the keyword
     arguments, if given, must agree with it.
+
+    cu_seqlens: int [S+1] offsets of sequences packed in a [1, H, DH, T] buffer; tiles align to each
+    sequence's start and nothing crosses a boundary (forward and backward).
+    initial_state / return_state: streaming inference (``swrgen.ops.swr.state.SwrState``): continue
+    from the state after ``state.pos`` tokens, and return ``(y, new_state)``. No backward.
     """
     _check_tensors(a, x)
     if spec is not None:
@@ -262,7 +308,7 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
                 raise ValueError(f"{name}={given} disagrees with spec {op.spec.name!r} ({name}={have})")
         if out_dtype is not None and constants.dtype_name(out_dtype) != r.output_dtype:
             raise ValueError(f"out_dtype={out_dtype} disagrees with spec {op.spec.name!r} (output {r.output_dtype})")
-        return op(a, x)
+        return op(a, x, cu_seqlens=cu_seqlens, initial_state=initial_state, return_state=return_state)
     k = DEFAULT_WINDOW_BLOCKS if window_blocks is None else window_blocks
     bl = DEFAULT_BLOCK_LEN if block_len is None else block_len
     if not x.is_cuda:
@@ -270,9 +316,9 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
             raise ValueError(f"window_blocks and block_len must be integers >= 1; got {k}, {bl}")
         if out_dtype is None:
             out_dtype = x.dtype if x.dtype == torch.float64 else torch.float32
-        return _swr_fwd(a, x, k, bl, "", out_dtype)
+        return _run(a, x, k, bl, "", out_dtype, cu_seqlens, initial_state, return_state)
     if x.dtype == torch.float64:
         raise TypeError("float64 runs on the CPU only; the CUDA kernels take bfloat16, float16 or float32 inputs")
     out_dtype = torch.float32 if out_dtype is None else out_dtype
     key = _default_key(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
-    return _swr_fwd(a, x, k, bl, key, out_dtype)
+    return _run(a, x, k, bl, key, out_dtype, cu_seqlens, initial_state, return_state)

@@ -1,0 +1,248 @@
+"""The Phalanx layer (DESIGN.md section 2): a gated Sliding Window Recurrence in place of local attention.
+
+For ``x`` ``[B, L, D]``, one fused input projection gives, per token::
+
+    A = decay_max * sigmoid(W_a x)   [B, L, H]          gates, bounded in [0, decay_max]
+    B = sigmoid(W_b x)               [B, L, KVH, DH]    shared by the H / KVH heads of a group (like GQA)
+    C = W_c x                        [B, L, KVH, DH]    shared the same way
+    V = W_v x                        [B, L, H, DH]
+    X = B * V;  Y = SWR(A, X);  Z = Y * C + V;  out = W_o Z
+
+Head ``h`` uses kv-head ``h // (H // KVH)`` (``repeat_interleave`` order). The SWR runs through
+``swrgen.swr`` on ``[B, H, DH, L]`` / ``[B, H, L]`` (unit stride along L): the generated kernels on CUDA,
+the float64 reference on the CPU, in the dtype of the projections' outputs (bf16 parameters give bf16
+kernel inputs on CUDA).
+
+Streaming: ``forward(x, state=..., return_state=True)`` continues from / returns a
+:class:`~swrgen.ops.swr.state.SwrState`, and ``step(x_t, state)`` decodes one token in O(1). Packed
+sequences: ``forward(x, cu_seqlens=...)`` with ``x`` ``[1, T, D]`` (the window restarts at every start).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from functools import cache
+
+import torch
+from torch import nn
+
+import swrgen
+from swrgen.ops.swr.state import SwrState, decode_step, final_state, swr_with_state
+from swrgen.ops.swr.varlen import cu_seqlens_list
+
+__all__ = ["Phalanx"]
+
+
+@cache
+def _accepts(fn: Callable, keyword: str) -> bool:
+    try:
+        return keyword in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _swr_accepts(keyword: str) -> bool:
+    """Whether ``swrgen.swr`` (looked up at call time) takes ``keyword``: the GPU kernels' state/varlen path."""
+    return _accepts(swrgen.swr, keyword)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return value
+
+
+class Phalanx(nn.Module):
+    """Phalanx mixer: ``[B, L, dim] -> [B, L, dim]``.
+
+    Args:
+        dim: model width D.
+        heads: SWR heads H (default ``dim // head_dim``; then ``dim`` must be a multiple of ``head_dim``).
+        head_dim: channels per head DH (16 in the paper; the CUDA kernels take 16, 32 or 64).
+        kv_heads: heads of the shared B and C projections (default ``heads``); must divide ``heads``.
+        window_blocks: k, tiles in the jagged window (2 = the paper's default).
+        block_len: tile length BL (the kernels take 16, 32 or 64).
+        decay_max: gates are ``decay_max * sigmoid(.)``, in ``[0, decay_max]``; ``0 < decay_max <= 1``.
+        bias: biases in the input and output projections.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int | None = None,
+        head_dim: int = 16,
+        kv_heads: int | None = None,
+        window_blocks: int = 2,
+        block_len: int = 16,
+        decay_max: float = 0.8,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dim = _positive_int("dim", dim)
+        head_dim = _positive_int("head_dim", head_dim)
+        if heads is None:
+            if dim % head_dim:
+                raise ValueError(
+                    f"dim={dim} is not divisible by head_dim={head_dim}; allowed: dim a multiple of head_dim "
+                    f"(heads = dim // head_dim), or pass heads explicitly (inner width heads * head_dim)"
+                )
+            heads = dim // head_dim
+        heads = _positive_int("heads", heads)
+        kv_heads = heads if kv_heads is None else _positive_int("kv_heads", kv_heads)
+        if heads % kv_heads:
+            divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+            raise ValueError(f"kv_heads={kv_heads} does not divide heads={heads}; allowed kv_heads: {divisors}")
+        self.window_blocks = _positive_int("window_blocks", window_blocks)
+        self.block_len = _positive_int("block_len", block_len)
+        if not (isinstance(decay_max, (int, float)) and not isinstance(decay_max, bool) and 0 < decay_max <= 1):
+            raise ValueError(f"decay_max must be a number in (0, 1] (gates lie in [0, decay_max]); got {decay_max!r}")
+        self.dim, self.heads, self.head_dim, self.kv_heads = dim, heads, head_dim, kv_heads
+        self.decay_max = float(decay_max)
+        self.inner = heads * head_dim
+        kv_inner = kv_heads * head_dim
+        self._split = (heads, kv_inner, kv_inner, self.inner)  # A, B, C, V
+        kw = {"device": device, "dtype": dtype}
+        self.in_proj = nn.Linear(dim, sum(self._split), bias=bias, **kw)
+        self.out_proj = nn.Linear(self.inner, dim, bias=bias, **kw)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, kv_heads={self.kv_heads}, "
+            f"window_blocks={self.window_blocks}, block_len={self.block_len}, decay_max={self.decay_max}"
+        )
+
+    # ------------------------------------------------------------ projections
+
+    def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """[..., KVH*DH] -> [..., H, DH], head h reading kv-head h // (H // KVH) (a broadcast, no copy)."""
+        lead = t.shape[:-1]
+        groups = self.heads // self.kv_heads
+        t = t.view(*lead, self.kv_heads, 1, self.head_dim).expand(*lead, self.kv_heads, groups, self.head_dim)
+        return t.reshape(*lead, self.heads, self.head_dim)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A [..., H], B [..., H, DH], C [..., H, DH], V [..., H, DH])`` for tokens ``x`` ``[..., dim]``."""
+        a, b, c, v = torch.split(self.in_proj(x), self._split, dim=-1)
+        A = self.decay_max * torch.sigmoid(a)
+        B = self._expand_kv(torch.sigmoid(b))
+        C = self._expand_kv(c)
+        V = v.reshape(*v.shape[:-1], self.heads, self.head_dim)
+        return A, B, C, V
+
+    # ------------------------------------------------------------ state
+
+    def init_state(self, batch: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> SwrState:  # fmt: skip
+        """The state before the first token, for ``batch`` sequences."""
+        if device is None:
+            device = self.in_proj.weight.device
+        return SwrState.zeros(batch, self.heads, self.head_dim, self.window_blocks, device,
+                              block_len=self.block_len, dtype=dtype)  # fmt: skip
+
+    def _check_state(self, state: object, batch: int, device: torch.device) -> SwrState:
+        if not isinstance(state, SwrState):
+            raise TypeError(f"state must be a SwrState (from Phalanx.init_state or forward(return_state=True)); "
+                            f"got {type(state).__name__}")  # fmt: skip
+        try:
+            state.check(batch, self.heads, self.head_dim, self.window_blocks, self.block_len)
+        except ValueError as e:
+            raise ValueError(
+                f"state does not fit this Phalanx (batch={batch}, heads={self.heads}, head_dim={self.head_dim}, "
+                f"window_blocks={self.window_blocks}, block_len={self.block_len}): {e}"
+            ) from None
+        if state.device != device:
+            raise ValueError(f"state is on {state.device} but the input is on {device}")
+        return state
+
+    @staticmethod
+    def _state_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    # ------------------------------------------------------------ forward
+
+    def _swr(self, A: torch.Tensor, X: torch.Tensor, state: SwrState | None, return_state: bool,
+             cu_seqlens: torch.Tensor | Sequence[int] | None) -> tuple[torch.Tensor, SwrState | None]:  # fmt: skip
+        """A [B, H, L], X [B, H, DH, L] -> (Y [B, H, DH, L] floating, new state or None)."""
+        k, bl = self.window_blocks, self.block_len
+        if cu_seqlens is not None:
+            if X.is_cuda and _swr_accepts("cu_seqlens"):
+                return swrgen.swr(A, X, window_blocks=k, block_len=bl, cu_seqlens=cu_seqlens), None
+            spans = cu_seqlens_list(cu_seqlens, X.shape[-1])
+            ys = [swrgen.swr(A[..., s:e], X[..., s:e], window_blocks=k, block_len=bl) for s, e in spans]
+            return torch.cat(ys, dim=-1), None
+        if state is None and not return_state:
+            return swrgen.swr(A, X, window_blocks=k, block_len=bl), None
+        needs_grad = torch.is_grad_enabled() and (A.requires_grad or X.requires_grad)
+        streaming_op = X.is_cuda and _swr_accepts("initial_state") and _swr_accepts("return_state")
+        if streaming_op and not needs_grad:
+            # GPU kernels with state: the op returns (y, new SwrState). Its streaming path has no backward and
+            # returns a detached state, so training through a carried state takes the differentiable path below.
+            y, new_state = swrgen.swr(A, X, window_blocks=k, block_len=bl, initial_state=state, return_state=True)
+            return y, new_state
+        if state is None:
+            y = swrgen.swr(A, X, window_blocks=k, block_len=bl)
+            start = self.init_state(X.shape[0], X.device, self._state_dtype(X))
+            return y, final_state(A, X, k, bl, start)
+        y, new_state = swr_with_state(A, X, k, bl, state)
+        return y, new_state
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: SwrState | None = None,
+        return_state: bool = False,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, SwrState]:
+        """``x`` ``[B, L, dim]`` -> ``[B, L, dim]`` (and the state after it when ``return_state``).
+
+        ``state``: continue after the tokens that state has seen (``pos`` tokens, the same for the batch).
+        ``cu_seqlens``: ``x`` is ``[1, T, dim]`` holding packed sequences ``[cu[i], cu[i+1])``, each run
+        alone (not combinable with ``state``/``return_state``).
+        """
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, L, dim={self.dim}]; got shape {list(x.shape)}")
+        batch, length = x.shape[:2]
+        if length < 1:
+            raise ValueError("x must hold at least one token (L >= 1)")
+        if cu_seqlens is not None:
+            if state is not None or return_state:
+                raise ValueError("cu_seqlens cannot be combined with state/return_state: packed sequences have "
+                                 "different lengths, a SwrState one position for the batch")  # fmt: skip
+            if batch != 1:
+                raise ValueError(
+                    f"with cu_seqlens, x must be [1, T, dim] (sequences packed along T); got {list(x.shape)}"
+                )
+        if state is not None:
+            state = self._check_state(state, batch, x.device)
+        A, B, C, V = self.project(x)
+        X = B * V
+        a_t = A.transpose(1, 2).contiguous()  # [B, H, L]
+        x_t = X.permute(0, 2, 3, 1).contiguous()  # [B, H, DH, L]
+        y, new_state = self._swr(a_t, x_t, state, return_state, cu_seqlens)
+        Y = y.permute(0, 3, 1, 2).to(V.dtype)  # [B, L, H, DH]
+        Z = Y * C + V
+        out = self.out_proj(Z.reshape(batch, length, self.inner))
+        if return_state:
+            return out, new_state
+        return out
+
+    def step(self, x_t: torch.Tensor, state: SwrState | None = None) -> tuple[torch.Tensor, SwrState]:
+        """Decode one token per sequence: ``x_t`` ``[B, dim]`` -> ``(out_t [B, dim], new state)``.
+
+        O(window_blocks * heads * head_dim) elementwise work besides the projections; no host sync.
+        ``state=None`` starts a new sequence.
+        """
+        if x_t.dim() != 2 or x_t.shape[-1] != self.dim:
+            raise ValueError(f"x_t must be [B, dim={self.dim}] (one token per sequence); got shape {list(x_t.shape)}")
+        batch = x_t.shape[0]
+        if state is None:
+            state = self.init_state(batch, x_t.device, self._state_dtype(x_t))
+        else:
+            state = self._check_state(state, batch, x_t.device)
+        A, B, C, V = self.project(x_t)
+        y, new_state = decode_step(A, B * V, state, self.window_blocks, self.block_len)
+        Z = y.to(V.dtype) * C + V
+        return self.out_proj(Z.reshape(batch, self.inner)), new_state

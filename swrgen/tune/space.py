@@ -1,0 +1,101 @@
+"""The tuning space: target knobs a spec leaves open, filtered to what spec validation accepts.
+
+Every knob here changes only the speed, never the result (DESIGN.md section 1), so any candidate that
+validates is a legal replacement for the spec's own target. A spec's fixed choices that are not in the
+grid (archs, carriers) are kept as they are.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from swrgen import constants
+from swrgen.spec import Spec, SpecError
+
+# Knob -> values tried by default. tiles_in_flight is further limited by the register budget of the
+# spec's block_len, cluster_size > 1 by the arch (clusters need sm_90+), both through spec validation.
+DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
+    "warps_per_cta": (2, 4, 8),
+    "tiles_per_warp": (32, 64, 128, 256),
+    "tiles_in_flight": (1, 2, 4, 8),
+    "cluster_size": (1, 2),
+    "persistent": (False, True),
+}
+TUNABLE = tuple(DEFAULT_GRID)
+
+
+def parse_grid(text: str) -> dict[str, tuple[Any, ...]]:
+    """``"warps_per_cta=4,8;persistent=true"`` -> ``{"warps_per_cta": (4, 8), "persistent": (True,)}``.
+
+    Only the knobs named change; the others keep DEFAULT_GRID's values (merge with :func:`merge_grid`).
+    """
+    grid: dict[str, tuple[Any, ...]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, vals = part.partition("=")
+        key = key.strip()
+        if not sep or key not in TUNABLE:
+            raise ValueError(f"grid entry {part!r}: expected KNOB=V1,V2 with KNOB one of {', '.join(TUNABLE)}")
+        values = []
+        for v in filter(None, (s.strip() for s in vals.split(","))):
+            if v.lower() in ("true", "false"):
+                values.append(v.lower() == "true")
+            else:
+                try:
+                    values.append(int(v))
+                except ValueError:
+                    raise ValueError(f"grid entry {part!r}: {v!r} is not an integer or true/false") from None
+        if not values:
+            raise ValueError(f"grid entry {part!r} lists no values")
+        grid[key] = tuple(dict.fromkeys(values))
+    return grid
+
+
+def merge_grid(override: Mapping[str, Iterable[Any]] | None) -> dict[str, tuple[Any, ...]]:
+    grid = dict(DEFAULT_GRID)
+    for key, values in (override or {}).items():
+        if key not in TUNABLE:
+            raise ValueError(f"unknown tuning knob {key!r}; allowed: {', '.join(TUNABLE)}")
+        grid[key] = tuple(values)
+    return grid
+
+
+def current(spec: Spec) -> dict[str, Any]:
+    """The spec's own values of the tunable knobs (the baseline every search includes)."""
+    return {key: getattr(spec.target, key) for key in TUNABLE}
+
+
+def candidates(spec: Spec, arch: str, grid: Mapping[str, Iterable[Any]] | None = None) -> list[dict[str, Any]]:
+    """Every combination of the grid that ``spec.replace_target`` accepts and that runs on ``arch``.
+
+    The spec's own target comes first (the baseline), then the grid in order, without duplicates.
+    """
+    full = merge_grid(grid)
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    combos = itertools.product(*full.values())
+    for cand in itertools.chain([current(spec)], (dict(zip(full, vals, strict=True)) for vals in combos)):
+        key = tuple(cand[k] for k in TUNABLE)
+        if key in seen or not is_valid(spec, arch, cand):
+            continue
+        seen.add(key)
+        out.append(cand)
+    return out
+
+
+def is_valid(spec: Spec, arch: str, cand: Mapping[str, Any]) -> bool:
+    """Spec validation accepts it, and a cluster only where ``arch`` has clusters."""
+    if cand.get("cluster_size", 1) > 1 and arch not in constants.CLUSTER_ARCHS:
+        return False
+    try:
+        spec.replace_target(**cand)
+    except (SpecError, TypeError):
+        return False
+    return True
+
+
+def describe(cand: Mapping[str, Any]) -> str:
+    """Short label, e.g. ``W=4 T=64 F=2 C=1 P=0`` (warps, tiles/warp, in flight, cluster, persistent)."""
+    return (f"W={cand['warps_per_cta']} T={cand['tiles_per_warp']:<3d} F={cand['tiles_in_flight']} "
+            f"C={cand['cluster_size']} P={int(cand['persistent'])}")  # fmt: skip

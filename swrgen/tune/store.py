@@ -1,0 +1,180 @@
+"""Tuned configs on disk: one JSON file per recurrence, entries per (arch, NVRTC version, shape bucket).
+
+Files live in ``default_cache_dir()/tuned/`` (``$SWRGEN_CACHE_DIR`` overrides, like the cubin cache),
+then in the package's ``swrgen/tune/tuned/`` (configs shipped with the source; consulted second, so a
+local tuning run wins). A file is named by the hash of the spec's ``recurrence`` section: the target
+knobs are what gets tuned, so they cannot be part of the key; name and description are irrelevant.
+
+    {"version": 1, "recurrence": {...}, "entries": {"sm_90a/nvrtc13.0/rows256/L8192": {
+        "target": {"warps_per_cta": 4, ...}, "fwd_ms": ..., "bwd_ms": ..., "objective": "train", ...}}}
+
+Writes go to a temporary file renamed into place (readers see the old file or the whole new one). A
+file that does not parse or has the wrong shape is ignored on read and replaced by the next save; an
+entry whose target is malformed is ignored alone. Two tuners saving at once: the last rename wins.
+
+:func:`lookup` is on the launch path, so it is memoized in-process: the first call for a recurrence
+reads its file(s); later calls are a dict lookup. :func:`save` clears the memo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from swrgen.compiler.cache import ENV_CACHE_DIR, default_cache_dir
+from swrgen.spec import Spec
+from swrgen.tune.buckets import bucket_name, bucket_of
+from swrgen.tune.space import TUNABLE
+
+VERSION = 1
+ENV_DISABLE = "SWRGEN_TUNED"  # "0": lookup() always answers None (time the untuned defaults)
+SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
+_KNOB_TYPES = {"warps_per_cta": int, "tiles_per_warp": int, "tiles_in_flight": int, "cluster_size": int,
+               "persistent": bool}  # fmt: skip
+
+# (directory, recurrence hash) -> parsed entries; (recurrence, archs, arch, bucket, env) -> overrides.
+_FILES: dict[tuple[str, str], dict[str, Any]] = {}
+_MEMO: dict[tuple[Any, ...], dict[str, Any] | None] = {}
+_DISABLED = 0  # > 0 inside disabled(): the tuner times each candidate as built, never a stored choice
+
+
+def tuned_dir() -> Path:
+    """Where tuning runs write (and lookups look first)."""
+    return default_cache_dir() / "tuned"
+
+
+def search_dirs() -> tuple[Path, ...]:
+    return (tuned_dir(), SHIPPED_DIR)
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_version() -> str:
+    """NVRTC version (cubins differ across versions, and so may the best config); "unknown" without one."""
+    try:
+        from swrgen.compiler.nvrtc import nvrtc_version
+
+        return nvrtc_version()
+    except Exception:  # no cuda-bindings / NVRTC library: still a valid (if useless) key
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=256)
+def recurrence_hash(recurrence: Any) -> str:
+    """SHA-256 of the canonical ``recurrence`` dict (argument: a hashable ``spec.recurrence``)."""
+    return hashlib.sha256(json.dumps(recurrence.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def entry_key(arch: str, bucket: tuple[int, int], nvrtc: str | None = None) -> str:
+    return f"{arch}/nvrtc{nvrtc or compiler_version()}/{bucket_name(bucket)}"
+
+
+def file_path(spec: Spec, directory: Path | None = None) -> Path:
+    return (directory or tuned_dir()) / f"{recurrence_hash(spec.recurrence)[:32]}.json"
+
+
+def valid_target(target: Any) -> bool:
+    """A stored target: a dict of known knobs with values of the right type (bool is not an int)."""
+    if not isinstance(target, dict) or not target or not set(target) <= set(TUNABLE):
+        return False
+    return all(type(v) is _KNOB_TYPES[k] for k, v in target.items())
+
+
+def read_file(path: Path, rec_hash: str | None = None) -> dict[str, Any]:
+    """Entries of one tuned file; {} when missing, unreadable, corrupt or for another recurrence."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("entries"), dict):
+        return {}
+    if rec_hash is not None and data.get("recurrence_hash") != rec_hash:
+        return {}
+    return {k: e for k, e in data["entries"].items() if isinstance(e, dict) and valid_target(e.get("target"))}
+
+
+def _entries(directory: Path, rec_hash: str) -> dict[str, Any]:
+    key = (str(directory), rec_hash)
+    if key not in _FILES:
+        _FILES[key] = read_file(directory / f"{rec_hash[:32]}.json", rec_hash)
+    return _FILES[key]
+
+
+def save(spec: Spec, arch: str, shape: tuple[int, int, int, int], entry: dict[str, Any],
+         directory: Path | None = None) -> Path:  # fmt: skip
+    """Record ``entry`` (must hold ``target``) for the bucket of ``shape``; returns the file written."""
+    if not valid_target(entry.get("target")):
+        raise ValueError(f"entry target {entry.get('target')!r} is not a dict of {', '.join(TUNABLE)}")
+    directory = Path(directory) if directory is not None else tuned_dir()
+    rec_hash = recurrence_hash(spec.recurrence)
+    path = directory / f"{rec_hash[:32]}.json"
+    entries = read_file(path, rec_hash)  # a corrupt file starts over
+    entries[entry_key(arch, bucket_of(shape))] = entry
+    data = {"version": VERSION, "recurrence_hash": rec_hash, "recurrence": spec.recurrence.to_dict(),
+            "entries": dict(sorted(entries.items()))}  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    clear_memo()
+    return path
+
+
+def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int]) -> dict[str, Any] | None:
+    """Tuned target overrides for x.shape = [B, H, DH, L] on ``arch``, or None when none is stored.
+
+    Only overrides that the spec accepts are returned (e.g. no cluster for a spec that also lists
+    sm_80), so ``spec.replace_target(**lookup(...))`` never raises. Memoized in-process. None inside
+    :func:`disabled` (while tuning) and when ``$SWRGEN_TUNED`` is ``0``.
+    """
+    if _DISABLED or os.environ.get(ENV_DISABLE) == "0":
+        return None
+    bucket = bucket_of(tuple(shape))  # type: ignore[arg-type]
+    # The raw environment values stand for the search dirs: cheaper than building the paths per call.
+    env = (os.environ.get(ENV_CACHE_DIR), os.environ.get("XDG_CACHE_HOME"))
+    key = (spec.recurrence, spec.target.archs, arch, bucket, env)
+    try:
+        result = _MEMO[key]
+    except KeyError:
+        result = _MEMO[key] = _lookup_uncached(spec, arch, bucket, search_dirs())
+    return dict(result) if result is not None else None  # a copy: callers may change it
+
+
+def _lookup_uncached(spec: Spec, arch: str, bucket: tuple[int, int], dirs: tuple[Path, ...]) -> dict[str, Any] | None:
+    from swrgen.tune.space import is_valid
+
+    rec_hash = recurrence_hash(spec.recurrence)
+    name = entry_key(arch, bucket)
+    for directory in dirs:
+        entry = _entries(directory, rec_hash).get(name)
+        if entry is not None and is_valid(spec, arch, entry["target"]):
+            return dict(entry["target"])
+    return None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside: lookup() answers None (the tuner uses this so a stored choice never replaces a candidate)."""
+    global _DISABLED
+    _DISABLED += 1
+    try:
+        yield
+    finally:
+        _DISABLED -= 1
+
+
+def clear_memo() -> None:
+    """Forget everything read (tests; after a save)."""
+    _FILES.clear()
+    _MEMO.clear()

@@ -1,0 +1,403 @@
+"""Autotuner (space, buckets, store, CLI) and benchmark helpers, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from swrgen import cli, constants
+from swrgen.ops.swr.reference import swr_reference
+from swrgen.spec import SpecError, default_spec
+from swrgen.tune import buckets, search, space, store
+
+BASE = default_spec(window_blocks=2)
+WINNER = {"warps_per_cta": 8, "tiles_per_warp": 128, "tiles_in_flight": 4, "cluster_size": 1, "persistent": True}
+SHAPE = (4, 64, 16, 8192)
+
+
+@pytest.fixture(autouse=True)
+def fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each test: its own cache dir (so its own tuned/ folder), no shipped configs, an empty memo."""
+    monkeypatch.setenv("SWRGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(store.ENV_DISABLE, raising=False)
+    monkeypatch.setattr(store, "SHIPPED_DIR", tmp_path / "shipped")
+    store.clear_memo()
+    yield
+    store.clear_memo()
+
+
+def entry(target: dict | None = None) -> dict:
+    return {"target": dict(target or WINNER), "fwd_ms": 0.1, "bwd_ms": 0.2, "objective": "train"}
+
+
+# ------------------------------------------------------------------ space
+
+
+def test_candidates_all_validate_baseline_first_no_duplicates() -> None:
+    cands = space.candidates(BASE, "sm_90a")
+    assert cands[0] == space.current(BASE)
+    keys = [tuple(c[k] for k in space.TUNABLE) for c in cands]
+    assert len(keys) == len(set(keys))
+    for c in cands:
+        BASE.replace_target(**c)  # never raises
+    # default grid for BL=16 on a cluster arch: 3 warps x 4 tiles x 4 in-flight x 2 clusters x 2 persistent
+    assert len(cands) == 3 * 4 * 4 * 2 * 2
+
+
+def test_candidates_respect_register_budget() -> None:
+    spec = default_spec(block_len=64)  # 32 tokens per lane: only 1 or 2 tiles in flight fit
+    cands = space.candidates(spec, "sm_90a")
+    assert cands and {c["tiles_in_flight"] for c in cands} == {1, 2}
+    fitting = constants.MAX_TOKENS_IN_FLIGHT_PER_LANE // constants.tokens_per_lane(64)
+    assert all(c["tiles_in_flight"] <= fitting for c in cands)
+
+
+def test_no_clusters_where_there_are_none() -> None:
+    assert {c["cluster_size"] for c in space.candidates(BASE, "sm_80")} == {1}
+    both = BASE.replace_target(archs=("sm_80", "sm_90a"))  # a cluster would fail validation for sm_80
+    assert {c["cluster_size"] for c in space.candidates(both, "sm_90a")} == {1}
+    assert {c["cluster_size"] for c in space.candidates(BASE, "sm_90a")} == {1, 2}
+
+
+def test_grid_override_and_invalid_values_filtered() -> None:
+    grid = space.parse_grid("warps_per_cta=3,4 ; tiles_per_warp=64 ;persistent=true")
+    assert grid == {"warps_per_cta": (3, 4), "tiles_per_warp": (64,), "persistent": (True,)}
+    cands = space.candidates(BASE, "sm_90a", grid)
+    assert all(c["warps_per_cta"] != 3 for c in cands)  # 3 warps per CTA is not an allowed value
+    assert {c["warps_per_cta"] for c in cands[1:]} == {4}
+    assert {c["persistent"] for c in cands[1:]} == {True}
+
+
+@pytest.mark.parametrize("text", ["bogus=1", "warps_per_cta", "warps_per_cta=", "tiles_per_warp=abc"])
+def test_parse_grid_errors(text: str) -> None:
+    with pytest.raises(ValueError):
+        space.parse_grid(text)
+
+
+def test_describe() -> None:
+    cand = {"warps_per_cta": 4, "tiles_per_warp": 64, "tiles_in_flight": 2, "cluster_size": 1, "persistent": False}
+    assert space.describe(cand) == "W=4 T=64  F=2 C=1 P=0"
+
+
+# ------------------------------------------------------------------ buckets
+
+
+@pytest.mark.parametrize(("n", "want"), [(0, 0), (1, 1), (2, 2), (3, 2), (255, 128), (256, 256), (511, 256)])
+def test_pow2_floor(n: int, want: int) -> None:
+    assert buckets.pow2_floor(n) == want
+
+
+def test_bucket_of() -> None:
+    assert buckets.bucket_of((4, 64, 16, 8192)) == (256, 8192)
+    assert buckets.bucket_of((1, 256, 16, 16383)) == (256, 8192)  # same grid, same bucket
+    assert buckets.bucket_of((4, 64, 32, 8192)) == (512, 8192)  # 2 warp rows per head
+    assert buckets.bucket_of((8, 64, 16, 2048)) == (512, 2048)
+    assert buckets.bucket_name((256, 8192)) == "rows256/L8192"
+
+
+# ------------------------------------------------------------------ store
+
+
+def test_round_trip() -> None:
+    assert store.lookup(BASE, "sm_90a", SHAPE) is None
+    path = store.save(BASE, "sm_90a", SHAPE, entry())
+    assert path.parent == store.tuned_dir() and path.is_file()
+    assert store.lookup(BASE, "sm_90a", SHAPE) == WINNER
+    assert store.lookup(BASE, "sm_90a", (1, 256, 16, 12000)) == WINNER  # same bucket
+    assert store.lookup(BASE, "sm_90a", (4, 64, 16, 4096)) is None  # other L bucket
+    assert store.lookup(BASE, "sm_80", SHAPE) is None  # other arch
+    # Same recurrence, other target: same file (the target is what gets tuned); other recurrence: not.
+    assert store.lookup(BASE.replace_target(warps_per_cta=2), "sm_90a", SHAPE) == WINNER
+    assert store.lookup(default_spec(window_blocks=3), "sm_90a", SHAPE) is None
+    data = json.loads(path.read_text())
+    assert data["version"] == store.VERSION and data["recurrence"] == BASE.recurrence.to_dict()
+    assert list(data["entries"]) == [f"sm_90a/nvrtc{store.compiler_version()}/rows256/L8192"]
+
+
+def test_save_keeps_other_entries_and_returns_copies() -> None:
+    store.save(BASE, "sm_90a", SHAPE, entry())
+    other = dict(WINNER, warps_per_cta=2)
+    store.save(BASE, "sm_90a", (8, 64, 16, 2048), entry(other))
+    assert store.lookup(BASE, "sm_90a", SHAPE) == WINNER
+    got = store.lookup(BASE, "sm_90a", (8, 64, 16, 2048))
+    assert got == other
+    got["warps_per_cta"] = 32  # the caller's copy; the memo is untouched
+    assert store.lookup(BASE, "sm_90a", (8, 64, 16, 2048)) == other
+
+
+def test_lookup_filters_targets_the_spec_rejects() -> None:
+    store.save(BASE, "sm_90a", SHAPE, entry(dict(WINNER, cluster_size=2)))
+    assert store.lookup(BASE, "sm_90a", SHAPE)["cluster_size"] == 2
+    mixed = BASE.replace_target(archs=("sm_80", "sm_90a"))  # clusters invalid for this spec
+    assert store.lookup(mixed, "sm_90a", SHAPE) is None
+
+
+def test_save_rejects_bad_entries() -> None:
+    for bad in ({}, {"target": {}}, {"target": {"warps_per_cta": True}}, {"target": {"nope": 1}}):
+        with pytest.raises(ValueError):
+            store.save(BASE, "sm_90a", SHAPE, bad)
+
+
+def test_atomic_write_leaves_old_file_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = store.save(BASE, "sm_90a", SHAPE, entry())
+    before = path.read_text()
+
+    def broken_dump(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.json, "dump", broken_dump)
+    with pytest.raises(OSError):
+        store.save(BASE, "sm_90a", (8, 64, 16, 2048), entry())
+    assert path.read_text() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"version": 99, "entries": {}}', ""])
+def test_corrupt_file_ignored_then_rewritten(content: str) -> None:
+    path = store.file_path(BASE)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    assert store.lookup(BASE, "sm_90a", SHAPE) is None
+    store.save(BASE, "sm_90a", SHAPE, entry())
+    assert json.loads(path.read_text())["version"] == store.VERSION
+    assert store.lookup(BASE, "sm_90a", SHAPE) == WINNER
+
+
+def test_malformed_entry_ignored_alone() -> None:
+    path = store.save(BASE, "sm_90a", SHAPE, entry())
+    data = json.loads(path.read_text())
+    key = next(iter(data["entries"]))
+    bad_key = key.replace("rows256", "rows512")
+    data["entries"][bad_key] = {"target": {"warps_per_cta": "8"}}
+    path.write_text(json.dumps(data))
+    store.clear_memo()
+    assert store.lookup(BASE, "sm_90a", SHAPE) == WINNER
+    assert store.lookup(BASE, "sm_90a", (8, 64, 16, 8192)) is None
+
+
+def test_file_of_another_recurrence_ignored() -> None:
+    path = store.save(BASE, "sm_90a", SHAPE, entry())
+    data = json.loads(path.read_text())
+    data["recurrence_hash"] = "0" * 64
+    path.write_text(json.dumps(data))
+    store.clear_memo()
+    assert store.lookup(BASE, "sm_90a", SHAPE) is None
+
+
+def test_lookup_memoized(monkeypatch: pytest.MonkeyPatch) -> None:
+    store.save(BASE, "sm_90a", SHAPE, entry())
+    reads = []
+    real = store.read_file
+    monkeypatch.setattr(store, "read_file", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    for _ in range(100):
+        assert store.lookup(BASE, "sm_90a", SHAPE) == WINNER
+    assert len(reads) == 1  # the user dir's file, once (the shipped dir has none: memoized as well)
+    store.file_path(BASE).unlink()
+    assert store.lookup(BASE, "sm_90a", SHAPE) == WINNER  # in-process memo, no file access
+    store.clear_memo()
+    assert store.lookup(BASE, "sm_90a", SHAPE) is None
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        store.lookup(BASE, "sm_90a", SHAPE)
+    assert (time.perf_counter() - t0) / 2000 < 100e-6  # cheap enough for the launch path (~us)
+
+
+def test_cache_dir_change_is_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.save(BASE, "sm_90a", SHAPE, entry())
+    assert store.lookup(BASE, "sm_90a", SHAPE) == WINNER
+    monkeypatch.setenv("SWRGEN_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert store.lookup(BASE, "sm_90a", SHAPE) is None
+
+
+def test_shipped_dir_consulted_after_user_dir(tmp_path: Path) -> None:
+    store.save(BASE, "sm_90a", SHAPE, entry(dict(WINNER, warps_per_cta=2)), directory=store.SHIPPED_DIR)
+    assert store.lookup(BASE, "sm_90a", SHAPE)["warps_per_cta"] == 2
+    store.save(BASE, "sm_90a", SHAPE, entry())
+    assert store.lookup(BASE, "sm_90a", SHAPE) == WINNER
+
+
+def test_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    store.save(BASE, "sm_90a", SHAPE, entry())
+    with store.disabled():
+        assert store.lookup(BASE, "sm_90a", SHAPE) is None
+    assert store.lookup(BASE, "sm_90a", SHAPE) == WINNER
+    monkeypatch.setenv(store.ENV_DISABLE, "0")
+    assert store.lookup(BASE, "sm_90a", SHAPE) is None
+
+
+def test_public_lookup_signature() -> None:
+    from swrgen.tune import lookup
+
+    store.save(BASE, "sm_90a", SHAPE, entry())
+    assert lookup(BASE, "sm_90a", SHAPE) == WINNER
+    assert search.lookup(BASE, "sm_90a", torch.Size(SHAPE)) == WINNER  # x.shape works as is
+
+
+# ------------------------------------------------------------------ search helpers (no GPU)
+
+
+def test_normalize_and_check_shapes() -> None:
+    assert search.normalize_shape(BASE, (4, 64, 8192)) == (4, 64, 16, 8192)
+    assert search.normalize_shape(BASE, (4, 64, 16, 8192)) == (4, 64, 16, 8192)
+    for bad in ((4, 64), (4, 64, 32, 8192), (0, 1, 16)):
+        with pytest.raises(ValueError):
+            search.normalize_shape(BASE, bad)
+    for shape in ((1, 128, 16, 131072), (4, 64, 16, 8192), (8, 64, 16, 2048), (1, 1, 16, 100003)):
+        b, h, dh, length = search.check_shape(shape)
+        assert b * h * dh * length <= max(search.CHECK_ELEMS, dh * length)
+        assert length % 64 == shape[3] % 64 and length <= shape[3]
+
+
+def test_tune_needs_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        search.tune(BASE, [(1, 1, 64)], progress=None)
+    with pytest.raises(ValueError, match="objective"):
+        search.tune(BASE, [(1, 1, 64)], objective="speed")
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli.main, list(args))
+
+
+def spec_file() -> str:
+    return str(Path(__file__).resolve().parents[1] / "specs" / "hopper_k2.yaml")
+
+
+def test_cli_tune_without_cuda_errors_clearly() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    result = run_cli("tune", spec_file(), "--shape", "4,64,8192")
+    assert result.exit_code == 1
+    assert "needs a CUDA device" in result.output and "--compile-only" in result.output
+
+
+@pytest.mark.parametrize(("args", "hint"), [(("--grid", "nope=1"), "--grid"), (("--shape", "4,64"), "--shape")])
+def test_cli_tune_bad_arguments(args: tuple[str, ...], hint: str) -> None:
+    result = run_cli("tune", spec_file(), *args)
+    assert result.exit_code == 2 and hint in result.output
+
+
+def test_cli_tune_compile_only(session_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWRGEN_CACHE_DIR", str(session_cache_dir))  # compiled cubins shared with other tests
+    result = run_cli("tune", spec_file(), "--compile-only", "--grid",
+                     "warps_per_cta=4;tiles_in_flight=2;cluster_size=1,2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "distinct sources for sm_90a" in result.output
+
+
+def test_cli_bench_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    result = run_cli("bench", "--k", "2")
+    assert result.exit_code == 2
+    assert "needs a CUDA device" in result.output
+
+
+# ------------------------------------------------------------------ bench helpers
+
+
+def synthetic_results() -> dict:
+    gen, alts = [], []
+    for length, (b, h) in zip((2048, 8192, 32768), ((8, 64), (4, 64), (1, 64)), strict=True):
+        for k in (2, 3):
+            for out in ("fp32", "bf16"):
+                gen.append(dict(k=k, out=out, B=b, H=h, DH=16, L=length, fwd_ms=0.05 * length / 2048,
+                                bwd_ms=0.07 * length / 2048, fwd_pct=70.0, bwd_pct=60.0, fwd_GBps=2100.0,
+                                bwd_GBps=1800.0))  # fmt: skip
+        alts.append(dict(method="sdpa_causal", B=b, H=h, L=length, fwd_ms=0.2 * length / 2048, bwd_ms=0.5,
+                         note="causal", wall_s=1.0))  # fmt: skip
+        alts.append(dict(method="hgrn", B=b, H=h, L=length, unavailable="fla.ops.hgrn not importable"))
+        alts.append(dict(method="flex_swa512", B=b, H=h, L=length, fwd_ms=0.3, bwd_note="not timed", wall_s=2.0))
+    return dict(schema=1, command="swrgen bench", date="2026-11-25T12:00:00+00:00", device="Fake GPU",
+                copy_Bps=3.0e12, versions={"torch": "2.11", "driver": "580"}, timer="do_bench", generated=gen,
+                alternatives=alts, unavailable={"hgrn": "fla.ops.hgrn not importable"},
+                launch_overhead={"op(a, x)": 12.5, "CUDA graph: replay of 1 call": 3.0}, elapsed_s=100.0)  # fmt: skip
+
+
+def test_plot_writes_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench import plot
+
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(synthetic_results()))
+    out = tmp_path / "out.png"
+    assert plot.main([str(src), str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_suite_table_and_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import suite
+
+    res = synthetic_results()
+    text = suite.table(res)
+    assert "sdpa_causal" in text and "fla.ops.hgrn not importable" in text
+    assert "0.250" in text  # gen/alt fwd ratio at 2048: 0.05 / 0.2
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(res))
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n")
+    monkeypatch.setattr(suite, "RESULTS_MD", md)
+    assert suite.main(["--record-from", str(src)]) == 0
+    body = md.read_text()
+    assert "## Suite run — 2026-11-25, Fake GPU" in body and "```" in body
+
+
+# ------------------------------------------------------------------ the fp32 torch SWR (an alternative)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("length", [1, 16, 37, 300])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_swr_torch_fp32_matches_reference(k: int, length: int, per_channel: bool) -> None:
+    from bench.alternatives import swr_torch_fp32
+
+    g = torch.Generator().manual_seed(k * 1000 + length)
+    x = torch.randn(2, 3, 16, length, generator=g)
+    a = 2 * torch.rand((2, 3, 16, length) if per_channel else (2, 3, length), generator=g) - 1  # signed gates
+    y = swr_torch_fp32(a, x, k, 16)
+    ref = swr_reference(a, x, k, 16)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_swr_torch_fp32_gradients_and_zero_gates() -> None:
+    from bench.alternatives import swr_torch_fp32
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 16, 80, generator=g)
+    a = 0.5 + 0.5 * torch.rand(1, 2, 80, generator=g)
+    a[..., ::7] = 0.0  # exact zeros: no logs or divisions in the transfer matrices
+    dy = torch.randn(1, 2, 16, 80, generator=g)
+    a32, x32 = a.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.autograd.backward(swr_torch_fp32(a32, x32, 2, 16), dy)
+    a64, x64 = a.double().requires_grad_(), x.double().requires_grad_()
+    torch.autograd.backward(swr_reference(a64, x64, 2, 16), dy.double())
+    for got, want in ((x32.grad, x64.grad), (a32.grad, a64.grad)):
+        assert torch.isfinite(got).all()
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_alternatives_import_without_optional_packages() -> None:
+    from bench import alternatives
+
+    assert set(alternatives.MAKERS) == {"sdpa_causal", "torch_fp32", "accelerated_scan", "hgrn", "flex_swa512",
+                                        "torch_fp32_compile"}  # fmt: skip
+
+
+def test_spec_error_type_is_what_space_filters() -> None:
+    # space.is_valid relies on replace_target raising SpecError for invalid knob values.
+    with pytest.raises(SpecError):
+        BASE.replace_target(warps_per_cta=3)
+    assert not space.is_valid(BASE, "sm_90a", {"warps_per_cta": 3})
+    assert os.environ["SWRGEN_CACHE_DIR"]
