@@ -12,6 +12,11 @@ plain and under CUDA-graph replay; then the alternatives of bench/alternatives.p
 section; a compact table printed last; with --record a dated entry appended to bench/RESULTS.md (and
 always a markdown copy of the entry beside the JSON, since the GPU machine's files do not come back).
 
+Runtime on an H100 (estimate, not yet measured): ~10 s generated kernels, ~1 s launch path, alternatives
+1-3 min (Triton autotuning of fla's HGRN and the torch.compile/FlexAttention compiles dominate); no new
+alternative measurement starts after --budget-s (180 s), and one slower than --max-call-ms (2 s) is dropped.
+Optional packages on the GPU machine: carry the wheels in .whl/bench/ (accelerated-scan, fla-core).
+
 Bytes (each read or written once): forward x + a + y; backward x + a + dy + dx + da (as bench_swr.py).
 Ratios are generated / alternative time (below 1: the generated kernel is faster); "generated" there is
 the first (k, out) measured, k=2 fp32 by default.
@@ -427,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         ["generated", "launch", "alternatives", "sdpa_causal", "torch_fp32", "accelerated_scan", "hgrn",
          "flex_swa512", "torch_fp32_compile"]))  # fmt: skip
     ap.add_argument("--alt-bwd", default="", help="comma list of forward-only alternatives to also time backward")
-    ap.add_argument("--budget-s", type=float, default=200.0, help="no new alternative measurement after this")
+    ap.add_argument("--budget-s", type=float, default=180.0, help="no new alternative measurement after this")
     ap.add_argument("--max-call-ms", type=float, default=2000.0, help="drop an alternative whose call is slower")
     ap.add_argument("--bwd-max-fwd-ms", type=float, default=30.0, help="skip an alternative's backward past this")
     ap.add_argument("--warmup-ms", type=float, default=10.0)

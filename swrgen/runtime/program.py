@@ -49,6 +49,7 @@ class Program:
     def __init__(self, spec: Spec, source: str | None = None, cubins: dict[str, bytes] | None = None,
                  cache: CompileCache | None = None) -> None:  # fmt: skip
         self.spec = spec
+        self.from_templates = source is None  # a generated/ folder's source may be hand-edited
         self.source = source if source is not None else render_source(spec)
         self._cubins = dict(cubins or {})
         self._cache = cache

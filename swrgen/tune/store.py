@@ -13,7 +13,8 @@ file that does not parse or has the wrong shape is ignored on read and replaced 
 entry whose target is malformed is ignored alone. Two tuners saving at once: the last rename wins.
 
 :func:`lookup` is on the launch path, so it is memoized in-process: the first call for a recurrence
-reads its file(s); later calls are a dict lookup. :func:`save` clears the memo.
+reads its file(s); later calls are a dict lookup (~1 us). The environment ($SWRGEN_CACHE_DIR,
+$SWRGEN_TUNED) is read on the first call too; :func:`save` and :func:`clear_memo` forget all of it.
 """
 
 from __future__ import annotations
@@ -39,10 +40,19 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
 _KNOB_TYPES = {"warps_per_cta": int, "tiles_per_warp": int, "tiles_in_flight": int, "cluster_size": int,
                "persistent": bool}  # fmt: skip
 
-# (directory, recurrence hash) -> parsed entries; (recurrence, archs, arch, bucket, env) -> overrides.
+# (directory, recurrence hash) -> parsed entries; (recurrence, archs, arch, bucket) -> overrides.
 _FILES: dict[tuple[str, str], dict[str, Any]] = {}
 _MEMO: dict[tuple[Any, ...], dict[str, Any] | None] = {}
 _DISABLED = 0  # > 0 inside disabled(): the tuner times each candidate as built, never a stored choice
+# The environment as lookup() last read it (reading os.environ costs ~0.7 us a variable, too much for
+# every launch): ($SWRGEN_TUNED == "0", $SWRGEN_CACHE_DIR, $XDG_CACHE_HOME). clear_memo() re-reads it.
+_ENV: tuple[bool, str | None, str | None] | None = None
+
+
+def _read_env() -> tuple[bool, str | None, str | None]:
+    global _ENV
+    _ENV = (os.environ.get(ENV_DISABLE) == "0", os.environ.get(ENV_CACHE_DIR), os.environ.get("XDG_CACHE_HOME"))
+    return _ENV
 
 
 def tuned_dir() -> Path:
@@ -138,16 +148,15 @@ def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int]) -> dict[str,
     sm_80), so ``spec.replace_target(**lookup(...))`` never raises. Memoized in-process. None inside
     :func:`disabled` (while tuning) and when ``$SWRGEN_TUNED`` is ``0``.
     """
-    if _DISABLED or os.environ.get(ENV_DISABLE) == "0":
+    if _DISABLED:
         return None
-    bucket = bucket_of(tuple(shape))  # type: ignore[arg-type]
-    # The raw environment values stand for the search dirs: cheaper than building the paths per call.
-    env = (os.environ.get(ENV_CACHE_DIR), os.environ.get("XDG_CACHE_HOME"))
-    key = (spec.recurrence, spec.target.archs, arch, bucket, env)
+    if (_ENV or _read_env())[0]:  # $SWRGEN_TUNED=0
+        return None
+    key = (spec.recurrence, spec.target.archs, arch, bucket_of(tuple(shape)))  # type: ignore[arg-type]
     try:
         result = _MEMO[key]
     except KeyError:
-        result = _MEMO[key] = _lookup_uncached(spec, arch, bucket, search_dirs())
+        result = _MEMO[key] = _lookup_uncached(spec, arch, key[3], search_dirs())
     return dict(result) if result is not None else None  # a copy: callers may change it
 
 
@@ -175,6 +184,8 @@ def disabled() -> Iterator[None]:
 
 
 def clear_memo() -> None:
-    """Forget everything read (tests; after a save)."""
+    """Forget everything read, the environment included (tests; after a save)."""
+    global _ENV
     _FILES.clear()
     _MEMO.clear()
+    _ENV = None

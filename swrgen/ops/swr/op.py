@@ -23,6 +23,7 @@ from swrgen.ops.swr.reference import swr_reference
 from swrgen.ops.swr.tiled import swr_tiled_backward
 from swrgen.runtime.program import Program
 from swrgen.spec import Spec, default_spec, load_spec
+from swrgen.tune.store import lookup
 
 DEFAULT_WINDOW_BLOCKS = 2
 DEFAULT_BLOCK_LEN = 16
@@ -35,6 +36,26 @@ def _register(program: Program) -> str:
     return key
 
 
+_TUNED: dict[tuple[str, tuple], Program] = {}
+
+
+def _tuned(program: Program, x: torch.Tensor) -> Program:
+    """The program with the autotuned knobs for this shape (``swrgen tune``), if any are stored.
+
+    Tuning knobs never change results (tested bitwise), so swapping them is safe; programs built
+    from a generated/ folder keep that folder's source and are never swapped.
+    """
+    if not program.from_templates:
+        return program
+    over = lookup(program.spec, program.arch_for(x.device), tuple(x.shape))
+    if not over:
+        return program
+    key = (program.spec.digest(), tuple(sorted(over.items())))
+    if key not in _TUNED:
+        _TUNED[key] = load(program.spec.replace_target(**over)).program
+    return _TUNED[key]
+
+
 # ---------------------------------------------------------------- custom ops
 
 
@@ -44,7 +65,7 @@ def _swr_fwd(a: torch.Tensor, x: torch.Tensor, window_blocks: int, block_len: in
              phase: int = 0) -> torch.Tensor:  # fmt: skip
     """cu_seqlens: int64 CPU [S+1] (packed sequences of a [1, H, DH, T] buffer); state: packed SwrState."""
     if x.is_cuda:
-        program = _PROGRAMS[key]
+        program = _tuned(_PROGRAMS[key], x)
         packed = None if cu_seqlens is None else launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
         return launch.forward(program, a, x, packed=packed, state=state, phase=phase)
     if cu_seqlens is not None:
@@ -77,7 +98,7 @@ def _unpack_state(packed: torch.Tensor, pos: int, window_blocks: int, block_len:
 def _swr_bwd(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, window_blocks: int, block_len: int, key: str,
              cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     if x.is_cuda:
-        program = _PROGRAMS[key]
+        program = _tuned(_PROGRAMS[key], x)
         packed = None if cu_seqlens is None else launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
         return launch.backward(program, a, x, dy, packed=packed)
     # A custom op runs below autograd (enable_grad records nothing here), so the CPU backward is the
