@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,23 +25,15 @@ from swrgen.spec import default_spec
 DEFAULT_SHAPES = [(8, 64, 2048), (4, 64, 8192), (1, 64, 32768), (1, 128, 131072)]
 
 
-def bench_ms(fn, warmup=10, rep=50) -> float:
+def bench_ms(fn) -> float:
+    """Median ms of fn: triton's do_bench where importable, else CUDA events (the autotuner's timer)."""
     try:
         from triton.testing import do_bench
-
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
     except ImportError:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(rep):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        return statistics.median(times)
+        from swrgen.tune.search import event_median_ms
+
+        return event_median_ms(fn)
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def copy_bandwidth() -> float:

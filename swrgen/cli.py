@@ -157,21 +157,46 @@ def _parse_shapes(shapes: tuple[str, ...]) -> list[tuple[int, ...]]:
 
 @main.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
-@click.option("--shape", "shapes", multiple=True, help="B,H,L to tune for (repeatable; one run per shape bucket).  "
-              "[default: 4,64,8192]")
-@click.option("--grid", default="", help='Knob values to try instead of the defaults, e.g. '
-              '"warps_per_cta=4,8;tiles_per_warp=64,128" (knobs: warps_per_cta, tiles_per_warp, tiles_in_flight, '
-              'cluster_size, persistent).')
-@click.option("--objective", type=click.Choice(["train", "fwd"]), default="train", show_default=True,
-              help="Score: forward + backward time (train) or forward alone (inference).")
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    help="B,H,L to tune for (repeatable; one run per shape bucket).  [default: 4,64,8192]",
+)
+@click.option(
+    "--grid",
+    default="",
+    help="Knob values to try instead of the defaults, e.g. "
+    '"warps_per_cta=4,8;tiles_per_warp=64,128" (knobs: warps_per_cta, tiles_per_warp, tiles_in_flight, '
+    "cluster_size, persistent).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["train", "fwd"]),
+    default="train",
+    show_default=True,
+    help="Score: forward + backward time (train) or forward alone (inference).",
+)
 @click.option("--rep-ms", default=40.0, show_default=True, help="Timing window per kernel (do_bench rep).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write every result.")
 @click.option("--no-save", is_flag=True, help="Do not store the winners in the tuned cache.")
-@click.option("--compile-only", is_flag=True, help="No GPU needed: only compile every candidate's cubin into the "
-              "cubin cache (to carry to a GPU machine).")
+@click.option(
+    "--compile-only",
+    is_flag=True,
+    help="No GPU needed: only compile every candidate's cubin into the cubin cache (to carry to a GPU machine).",
+)
 @click.option("--arch", default=None, help="With --compile-only: the arch to compile for [default: the spec's first].")
-def tune(spec: str, shapes: tuple[str, ...], grid: str, objective: str, rep_ms: float, json_out: str | None,
-         no_save: bool, compile_only: bool, arch: str | None) -> None:
+def tune(
+    spec: str,
+    shapes: tuple[str, ...],
+    grid: str,
+    objective: str,
+    rep_ms: float,
+    json_out: str | None,
+    no_save: bool,
+    compile_only: bool,
+    arch: str | None,
+) -> None:
     """Search SPEC's tuning knobs on the GPU per shape bucket; check each candidate against float64, time it,
     and cache the winner (in $SWRGEN_CACHE_DIR/tuned/), which the op then uses for shapes of that bucket."""
     from swrgen import constants

@@ -346,3 +346,15 @@ def test_opcheck_swr_bwd_with_permuted_gates() -> None:
     dy = torch.randn(2, 3, 16, 40, dtype=torch.float64, generator=g)
     result = torch.library.opcheck(torch.ops.swrgen.swr_bwd.default, (a, x, dy, 2, 16, ""))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_default_key_is_a_compile_time_constant() -> None:
+    """The CUDA path resolves its spec through _default_key; dynamo must not trace into it (fullgraph)."""
+    from swrgen.ops.swr.op import _default_key
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        key = _default_key(16, False, torch.bfloat16, torch.bfloat16, 2, 16, torch.float32)
+        return t + len(key)
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 33.0))
