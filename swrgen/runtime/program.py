@@ -54,6 +54,7 @@ class Program:
         self._cubins = dict(cubins or {})
         self._cache = cache
         self._modules: dict[int, Module] = {}
+        self._archs: dict[int, str] = {}
         self._lock = threading.Lock()
 
     @property
@@ -72,8 +73,11 @@ class Program:
         return self._cubins[arch]
 
     def arch_for(self, device: torch.device) -> str:
-        cap = torch.cuda.get_device_capability(device)
-        return pick_arch(self.spec.target.archs, cap) or native_arch(cap)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._archs:  # asked on every tuned launch: keep it off the hot path
+            cap = torch.cuda.get_device_capability(index)
+            self._archs[index] = pick_arch(self.spec.target.archs, cap) or native_arch(cap)
+        return self._archs[index]
 
     def module(self, device: torch.device) -> Module:
         index = device.index if device.index is not None else torch.cuda.current_device()
