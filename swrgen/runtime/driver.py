@@ -22,8 +22,11 @@ class CudaError(RuntimeError):
 def check(result, what: str):
     err, *rest = result
     if err != cu.CUresult.CUDA_SUCCESS:
-        _, msg = cu.cuGetErrorString(err)
-        detail = msg.decode() if isinstance(msg, bytes) else str(msg)
+        try:
+            _, msg = cu.cuGetErrorString(err)
+            detail = msg.decode() if isinstance(msg, bytes) else str(msg)
+        except Exception:  # no driver library to describe it: the code's name still says what failed
+            detail = "no description"
         raise CudaError(f"{what} failed: {err.name} ({detail})")
     if not rest:
         return None
@@ -51,8 +54,9 @@ def multiprocessor_count(index: int) -> int:
 class Kernel:
     """One __global__ function of a loaded module, launched with a KernelParams struct."""
 
-    def __init__(self, module, name: str) -> None:
+    def __init__(self, module, name: str, device_index: int) -> None:
         self.name = name
+        self.device_index = device_index
         self.function = check(cu.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({name})")
 
     def max_active_ctas_per_sm(self, threads: int) -> int:
@@ -63,12 +67,17 @@ class Kernel:
 
     def launch(self, grid: int, threads: int, params: KernelParams, stream: int, cluster: int = 1) -> None:
         arg = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        (err,) = self._launch_once(grid, threads, ctypes.addressof(arg), stream, cluster)
+        if err == cu.CUresult.CUDA_ERROR_INVALID_CONTEXT:
+            # A thread that has not touched CUDA yet (e.g. a fresh autograd worker) has no current
+            # context: bind torch's primary context of this kernel's device and launch again.
+            ensure_context(torch.device("cuda", self.device_index))
+            (err,) = self._launch_once(grid, threads, ctypes.addressof(arg), stream, cluster)
+        check((err,), f"launch of {self.name}")
+
+    def _launch_once(self, grid: int, threads: int, args: int, stream: int, cluster: int) -> tuple:
         if cluster == 1:
-            check(
-                cu.cuLaunchKernel(self.function, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(arg), 0),
-                f"launch of {self.name}",
-            )
-            return
+            return cu.cuLaunchKernel(self.function, grid, 1, 1, threads, 1, 1, 0, stream, args, 0)
         attr = cu.CUlaunchAttribute()
         attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
         attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster, 1, 1
@@ -79,13 +88,13 @@ class Kernel:
         config.hStream = cu.CUstream(stream)
         config.attrs = [attr]
         config.numAttrs = 1
-        check(cu.cuLaunchKernelEx(config, self.function, ctypes.addressof(arg), 0), f"cluster launch of {self.name}")
+        return cu.cuLaunchKernelEx(config, self.function, args, 0)
 
 
 class Module:
     """A cubin loaded into the current context, with its kernels looked up by name."""
 
-    def __init__(self, cubin: bytes, names: tuple[str, ...]) -> None:
+    def __init__(self, cubin: bytes, names: tuple[str, ...], device_index: int) -> None:
         self._cubin = cubin  # the driver reads the image during load; keep it alive anyway
         self.handle = check(cu.cuModuleLoadData(cubin), "cuModuleLoadData")
-        self.kernels = {n: Kernel(self.handle, n) for n in names}
+        self.kernels = {n: Kernel(self.handle, n, device_index) for n in names}

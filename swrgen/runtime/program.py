@@ -85,7 +85,7 @@ class Program:
             if index not in self._modules:
                 ensure_context(torch.device("cuda", index))
                 with torch.cuda.device(index):
-                    self._modules[index] = Module(self.cubin(self.arch_for(device)), KERNEL_NAMES)
+                    self._modules[index] = Module(self.cubin(self.arch_for(device)), KERNEL_NAMES, index)
             return self._modules[index]
 
     @classmethod

@@ -189,7 +189,6 @@ def backward(program: Program, a: torch.Tensor, x: torch.Tensor, dy: torch.Tenso
              packed: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx, da) for upstream gradient dy (spec output dtype, unit stride along L); args as in forward."""
     batch, heads, head_dim, length = x.shape
-    r = program.spec.recurrence
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     groups = head_dim // constants.CHANNELS_PER_WARP
     per_channel = a.dim() == 4
@@ -207,7 +206,6 @@ def backward(program: Program, a: torch.Tensor, x: torch.Tensor, dy: torch.Tenso
     p.sdxb, p.sdxh, p.sdxc = _strides3(dx)
     vec = use_vector_kernel(program, length, [x, a, dy, dx], 0, packed.starts if packed else None)
     _launch(program, "swr_bwd_vec" if vec else "swr_bwd_scalar", x, p)
-    assert r.gate_layout == ("per_channel" if per_channel else "per_head")
     if per_channel:
         return dx, da_buf
     return dx, (da_buf.sum(dim=2).to(a.dtype) if partial else da_buf.squeeze(2))
