@@ -7,7 +7,6 @@ disk cache or NVRTC), which is loaded once per device into a Module of Kernels.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import torch
 
@@ -87,11 +86,3 @@ class Program:
                 with torch.cuda.device(index):
                     self._modules[index] = Module(self.cubin(self.arch_for(device)), KERNEL_NAMES, index)
             return self._modules[index]
-
-    @classmethod
-    def from_generated(cls, folder: Path | str, spec: Spec) -> Program:
-        """A Program from a ``swrgen build`` folder: its source and any cubins in it."""
-        folder = Path(folder)
-        source = (folder / "swr.cu").read_text()
-        cubins = {p.stem.split(".")[-1]: p.read_bytes() for p in folder.glob("swr.*.cubin")}
-        return cls(spec, source=source, cubins=cubins)

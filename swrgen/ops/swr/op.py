@@ -56,6 +56,14 @@ def _tuned(program: Program, x: torch.Tensor) -> Program:
     return _TUNED[key]
 
 
+def _cuda_forward(a: torch.Tensor, x: torch.Tensor, key: str, cu_seqlens: torch.Tensor | None,
+                  state: torch.Tensor | None, phase: int) -> torch.Tensor:  # fmt: skip
+    """The generated forward: the custom op's CUDA body, and the inference fast path's."""
+    program = _tuned(_PROGRAMS[key], x)
+    packed = None if cu_seqlens is None else launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
+    return launch.forward(program, a, x, packed=packed, state=state, phase=phase)
+
+
 # ---------------------------------------------------------------- custom ops
 
 
@@ -65,9 +73,7 @@ def _swr_fwd(a: torch.Tensor, x: torch.Tensor, window_blocks: int, block_len: in
              phase: int = 0) -> torch.Tensor:  # fmt: skip
     """cu_seqlens: int64 CPU [S+1] (packed sequences of a [1, H, DH, T] buffer); state: packed SwrState."""
     if x.is_cuda:
-        program = _tuned(_PROGRAMS[key], x)
-        packed = None if cu_seqlens is None else launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
-        return launch.forward(program, a, x, packed=packed, state=state, phase=phase)
+        return _cuda_forward(a, x, key, cu_seqlens, state, phase)
     if cu_seqlens is not None:
         from swrgen.ops.swr.varlen import swr_varlen_reference
 
@@ -291,7 +297,7 @@ def _run(a, x, k: int, bl: int, key: str, out_dtype: torch.dtype, cu_seqlens, in
         packed_state = initial_state.packed().to(dtype=torch.float32).contiguous()
         phase = initial_state.pos % bl
     if _direct_ok(a, x) and cu is None:  # inference fast path: same kernel, no dispatcher round trip
-        y = launch.forward(_tuned(_PROGRAMS[key], x), a, x, state=packed_state, phase=phase)
+        y = _cuda_forward(a, x, key, None, packed_state, phase)
     else:
         y = _swr_fwd(a, x, k, bl, key, out_dtype, cu, packed_state, phase)
     if not return_state:
