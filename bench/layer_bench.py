@@ -1,7 +1,8 @@
 """Layer-level forward+backward: Phalanx vs sliding-window attention vs causal attention (GPU).
 
 Same model width D for every layer, bf16 parameters and activations:
-  phalanx   swrgen.nn.Phalanx(D, head_dim=16, window_blocks=2)          (projections + SWR kernels)
+  phalanx          swrgen.nn.Phalanx(D, head_dim=16, window_blocks=2)   (fused gating + SWR kernels)
+  phalanx_unfused  the same with fused=False (torch gating, transposes, swrgen.swr)
   flex_swa  Linear(D, 3D) -> FlexAttention, window 512, head dim 64 -> Linear(D, D)
   sdpa      Linear(D, 3D) -> SDPA causal, head dim 64 -> Linear(D, D)
 
@@ -76,6 +77,7 @@ def main() -> None:
         x = torch.randn(args.batch, length, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         layers = {
             "phalanx": lambda length=length: Phalanx(args.dim, head_dim=16, window_blocks=2),
+            "phalanx_unfused": lambda length=length: Phalanx(args.dim, head_dim=16, window_blocks=2, fused=False),
             "flex_swa512": lambda length=length: Attention(args.dim, WINDOW, length),
             "sdpa_causal": lambda length=length: Attention(args.dim, None, length),
         }

@@ -12,4 +12,12 @@ def bench_specs() -> list[Spec]:
             specs.append(default_spec(window_blocks=k, output_dtype=out))
     from bench.sweep import sweep_specs
 
-    return specs + sweep_specs(2) + sweep_specs(3)
+    return specs + sweep_specs(2) + sweep_specs(3) + fused_sweep_specs()
+
+
+def fused_sweep_specs() -> list[Spec]:
+    """The fused Phalanx kernels' default (first) and the knobs swept around it."""
+    base = default_spec(fused_gating=True, output_dtype="bf16")
+    knobs = [dict(), dict(warps_per_cta=2), dict(warps_per_cta=8), dict(tiles_per_warp=16), dict(tiles_per_warp=256),
+             dict(persistent=True)]  # fmt: skip
+    return [base.replace_target(**kw) if kw else base for kw in knobs]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swrgen import constants
-from swrgen.codegen import KERNEL_NAMES, render_source
+from swrgen.codegen import kernel_names, render_source
 from swrgen.compiler import CompileCache, CompileResult, nvrtc_version
 from swrgen.runtime.program import Program
 from swrgen.spec import Spec, spec_from_dict
@@ -80,7 +80,7 @@ def build(spec: Spec, out_root: Path | str = "generated", archs: tuple[str, ...]
         "spec_digest": spec.digest(),
         "source": SOURCE_NAME,
         "source_sha256": _sha256(source.encode()),
-        "kernels": list(KERNEL_NAMES),
+        "kernels": list(kernel_names(spec)),
         "launch": launch_geometry(spec),
         "nvrtc_version": nvrtc_version() if compile else None,
         "archs": arch_entries,

@@ -81,9 +81,19 @@ def torch_dtype(name: str) -> torch.dtype:
     return constants.torch_dtype(name)
 
 
+def fused_spec_for(k=2, bl=16, dtype="bf16", **target):
+    """A spec with the fused Phalanx kernels (projections, gates and Z all in ``dtype``)."""
+    spec = default_spec(head_dim=16, block_len=bl, window_blocks=k, input_dtype=dtype, gate_dtype=dtype,
+                        output_dtype=dtype, fused_gating=True)  # fmt: skip
+    return spec.replace_target(**target) if target else spec
+
+
 def all_gpu_test_specs():
     """Every spec the GPU tests compile (bench/warm_cache.py pre-builds their cubins)."""
     base = [spec_for(k=k) for k in (1, 2, 3)]
     specs = base + [spec_for(**kw) for kw in FWD_VARIANTS + BWD_VARIANTS]
     specs += [b.replace_target(**kw) for b in base for kw in TUNING]
+    specs += [fused_spec_for(k=k) for k in (1, 2, 3)]
+    specs += [fused_spec_for(k=2, bl=bl, dtype=dt) for bl in (16, 32, 64) for dt in ("fp16", "fp32")]
+    specs += [fused_spec_for(k=3, **kw) for kw in TUNING]
     return specs

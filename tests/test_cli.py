@@ -13,7 +13,7 @@ from conftest import SPEC_PATHS, SPECS_DIR
 
 from swrgen import cli
 from swrgen.build import load_generated
-from swrgen.codegen import KERNEL_NAMES, render_source
+from swrgen.codegen import kernel_names, render_source
 from swrgen.compiler import cache as cache_module
 from swrgen.spec import Target, load_spec
 
@@ -190,7 +190,7 @@ def check_build_folder(folder: Path, spec_file: Path, archs: tuple[str, ...]) ->
     assert manifest["spec_digest"] == spec.digest()
     assert manifest["spec"] == spec.to_dict()
     assert manifest["source_sha256"] == hashlib.sha256(source.encode()).hexdigest()
-    assert manifest["kernels"] == list(KERNEL_NAMES)
+    assert manifest["kernels"] == list(kernel_names(spec))
     assert manifest["launch"]["threads_per_cta"] == 32 * spec.target.warps_per_cta
     assert sorted(manifest["archs"]) == sorted(archs)
     for arch in archs:
@@ -199,7 +199,7 @@ def check_build_folder(folder: Path, spec_file: Path, archs: tuple[str, ...]) ->
         assert entry["cubin"] == f"swr.{arch}.cubin"
         assert cubin[:4] == b"\x7fELF"
         assert entry["cubin_sha256"] == hashlib.sha256(cubin).hexdigest()
-        assert sorted(entry["resources"]) == sorted(KERNEL_NAMES)
+        assert sorted(entry["resources"]) == sorted(kernel_names(spec))
         for usage in entry["resources"].values():
             assert usage["registers"] > 0
             assert set(usage) == {"registers", "shared_bytes", "stack_bytes", "spill_store_bytes", "spill_load_bytes"}

@@ -16,7 +16,7 @@ import pytest
 from conftest import SPEC_PATHS
 
 from swrgen import constants
-from swrgen.codegen import KERNEL_NAMES, render_source
+from swrgen.codegen import FUSED_KERNEL_NAMES, KERNEL_NAMES, kernel_names, render_source
 from swrgen.compiler import CompileError, ResourceUsage, compile_cubin
 from swrgen.compiler.nvrtc import parse_resources
 from swrgen.spec import Spec, load_spec, spec_from_dict
@@ -39,8 +39,11 @@ def alias(source: str, name: str) -> str:
     return m.group(1).strip()
 
 
-def assert_kernels_defined(source: str) -> None:
-    for kernel in KERNEL_NAMES:
+def assert_kernels_defined(source: str, spec: Spec) -> None:
+    for kernel in FUSED_KERNEL_NAMES:  # only where the spec asks for them
+        if kernel not in kernel_names(spec):
+            assert kernel not in source, f"{kernel} emitted without fused_gating"
+    for kernel in kernel_names(spec):
         # extern "C" so the loader finds the kernel by its plain name; exactly one definition each.
         pattern = rf'extern\s+"C"\s+__global__\b[^;{{]*\b{kernel}\s*\('
         assert len(re.findall(pattern, source)) == 1, f'{kernel} is not defined exactly once as extern "C"'
@@ -62,14 +65,14 @@ def assert_source_matches_spec(source: str, spec: Spec) -> None:
     assert alias(source, "in_t") == constants.CUDA_TYPES[r.input_dtype]
     assert alias(source, "gate_t") == constants.CUDA_TYPES[r.gate_dtype]
     assert alias(source, "out_t") == constants.CUDA_TYPES[r.output_dtype]
-    assert_kernels_defined(source)
+    assert_kernels_defined(source, spec)
 
 
-def assert_valid_cubin(result, arch: str) -> None:
+def assert_valid_cubin(result, arch: str, names: tuple[str, ...] = KERNEL_NAMES) -> None:
     assert result.arch == arch
     assert len(result.cubin) > 1024
     assert result.cubin[:4] == ELF_MAGIC
-    assert set(result.resources) == set(KERNEL_NAMES), f"ptxas report lacks kernels: {result.log}"
+    assert set(result.resources) == set(names), f"ptxas report lacks kernels: {result.log}"
     for kernel, usage in result.resources.items():
         assert isinstance(usage, ResourceUsage)
         assert 0 < usage.registers <= 255, (kernel, usage)
@@ -145,8 +148,9 @@ def test_render_is_independent_of_hash_seed() -> None:
 
 @pytest.mark.parametrize(("path", "arch"), SPEC_ARCHS, ids=[f"{p.stem}-{a}" for p, a in SPEC_ARCHS])
 def test_compile_shipped_spec_for_each_target_arch(path, arch: str) -> None:
-    result = compile_cubin(render_source(load_spec(path)), arch)
-    assert_valid_cubin(result, arch)
+    spec = load_spec(path)
+    result = compile_cubin(render_source(spec), arch)
+    assert_valid_cubin(result, arch, kernel_names(spec))
 
 
 def _nvrtc_archs() -> set[str]:
@@ -220,6 +224,11 @@ VARIANTS: list[tuple[str, dict, dict]] = [
                                   "gate_layout": "per_channel", "window_blocks": 3}, {"tiles_in_flight": 2}),
     ("largest", {"block_len": 64, "head_dim": 64, "window_blocks": 8, "gate_layout": "per_channel",
                  "input_dtype": "fp32", "gate_dtype": "fp32"}, {"tiles_in_flight": 1, "warps_per_cta": 32}),
+    ("fused", {"fused_gating": True, "output_dtype": "bf16"}, {}),
+    ("fused_fp16_k3_bl64", {"fused_gating": True, "input_dtype": "fp16", "gate_dtype": "fp16", "output_dtype": "fp16",
+                            "window_blocks": 3, "block_len": 64}, {"tiles_in_flight": 2}),
+    ("fused_fp32_k1_warps8", {"fused_gating": True, "input_dtype": "fp32", "gate_dtype": "fp32",
+                              "window_blocks": 1}, {"warps_per_cta": 8}),
 ]  # fmt: skip
 VARIANT_ARCHS = ("sm_90a", "sm_80", "sm_100a")
 
@@ -234,7 +243,7 @@ def test_compile_variant(rec: dict, tgt: dict, arch: str) -> None:
     source = render_source(spec)
     assert_source_matches_spec(source, spec)
     assert source != render_source(_base()), "the changed knob did not reach the template"
-    assert_valid_cubin(compile_cubin(source, arch), arch)
+    assert_valid_cubin(compile_cubin(source, arch), arch, kernel_names(spec))
 
 
 # --- errors and ptxas reports ---------------------------------------------------------------------------

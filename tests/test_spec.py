@@ -35,6 +35,7 @@ SHIPPED = {
     "hopper_k3": (3, ("sm_90a", "sm_100a"), 1, "fp32"),
     "hopper_k2_bf16out": (2, ("sm_90a", "sm_100a"), 1, "bf16"),
     "hopper_k2_cluster": (2, ("sm_90a",), 2, "fp32"),
+    "hopper_k2_fused": (2, ("sm_90a", "sm_100a"), 1, "bf16"),
 }
 
 
@@ -281,10 +282,24 @@ BAD_FILES = [
     ),
     (
         "fused_gating",
-        "name: x\nrecurrence:\n  fused_gating: true\n",
+        "name: x\nrecurrence:\n  fused_gating: true\n  dtypes: {input: bf16, output: fp32}\n",
+        4,
+        "recurrence.dtypes.output",
+        ["writes Z for the output projection", "allowed: bf16 (the input dtype) with fused_gating"],
+    ),
+    (
+        "fused_gating_head_dim",
+        "name: x\nrecurrence:\n  head_dim: 32\n  fused_gating: true\n  dtypes: {output: bf16}\n",
         3,
-        "recurrence.fused_gating",
-        ["fused_gating is not implemented yet (Phalanx fused path)", "allowed: false"],
+        "recurrence.head_dim",
+        ["one warp per head; got head_dim 32", "allowed: 16 with fused_gating"],
+    ),
+    (
+        "fused_gating_layout",
+        "name: x\nrecurrence:\n  gate_layout: per_channel\n  fused_gating: true\n  dtypes: {output: bf16}\n",
+        3,
+        "recurrence.gate_layout",
+        ["per-head gates; got 'per_channel'", "allowed: per_head with fused_gating"],
     ),
     (
         "gate_layout",
@@ -661,5 +676,6 @@ def test_default_spec_validates_and_cache_does_not_conflate_types() -> None:
         default_spec(head_dim=16.0)
     with pytest.raises(SpecError, match="did you mean 'window_blocks'"):
         default_spec(window_block=2)
-    with pytest.raises(SpecError, match="fused_gating is not implemented yet"):
-        default_spec(fused_gating=True)
+    with pytest.raises(SpecError, match="writes Z for the output projection"):
+        default_spec(fused_gating=True)  # fp32 output: Z must be in the input dtype
+    assert default_spec(fused_gating=True, output_dtype="bf16").name.endswith("_fused")

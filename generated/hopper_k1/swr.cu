@@ -4,7 +4,7 @@
 //   y_t = sum_{s = max(0, (i-k+1)*BL) .. t} (prod_{q=s+1..t} a_q) u_s,   i = t / BL
 //
 // head_dim=16 block_len=16 window_blocks=1
-// gates=per_head in=bf16 gate=bf16 out=fp32 accum=fp32
+// gates=per_head fused_gating=false in=bf16 gate=bf16 out=fp32 accum=fp32
 // warps_per_cta=4 tiles_in_flight=8
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -67,6 +67,21 @@ struct Params {
   long long sdxb;
   long long sdxh;
   long long sdxc;
+  double decay_max;
+  long long kv_group;
+  long long col_a;
+  long long col_b;
+  long long col_c;
+  long long col_v;
+  long long spb;
+  long long spt;
+  long long sdpb;
+  long long sdpt;
+  long long szb;
+  long long szt;
+  long long sdzb;
+  long long sdzt;
+  const void* dbc;
 };
 
 // ---- Conversions ----
@@ -497,22 +512,19 @@ using da_t = __nv_bfloat16;
 // Lanes that hold duplicate totals after the reduction (when a half-tile has < 16 tokens).
 constexpr unsigned kDuplicateLaneBits = kTokensPerLane >= 16 ? 0u : (kTokensPerLane == 8 ? 16u : (kTokensPerLane == 4 ? 24u : 28u));
 
-// dx and da of tile j, given its forward scan (wl, gl), the forward carriers of the
-// tiles before it (cv, cp) and the reverse carriers of the tiles after it (rr, rq).
-template <bool kVec>
-__device__ __forceinline__ void finish_tile(const WarpWork& w, const out_t* __restrict__ dy, const gate_t* __restrict__ a,
-                                            in_t* __restrict__ dx, da_t* __restrict__ da, long long j, long long t0,
-                                            int lane, bool odd, const float (&g8)[kTokensPerLane], const float (&wl)[kTokensPerLane],
-                                            const float (&gl)[kTokensPerLane], const float (&cv)[kCarry],
-                                            const float (&cp)[kCarry], const float (&rr)[kCarry],
-                                            const float (&rq)[kCarry]) {
+// The gradient math of tile j, shared by the plain and the fused (Phalanx) backward:
+// dx and the per-channel da terms from the upstream gradient d of the tile, its gates ga
+// (0 past the end), the gate after it a_next, its forward scan (wl, gl), the forward
+// carriers of the tiles before it (cv, cp) and the reverse carriers of the tiles after
+// it (rr, rq).
+__device__ __forceinline__ void tile_grads(const float (&d)[kTokensPerLane], const float (&ga)[kTokensPerLane],
+                                           float a_next, bool odd, const float (&wl)[kTokensPerLane],
+                                           const float (&gl)[kTokensPerLane], const float (&cv)[kCarry],
+                                           const float (&cp)[kCarry], const float (&rr)[kCarry],
+                                           const float (&rq)[kCarry], float (&dxv)[kTokensPerLane],
+                                           float (&dav)[kTokensPerLane]) {
   // Reverse local scan of tile j (gates beyond L are 0: nothing flows back from there).
-  float d[kTokensPerLane], ga[kTokensPerLane], r[kTokensPerLane], gs[kTokensPerLane];
-  load_lane<kVec>(dy, t0, w.lo, w.hi, 0.f, d);
-#pragma unroll
-  for (int e = 0; e < kTokensPerLane; ++e) ga[e] = (t0 + e < w.hi) ? g8[e] : 0.f;
-  const long long tn = (j + 1) * kBlockLen;
-  const float a_next = tn < w.hi ? to_f32(__ldg(a + tn)) : 0.f;
+  float r[kTokensPerLane], gs[kTokensPerLane];
   tile_scan_rev(d, ga, a_next, odd, r, gs);
 
   // Reverse carries D^(m), m = 0..k-1, from rho/Q of tiles j+1..j+k-1 (rr[k-1-i] is tile j+i).
@@ -536,7 +548,6 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, const out_t* __re
   // Tile-local forward state and gate prefix just before each token.
   const float w_prev = __shfl_xor_sync(kFullMask, wl[kTokensPerLane - 1], 1);
   const float g_prev = __shfl_xor_sync(kFullMask, gl[kTokensPerLane - 1], 1);
-  float dxv[kTokensPerLane], dav[kTokensPerLane];
 #pragma unroll
   for (int e = 0; e < kTokensPerLane; ++e) {
     const float wx = e > 0 ? wl[e - 1] : (odd ? w_prev : 0.f);
@@ -548,6 +559,24 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, const out_t* __re
     dxv[e] = full;
     dav[e] = fmaf(gx, acc, wx * full);
   }
+}
+
+// dx and da of tile j: loads, tile_grads, stores.
+template <bool kVec>
+__device__ __forceinline__ void finish_tile(const WarpWork& w, const out_t* __restrict__ dy, const gate_t* __restrict__ a,
+                                            in_t* __restrict__ dx, da_t* __restrict__ da, long long j, long long t0,
+                                            int lane, bool odd, const float (&g8)[kTokensPerLane], const float (&wl)[kTokensPerLane],
+                                            const float (&gl)[kTokensPerLane], const float (&cv)[kCarry],
+                                            const float (&cp)[kCarry], const float (&rr)[kCarry],
+                                            const float (&rq)[kCarry]) {
+  float d[kTokensPerLane], ga[kTokensPerLane];
+  load_lane<kVec>(dy, t0, w.lo, w.hi, 0.f, d);
+#pragma unroll
+  for (int e = 0; e < kTokensPerLane; ++e) ga[e] = (t0 + e < w.hi) ? g8[e] : 0.f;
+  const long long tn = (j + 1) * kBlockLen;
+  const float a_next = tn < w.hi ? to_f32(__ldg(a + tn)) : 0.f;
+  float dxv[kTokensPerLane], dav[kTokensPerLane];
+  tile_grads(d, ga, a_next, odd, wl, gl, cv, cp, rr, rq, dxv, dav);
   store_pair<kVec>(dx, t0, w.lo, w.hi, dxv, odd);
   if constexpr (kPerChannelGate) {
 #pragma unroll
@@ -661,4 +690,5 @@ extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize)
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_scalar(const swr::Params p) {
   swr::bwd<false>(p);
 }
+
 

@@ -1,5 +1,5 @@
 """Spec -> CUDA source (Jinja2 templates in ``templates/``)."""
 
-from swrgen.codegen.render import KERNEL_NAMES, TEMPLATE_DIR, render_source
+from swrgen.codegen.render import FUSED_KERNEL_NAMES, KERNEL_NAMES, TEMPLATE_DIR, kernel_names, render_source
 
-__all__ = ["KERNEL_NAMES", "TEMPLATE_DIR", "render_source"]
+__all__ = ["FUSED_KERNEL_NAMES", "KERNEL_NAMES", "TEMPLATE_DIR", "kernel_names", "render_source"]

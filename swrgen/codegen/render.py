@@ -20,6 +20,13 @@ MAIN_TEMPLATE = "swr.cu.j2"
 # Entry points every rendered module defines: "vec" needs 16-byte aligned rows and
 # L % (block_len / 2) == 0; "scalar" takes any L and any strides.
 KERNEL_NAMES = ("swr_fwd_vec", "swr_fwd_scalar", "swr_bwd_vec", "swr_bwd_scalar")
+# Added by fused_gating: the Phalanx layer's gating fused around the SWR, on its [B, L, N] projections.
+FUSED_KERNEL_NAMES = ("phalanx_fwd", "phalanx_bwd")
+
+
+def kernel_names(spec: Spec) -> tuple[str, ...]:
+    """Entry points of ``spec``'s module."""
+    return KERNEL_NAMES + (FUSED_KERNEL_NAMES if spec.recurrence.fused_gating else ())
 
 
 def _environment() -> jinja2.Environment:

@@ -8,10 +8,13 @@ For ``x`` ``[B, L, D]``, one fused input projection gives, per token::
     V = W_v x                        [B, L, H, DH]
     X = B * V;  Y = SWR(A, X);  Z = Y * C + V;  out = W_o Z
 
-Head ``h`` uses kv-head ``h // (H // KVH)`` (``repeat_interleave`` order). The SWR runs through
-``swrgen.swr`` on ``[B, H, DH, L]`` / ``[B, H, L]`` (unit stride along L): the generated kernels on CUDA,
-the float64 reference on the CPU, in the dtype of the projections' outputs (bf16 parameters give bf16
-kernel inputs on CUDA).
+Head ``h`` uses kv-head ``h // (H // KVH)`` (``repeat_interleave`` order).
+
+Two paths give the same result. The fused one (CUDA, head_dim 16, the default there) hands the input
+projection ``[B, L, N]`` to ``swrgen.phalanx_gating``: one generated kernel applies the gates, runs the
+SWR and writes Z ``[B, L, H*DH]`` (and one the backward), with no transposes or separate gating passes.
+The unfused one (CPU, streaming, packed sequences, ``fused=False``) gates in torch and runs
+``swrgen.swr`` on ``[B, H, DH, L]`` / ``[B, H, L]``, in the dtype of the projections' outputs.
 
 Streaming: ``forward(x, state=..., return_state=True)`` continues from / returns a
 :class:`~swrgen.ops.swr.state.SwrState`, and ``step(x_t, state)`` decodes one token in O(1). Packed
@@ -28,6 +31,8 @@ import torch
 from torch import nn
 
 import swrgen
+from swrgen import constants
+from swrgen.ops.phalanx import GatingLayout
 from swrgen.ops.swr.state import SwrState, decode_step, final_state, swr_with_state
 from swrgen.ops.swr.varlen import cu_seqlens_list
 
@@ -65,6 +70,8 @@ class Phalanx(nn.Module):
         block_len: tile length BL (the kernels take 16, 32 or 64).
         decay_max: gates are ``decay_max * sigmoid(.)``, in ``[0, decay_max]``; ``0 < decay_max <= 1``.
         bias: biases in the input and output projections.
+        fused: the fused kernels (``swrgen.phalanx_gating``) for plain forward calls: None = on CUDA when
+            head_dim is 16 (they need it), True = always (CPU runs their reference), False = never.
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class Phalanx(nn.Module):
         block_len: int = 16,
         decay_max: float = 0.8,
         bias: bool = False,
+        fused: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -99,19 +107,25 @@ class Phalanx(nn.Module):
         self.block_len = _positive_int("block_len", block_len)
         if not (isinstance(decay_max, (int, float)) and not isinstance(decay_max, bool) and 0 < decay_max <= 1):
             raise ValueError(f"decay_max must be a number in (0, 1] (gates lie in [0, decay_max]); got {decay_max!r}")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused must be None, True or False; got {fused!r}")
+        if fused and head_dim != constants.CHANNELS_PER_WARP:
+            raise ValueError(f"fused=True needs head_dim {constants.CHANNELS_PER_WARP} (one warp per head); "
+                             f"got head_dim={head_dim}. Use fused=None or False.")  # fmt: skip
+        self.fused = fused
         self.dim, self.heads, self.head_dim, self.kv_heads = dim, heads, head_dim, kv_heads
+        self.layout = GatingLayout(heads, kv_heads, head_dim)
         self.decay_max = float(decay_max)
         self.inner = heads * head_dim
-        kv_inner = kv_heads * head_dim
-        self._split = (heads, kv_inner, kv_inner, self.inner)  # A, B, C, V
         kw = {"device": device, "dtype": dtype}
-        self.in_proj = nn.Linear(dim, sum(self._split), bias=bias, **kw)
+        self.in_proj = nn.Linear(dim, self.layout.width, bias=bias, **kw)
         self.out_proj = nn.Linear(self.inner, dim, bias=bias, **kw)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, kv_heads={self.kv_heads}, "
-            f"window_blocks={self.window_blocks}, block_len={self.block_len}, decay_max={self.decay_max}"
+            f"window_blocks={self.window_blocks}, block_len={self.block_len}, decay_max={self.decay_max}, "
+            f"fused={self.fused}"
         )
 
     # ------------------------------------------------------------ projections
@@ -125,7 +139,7 @@ class Phalanx(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A [..., H], B [..., H, DH], C [..., H, DH], V [..., H, DH])`` for tokens ``x`` ``[..., dim]``."""
-        a, b, c, v = torch.split(self.in_proj(x), self._split, dim=-1)
+        a, b, c, v = torch.split(self.in_proj(x), self.layout.split, dim=-1)
         A = self.decay_max * torch.sigmoid(a)
         B = self._expand_kv(torch.sigmoid(b))
         C = self._expand_kv(c)
@@ -217,6 +231,11 @@ class Phalanx(nn.Module):
                 )
         if state is not None:
             state = self._check_state(state, batch, x.device)
+        elif not return_state and cu_seqlens is None and self._use_fused(x):
+            Z = swrgen.phalanx_gating(self.in_proj(x), heads=self.heads, kv_heads=self.kv_heads,
+                                      head_dim=self.head_dim, window_blocks=self.window_blocks,
+                                      block_len=self.block_len, decay_max=self.decay_max)  # fmt: skip
+            return self.out_proj(Z)
         A, B, C, V = self.project(x)
         X = B * V
         a_t = A.transpose(1, 2).contiguous()  # [B, H, L]
@@ -228,6 +247,11 @@ class Phalanx(nn.Module):
         if return_state:
             return out, new_state
         return out
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if self.fused is None:
+            return x.is_cuda and self.head_dim == constants.CHANNELS_PER_WARP
+        return self.fused
 
     def step(self, x_t: torch.Tensor, state: SwrState | None = None) -> tuple[torch.Tensor, SwrState]:
         """Decode one token per sequence: ``x_t`` ``[B, dim]`` -> ``(out_t [B, dim], new state)``.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-# (name, C type). "ptr" fields are device addresses, "i64" fields are element counts or strides.
+# (name, C type). "ptr" fields are device addresses, "i64" fields are element counts or strides, "f64" reals.
 PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("x", "ptr"),  # inputs u            [B, H, DH, L]
     ("a", "ptr"),  # gates               [B, H, L] or [B, H, DH, L]
@@ -33,10 +33,21 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("syb", "i64"), ("syh", "i64"), ("syc", "i64"),
     ("sdyb", "i64"), ("sdyh", "i64"), ("sdyc", "i64"),
     ("sdxb", "i64"), ("sdxh", "i64"), ("sdxc", "i64"),
+    # Fused Phalanx kernels (fused_gating): x = projections P [B, L, N] (unit channel stride) whose
+    # columns hold A at col_a + h, B at col_b + kv * DH + c, C at col_c + kv * DH + c, V at
+    # col_v + h * DH + c (kv = h / kv_group); y = Z [B, L, H * DH]; dy = dZ; dx = dP (P's layout);
+    # dbc: fp32 [B, L, 2, H, DH] per-head dB, dC when kv_group > 1 (the host sums each group).
+    ("decay_max", "f64"), ("kv_group", "i64"),
+    ("col_a", "i64"), ("col_b", "i64"), ("col_c", "i64"), ("col_v", "i64"),
+    ("spb", "i64"), ("spt", "i64"),  # P: batch, token strides
+    ("sdpb", "i64"), ("sdpt", "i64"),  # dP
+    ("szb", "i64"), ("szt", "i64"),  # Z
+    ("sdzb", "i64"), ("sdzt", "i64"),  # dZ
+    ("dbc", "ptr"),
 )  # fmt: skip
 
-C_TYPES = {"ptr": "const void*", "i64": "long long"}
-_CTYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_int64}
+C_TYPES = {"ptr": "const void*", "i64": "long long", "f64": "double"}
+_CTYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_int64, "f64": ctypes.c_double}
 
 
 class KernelParams(ctypes.Structure):

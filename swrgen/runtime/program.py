@@ -10,7 +10,7 @@ import threading
 
 import torch
 
-from swrgen.codegen import KERNEL_NAMES, render_source
+from swrgen.codegen import kernel_names, render_source
 from swrgen.compiler import CompileCache, CompileResult
 from swrgen.runtime.driver import Module, ensure_context
 from swrgen.spec import Spec
@@ -84,5 +84,5 @@ class Program:
             if index not in self._modules:
                 ensure_context(torch.device("cuda", index))
                 with torch.cuda.device(index):
-                    self._modules[index] = Module(self.cubin(self.arch_for(device)), KERNEL_NAMES, index)
+                    self._modules[index] = Module(self.cubin(self.arch_for(device)), kernel_names(self.spec), index)
             return self._modules[index]

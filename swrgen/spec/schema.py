@@ -177,12 +177,7 @@ class Recurrence:
             check_int_range(self.window_blocks, p("window_blocks"), 1, C.MAX_WINDOW_BLOCKS),
         )
         check_str_choice(self.gate_layout, p("gate_layout"), C.GATE_LAYOUTS)
-        if check_bool(self.fused_gating, p("fused_gating")):
-            raise SpecError(
-                "fused_gating is not implemented yet (Phalanx fused path)",
-                field=p("fused_gating"),
-                allowed="false",
-            )
+        check_bool(self.fused_gating, p("fused_gating"))
         check_str_choice(self.input_dtype, p("input_dtype"), C.DTYPES)
         if self.gate_dtype is None:
             _set(self, "gate_dtype", self.input_dtype)
@@ -197,6 +192,25 @@ class Recurrence:
                 allowed=_join(dict.fromkeys(("fp32", self.input_dtype))),
             )
         check_str_choice(self.accum_dtype, p("accum_dtype"), C.ACCUM_DTYPES)
+        if self.fused_gating:
+            self._check_fused()
+
+    def _check_fused(self) -> None:
+        """The fused Phalanx kernels read one projection tensor and write Z for the next GEMM."""
+        p = path_of_recurrence_field
+        if self.head_dim != C.CHANNELS_PER_WARP:
+            raise SpecError(f"fused_gating runs one warp per head; got head_dim {self.head_dim}",
+                            field=p("head_dim"), allowed=f"{C.CHANNELS_PER_WARP} with fused_gating")  # fmt: skip
+        if self.gate_layout != "per_head":
+            raise SpecError(f"fused_gating takes the Phalanx layer's per-head gates; got {self.gate_layout!r}",
+                            field=p("gate_layout"), allowed="per_head with fused_gating")  # fmt: skip
+        for attr in ("gate_dtype", "output_dtype"):
+            if getattr(self, attr) != self.input_dtype:
+                raise SpecError(
+                    f"fused_gating reads gates from the projections and writes Z for the output projection, all in "
+                    f"the input dtype ({self.input_dtype}); got {getattr(self, attr)!r}",
+                    field=p(attr), allowed=f"{self.input_dtype} (the input dtype) with fused_gating",
+                )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

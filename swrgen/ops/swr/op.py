@@ -36,6 +36,11 @@ def _register(program: Program) -> str:
     return key
 
 
+def program_for(key: str) -> Program:
+    """The compiled program behind an op key (keys are what the custom ops carry)."""
+    return _PROGRAMS[key]
+
+
 _TUNED: dict[tuple[str, tuple], Program] = {}
 
 
