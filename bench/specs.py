@@ -18,6 +18,6 @@ def bench_specs() -> list[Spec]:
 def fused_sweep_specs() -> list[Spec]:
     """The fused Phalanx kernels' default (first) and the knobs swept around it."""
     base = default_spec(fused_gating=True, output_dtype="bf16")
-    knobs = [dict(), dict(warps_per_cta=2), dict(warps_per_cta=8), dict(tiles_per_warp=16), dict(tiles_per_warp=256),
-             dict(persistent=True)]  # fmt: skip
+    knobs = [dict(), dict(tiles_in_flight=1), dict(warps_per_cta=8), dict(tiles_per_warp=16),
+             dict(tiles_per_warp=16, warps_per_cta=8), dict(tiles_per_warp=32), dict(persistent=True)]  # fmt: skip
     return [base.replace_target(**kw) if kw else base for kw in knobs]

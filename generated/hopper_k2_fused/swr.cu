@@ -705,9 +705,11 @@ namespace swr {
 // epilogues differ.
 static_assert(kHeadDim == kChannelsPerWarp, "the fused kernels run one warp per head (head_dim 16)");
 static_assert(!kPerChannelGate, "the fused kernels take per-head gates");
-// One tile of loads ahead: a tile's raw loads take 8 registers a stream (strided scalars), and two tiles
-// ahead spill the forward (ptxas: 255 registers on sm_90a).
+// Forward: one tile of loads ahead (double-buffered). A tile's raw loads take 8 registers a stream
+// (strided scalars), and two tiles ahead spill (ptxas: 255 registers on sm_90a).
 constexpr int kFusedFlight = 1;
+// Backward: prefetch the next step's loads unless tiles_in_flight is 1 (49 registers more a lane).
+constexpr bool kFusedBwdPrefetch = kTilesInFlight >= 2;
 
 // Fast sigmoid (ex2 + approximate divide); forward and backward use the same one, so the
 // backward's recomputed gates equal the forward's bit for bit.
@@ -848,7 +850,6 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p) {
 // where y is rebuilt from the forward scan and carriers the backward has anyway.
 // With kv_group > 1, dB and dC are per head (fp32, dbc) and the host sums each group.
 __device__ __forceinline__ void phalanx_bwd(const Params& p) {
-  constexpr int kFlight = kFusedFlight;
   const int lane = threadIdx.x % kWarpSize;
   const bool odd = lane & 1;
   const int half_off = odd ? kTokensPerLane : 0;
@@ -871,66 +872,69 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p) {
 #pragma unroll
     for (int j = 0; j < kCarry; ++j) cv[j] = cp[j] = rr[j] = rq[j] = 0.f;
 
-    using Tok = Tokens<in_t>;
-    using DTok = Tokens<out_t>;
     const long long end = w.last + kWindow - 1;
-    for (long long n0 = w.first; n0 < end; n0 += kFlight) {
-      DTok dzn[kFlight];
-      Tok cn[kFlight], an[kFlight], aj[kFlight], bj[kFlight], vj[kFlight];
-      in_t anext[kFlight];
+    // Step n looks ahead at tile n (reverse carrier) and finishes tile j = n - (k-1). With
+    // kFusedBwdPrefetch the loads of step n+1 are issued before step n's math (double-buffered).
+    struct StepLoads {
+      Tokens<out_t> dz;                // look-ahead tile n: dZ, C, A and the gate after it
+      Tokens<in_t> c, a;
+      in_t a_next;
+      Tokens<in_t> aj, bj, vj;         // tile j: A, B, V for its forward scan
+    };
+    const auto load_step = [&](long long n) {
+      StepLoads s;
+      const long long j = n - (kWindow - 1);
+      const bool look = kWindow > 1 && n > w.first && n < num_tiles && n < end;
+      const long long hn = look ? w.hi : 0;
+      s.dz = load_tokens(dz, p.sdzt, n * kBlockLen + half_off, hn);
+      s.c = load_tokens(P.c, p.spt, n * kBlockLen + half_off, hn);
+      s.a = load_tokens(P.a, p.spt, n * kBlockLen + half_off, hn);
+      s.a_next = (n + 1) * kBlockLen < hn ? __ldg(P.a + (n + 1) * kBlockLen * p.spt) : from_f32<in_t>(0.f);
+      const long long hj = (j >= 0 && n < end) ? w.hi : 0;  // steps before tile 0 load nothing
+      const long long tj = max(j, 0LL) * kBlockLen + half_off;
+      s.aj = load_tokens(P.a, p.spt, tj, hj);
+      s.bj = load_tokens(P.b, p.spt, tj, hj);
+      s.vj = load_tokens(P.v, p.spt, tj, hj);
+      return s;
+    };
+    StepLoads cur = load_step(w.first);
+    for (long long n = w.first; n < end; ++n) {
+      StepLoads next;
+      if constexpr (kFusedBwdPrefetch) next = load_step(n + 1);
+      if constexpr (kWindow > 1) {  // look ahead: reverse carrier of tile n
+        float rho = 0.f, q = 0.f;
+        if (n > w.first && n < num_tiles) {
+          const long long tn = n * kBlockLen + half_off;
+          float d[kTokensPerLane], g8[kTokensPerLane], r[kTokensPerLane], gs[kTokensPerLane];
 #pragma unroll
-      for (int f = 0; f < kFlight; ++f) {
-        const long long n = n0 + f, j = n - (kWindow - 1);
-        const bool look = kWindow > 1 && n > w.first && n < num_tiles && n < end;
-        const long long hn = look ? w.hi : 0;
-        dzn[f] = load_tokens(dz, p.sdzt, n * kBlockLen + half_off, hn);
-        cn[f] = load_tokens(P.c, p.spt, n * kBlockLen + half_off, hn);
-        an[f] = load_tokens(P.a, p.spt, n * kBlockLen + half_off, hn);
-        anext[f] = (n + 1) * kBlockLen < hn ? __ldg(P.a + (n + 1) * kBlockLen * p.spt) : from_f32<in_t>(0.f);
-        const long long hj = (j >= 0 && n < end) ? w.hi : 0;  // steps before tile 0 load nothing
-        const long long tj = max(j, 0LL) * kBlockLen + half_off;
-        aj[f] = load_tokens(P.a, p.spt, tj, hj);
-        bj[f] = load_tokens(P.b, p.spt, tj, hj);
-        vj[f] = load_tokens(P.v, p.spt, tj, hj);
-      }
-#pragma unroll
-      for (int f = 0; f < kFlight; ++f) {
-        const long long n = n0 + f;
-        if (n >= end) break;  // uniform across the warp
-        if constexpr (kWindow > 1) {  // look ahead: reverse carrier of tile n
-          float rho = 0.f, q = 0.f;
-          if (n > w.first && n < num_tiles) {
-            const long long tn = n * kBlockLen + half_off;
-            float d[kTokensPerLane], g8[kTokensPerLane], r[kTokensPerLane], gs[kTokensPerLane];
-#pragma unroll
-            for (int e = 0; e < kTokensPerLane; ++e) {
-              d[e] = to_f32(dzn[f].v[e]) * to_f32(cn[f].v[e]);
-              g8[e] = tn + e < w.hi ? dm * sigmoid(to_f32(an[f].v[e])) : 0.f;
-            }
-            const float a_next = (n + 1) * kBlockLen < w.hi ? dm * sigmoid(to_f32(anext[f])) : 0.f;
-            tile_scan_rev(d, g8, a_next, odd, r, gs);
-            rho = __shfl_sync(kFullMask, r[0], lane & ~1);
-            q = __shfl_sync(kFullMask, gs[0], lane & ~1);
+          for (int e = 0; e < kTokensPerLane; ++e) {
+            d[e] = to_f32(cur.dz.v[e]) * to_f32(cur.c.v[e]);
+            g8[e] = tn + e < w.hi ? dm * sigmoid(to_f32(cur.a.v[e])) : 0.f;
           }
-          push_carrier(rr, rq, rho, q);
+          const float a_next = (n + 1) * kBlockLen < w.hi ? dm * sigmoid(to_f32(cur.a_next)) : 0.f;
+          tile_scan_rev(d, g8, a_next, odd, r, gs);
+          rho = __shfl_sync(kFullMask, r[0], lane & ~1);
+          q = __shfl_sync(kFullMask, gs[0], lane & ~1);
         }
-        const long long j = n - (kWindow - 1);
-        if (j < 0) continue;
+        push_carrier(rr, rq, rho, q);
+      }
+      const long long j = n - (kWindow - 1);
+      if (j >= 0) {
         const long long t0 = j * kBlockLen + half_off;
         float sa[kTokensPerLane], sb[kTokensPerLane], a8[kTokensPerLane], u[kTokensPerLane];
         float wl[kTokensPerLane], gl[kTokensPerLane];
 #pragma unroll
         for (int e = 0; e < kTokensPerLane; ++e) {
-          sa[e] = sigmoid(to_f32(aj[f].v[e]));
-          sb[e] = sigmoid(to_f32(bj[f].v[e]));
+          sa[e] = sigmoid(to_f32(cur.aj.v[e]));
+          sb[e] = sigmoid(to_f32(cur.bj.v[e]));
           a8[e] = dm * sa[e];
-          u[e] = sb[e] * to_f32(vj[f].v[e]);
+          u[e] = sb[e] * to_f32(cur.vj.v[e]);
         }
         tile_scan_fwd(u, a8, odd, wl, gl);
         if (j >= w.first) {
           // dZ and C of tile j again (read k-1 steps ago by the look-ahead: cache hits).
-          const DTok dzj = load_tokens(dz, p.sdzt, t0, w.hi);
-          const Tok cj = load_tokens(P.c, p.spt, t0, w.hi);
+          const Tokens<out_t> dzj = load_tokens(dz, p.sdzt, t0, w.hi);
+          const Tokens<in_t> cj = load_tokens(P.c, p.spt, t0, w.hi);
           const long long tn = (j + 1) * kBlockLen;
           const float a_next = tn < w.hi ? dm * sigmoid(to_f32(__ldg(P.a + tn * p.spt))) : 0.f;
           float d[kTokensPerLane], ga[kTokensPerLane], dxv[kTokensPerLane], dav[kTokensPerLane];
@@ -947,7 +951,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p) {
             const float dze = to_f32(dzj.v[e]);
             gc[e] = dze * fmaf(gl[e], carry, wl[e]);
             gv[e] = fmaf(dxv[e], sb[e], dze);
-            gb[e] = dxv[e] * to_f32(vj[f].v[e]) * sb[e] * (1.f - sb[e]);
+            gb[e] = dxv[e] * to_f32(cur.vj.v[e]) * sb[e] * (1.f - sb[e]);
             dav[e] *= dm * sa[e] * (1.f - sa[e]);  // same for every channel: applied before the sum
           }
           store_tokens(dP.v, p.sdpt, t0, w.hi, gv);
@@ -967,6 +971,11 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p) {
         }
         push_carrier(cv, cp, __shfl_sync(kFullMask, wl[kTokensPerLane - 1], lane | 1),
                      __shfl_sync(kFullMask, gl[kTokensPerLane - 1], lane | 1));
+      }
+      if constexpr (kFusedBwdPrefetch) {
+        cur = next;
+      } else {
+        cur = load_step(n + 1);
       }
     }
   }
