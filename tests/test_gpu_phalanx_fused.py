@@ -44,7 +44,7 @@ def reference(P, layout, k, bl, dm, dZ):
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 1000, 8192, 8193])
 def test_fused_matches_reference(k, length):
-    layout = GatingLayout(4, 4, 16)
+    layout = GatingLayout(8, 8, 16)  # aligned blocks: the vec kernels (test_vec_equals_scalar covers the rest)
     P = make_projections(2, length, layout, torch.bfloat16, seed=length + 10 * k)
     dZ = torch.randn(2, length, layout.inner, device="cuda", dtype=torch.bfloat16)
     Z, dP = run(fused_spec(k=k), P, layout, 0.8, dZ)
@@ -60,7 +60,7 @@ def test_fused_matches_reference(k, length):
 @pytest.mark.parametrize("kv_heads", [1, 2])
 @pytest.mark.parametrize("bl", [16, 32, 64])
 def test_fused_dtypes_gqa_block_lens(dtype, kv_heads, bl):
-    layout = GatingLayout(4, kv_heads, 16)
+    layout = GatingLayout(8, kv_heads, 16)
     length = 3 * bl + 5
     P = make_projections(3, length, layout, DTYPES[dtype], seed=bl + kv_heads)
     dZ = torch.randn(3, length, layout.inner, device="cuda", dtype=DTYPES[dtype])
@@ -87,9 +87,10 @@ def test_fused_strided_projection():
     assert rel_err(dP2, reference(P, layout, 2, 16, 0.8, dZ2)[1]) <= TOL["bf16"]
 
 
+@pytest.mark.parametrize("heads", [6, 8], ids=["scalar", "vec"])  # column blocks 16-byte aligned or not
 @pytest.mark.parametrize("knobs", TUNING, ids=str)
-def test_fused_identical_across_tuning(knobs):
-    layout = GatingLayout(6, 3, 16)
+def test_fused_identical_across_tuning(knobs, heads):
+    layout = GatingLayout(heads, heads // 2, 16)
     P = make_projections(2, 5000, layout, torch.bfloat16, seed=7)
     dZ = torch.randn(2, 5000, layout.inner, device="cuda", dtype=torch.bfloat16)
     Z0, dP0 = run(fused_spec(k=3), P, layout, 0.8, dZ)
@@ -118,3 +119,24 @@ def test_fused_autograd_compile_and_layer():
     assert rel_err(gx2, g1[0]) <= 1e-2
     with torch.no_grad():  # the inference fast path launches the same kernel
         assert torch.equal(f(x), y1)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize(("k", "bl", "length"), [(2, 16, 1), (2, 16, 17), (2, 16, 4099), (3, 32, 1000), (1, 64, 333)])
+def test_vec_equals_scalar(dtype, k, bl, length):
+    """The 16-byte vector kernels and the element-wise ones compute the same floats: bitwise equal."""
+    layout = GatingLayout(8, 4, 16)
+    P = make_projections(2, length, layout, DTYPES[dtype], seed=length)
+    dZ = torch.randn(2, length, layout.inner, device="cuda", dtype=DTYPES[dtype])
+    # The same values one element into a larger buffer: misaligned, so the scalar kernels run.
+    Pm = torch.empty(P.numel() + 1, device="cuda", dtype=P.dtype)[1:].view(P.shape)
+    Pm.copy_(P)
+    assert launch.use_vector_kernel(layout, P) and not launch.use_vector_kernel(layout, Pm)
+    spec = fused_spec(k=k, bl=bl, dtype=dtype)
+    Z, dP = run(spec, P, layout, 0.8, dZ)
+    Zm, dPm = run(spec, Pm, layout, 0.8, dZ)
+    assert torch.equal(Z, Zm)
+    assert torch.equal(dP, dPm)
+    rZ, rdP = reference(P, layout, k, bl, 0.8, dZ)
+    assert rel_err(Z, rZ) <= TOL[dtype]
+    assert rel_err(dP, rdP) <= TOL[dtype]

@@ -92,3 +92,19 @@ def test_spec_path_on_cpu_runs_the_reference():
     P = projections(1, 20, layout)
     Z = swrgen.phalanx_gating(P, heads=2, spec="specs/hopper_k2_fused.yaml")
     torch.testing.assert_close(Z, phalanx_gating_reference(P, layout, 2, 16, 0.8))
+
+
+def test_vector_kernel_choice():
+    """The vec kernels need 16-bit types, 16-byte aligned rows and B/C/V blocks (checked on the host)."""
+    from swrgen.ops.phalanx.launch import use_vector_kernel
+
+    aligned = GatingLayout(8, 4, 16)  # column blocks at 8, 72, 136 elements: 16-byte boundaries
+    P = torch.zeros(2, 5, aligned.width, dtype=torch.bfloat16)
+    assert use_vector_kernel(aligned, P)
+    assert not use_vector_kernel(aligned, P.float())  # fp32: element-wise
+    assert not use_vector_kernel(GatingLayout(4, 4, 16), torch.zeros(2, 5, GatingLayout(4, 4, 16).width,
+                                                                       dtype=torch.bfloat16))  # fmt: skip
+    shifted = torch.zeros(2 * 5 * aligned.width + 1, dtype=torch.bfloat16)[1:].view(2, 5, aligned.width)
+    assert not use_vector_kernel(aligned, shifted)
+    padded = torch.zeros(2, 5, aligned.width + 3, dtype=torch.bfloat16)[..., : aligned.width]  # row 2*267 bytes
+    assert not use_vector_kernel(aligned, padded)

@@ -701,34 +701,152 @@ namespace swr {
 //   a = decay_max * sigmoid(P_A),  u = sigmoid(P_B) * P_V,  y = SWR(a, u),  Z = y * P_C + P_V
 // writing Z [B, L, H * DH] for the output projection: no transposes, no separate gating passes.
 // The SWR machinery (tile scans, carriers, halo, look-ahead) is the plain kernels'; only the
-// loads (8 strided scalars per lane: one warp instruction reads two 32-byte sectors) and the
-// epilogues differ.
+// loads, stores and epilogues differ. Two ways to move a tile of one 16-channel block:
+//   vec:    one 16-byte load per lane and chunk (lane = 2 * token + half), transposed through a
+//           per-warp shared-memory tile into the scan's layout (lane = 2 * channel + half); needs
+//           16-bit types and 16-byte aligned rows and column blocks (the launcher checks);
+//   scalar: each lane loads its channel's tokens one element at a time (any layout).
 static_assert(kHeadDim == kChannelsPerWarp, "the fused kernels run one warp per head (head_dim 16)");
 static_assert(!kPerChannelGate, "the fused kernels take per-head gates");
-// Forward: one tile of loads ahead (double-buffered). A tile's raw loads take 8 registers a stream
-// (strided scalars), and two tiles ahead spill (ptxas: 255 registers on sm_90a).
-constexpr int kFusedFlight = 1;
-// Backward: prefetch the next step's loads unless tiles_in_flight is 1 (49 registers more a lane).
+
+constexpr int kRowBytes = kChannelsPerWarp * 2;  // one token's 16 channels, 16-bit types
+// Shared tile: BL rows of kRowBytes; the second half-tile is shifted one row so that the two
+// half-warps' transposed reads hit different banks.
+constexpr int kSmemTile = (kBlockLen + 1) * kRowBytes;
+constexpr bool kFusedVecOk = sizeof(in_t) == 2 && sizeof(out_t) == 2 && kWarpsPerCta * kSmemTile <= 48 * 1024;
+constexpr int kVecChunks = kBlockLen * kRowBytes / 16 / kWarpSize;  // 16-byte chunks a lane moves per tile
+constexpr int kGatesPerLane = kBlockLen / kChannelsPerWarp;          // vec: gate tokens a lane loads per tile
+// Tiles of loads ahead (double-buffered): the scalar path holds 8 registers a stream and tile and
+// spills at two (ptxas: 255 registers on sm_90a); the vec path holds a quarter of that.
+template <bool kVec>
+__device__ constexpr int fused_flight() { return kVec && kFusedVecOk ? (kTilesInFlight < 2 ? kTilesInFlight : 2) : 1; }
+// Backward: prefetch the next step's loads unless tiles_in_flight is 1.
 constexpr bool kFusedBwdPrefetch = kTilesInFlight >= 2;
 
 // Fast sigmoid (ex2 + approximate divide); forward and backward use the same one, so the
 // backward's recomputed gates equal the forward's bit for bit.
 __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 
-template <typename T>
-struct Tokens {
+// ---- Moving one 16-channel block of a tile ----
+
+// Raw loads of one block and tile: packed 16-byte chunks (vec) or one element per token (scalar).
+template <bool kVec, typename T>
+struct Block {
   T v[kTokensPerLane];
 };
-
-// Tokens t0 .. t0+7 of one column, `stride` elements apart (t0 >= 0); tokens at or past `hi` read 0.
 template <typename T>
-__device__ __forceinline__ Tokens<T> load_tokens(const T* __restrict__ col, long long stride, long long t0, long long hi) {
-  Tokens<T> r;
+struct Block<true, T> {
+  uint4 q[kVecChunks];
+};
+
+__device__ __forceinline__ int smem_row(int tok) { return tok * kRowBytes + (tok >= kTokensPerLane ? kRowBytes : 0); }
+
+// Tile `tile` of the block whose channel-0 column is `col0` (this lane's column is col0 + channel);
+// tokens at or past `hi` read 0.
+template <bool kVec, typename T>
+__device__ __forceinline__ Block<kVec, T> load_block(const T* __restrict__ col0, int lane, long long stride,
+                                                     long long tile, long long hi) {
+  Block<kVec, T> r;
+  if constexpr (kVec) {
 #pragma unroll
-  for (int e = 0; e < kTokensPerLane; ++e) r.v[e] = (t0 + e < hi) ? __ldg(col + (t0 + e) * stride) : from_f32<T>(0.f);
+    for (int i = 0; i < kVecChunks; ++i) {
+      const int id = lane + kWarpSize * i;
+      const long long tok = tile * kBlockLen + id / 2;
+      r.q[i] = tok < hi ? __ldg(reinterpret_cast<const uint4*>(col0 + tok * stride) + (id & 1)) : make_uint4(0, 0, 0, 0);
+    }
+  } else {
+    const T* col = col0 + lane / kLanesPerTile;
+    const long long t0 = tile * kBlockLen + (lane & 1) * kTokensPerLane;
+#pragma unroll
+    for (int e = 0; e < kTokensPerLane; ++e) r.v[e] = (t0 + e < hi) ? __ldg(col + (t0 + e) * stride) : from_f32<T>(0.f);
+  }
   return r;
 }
 
+// This lane's channel, tokens of its half-tile, as floats (vec: through the warp's shared tile).
+template <bool kVec, typename T>
+__device__ __forceinline__ void unpack_block(const Block<kVec, T>& r, unsigned char* smem, int lane,
+                                             float (&out)[kTokensPerLane]) {
+  if constexpr (kVec) {
+    __syncwarp();  // the previous reads of the shared tile are done
+#pragma unroll
+    for (int i = 0; i < kVecChunks; ++i) {
+      const int id = lane + kWarpSize * i;
+      *reinterpret_cast<uint4*>(smem + smem_row(id / 2) + (id & 1) * 16) = r.q[i];
+    }
+    __syncwarp();
+    const int half = (lane & 1) * kTokensPerLane;
+#pragma unroll
+    for (int e = 0; e < kTokensPerLane; ++e)
+      out[e] = to_f32(*reinterpret_cast<const T*>(smem + smem_row(half + e) + (lane / kLanesPerTile) * 2));
+  } else {
+#pragma unroll
+    for (int e = 0; e < kTokensPerLane; ++e) out[e] = to_f32(r.v[e]);
+  }
+}
+
+// Store this lane's channel of a tile (tokens before `hi`) to the block at col0.
+template <bool kVec, typename T>
+__device__ __forceinline__ void store_block(T* __restrict__ col0, const float (&v)[kTokensPerLane], unsigned char* smem,
+                                            int lane, long long stride, long long tile, long long hi) {
+  if constexpr (kVec) {
+    const int half = (lane & 1) * kTokensPerLane;
+    __syncwarp();
+#pragma unroll
+    for (int e = 0; e < kTokensPerLane; ++e)
+      *reinterpret_cast<T*>(smem + smem_row(half + e) + (lane / kLanesPerTile) * 2) = from_f32<T>(v[e]);
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < kVecChunks; ++i) {
+      const int id = lane + kWarpSize * i;
+      const long long tok = tile * kBlockLen + id / 2;
+      if (tok < hi)
+        reinterpret_cast<uint4*>(col0 + tok * stride)[id & 1] = *reinterpret_cast<const uint4*>(smem + smem_row(id / 2) + (id & 1) * 16);
+    }
+  } else {
+    T* col = col0 + lane / kLanesPerTile;
+    const long long t0 = tile * kBlockLen + (lane & 1) * kTokensPerLane;
+#pragma unroll
+    for (int e = 0; e < kTokensPerLane; ++e)
+      if (t0 + e < hi) col[(t0 + e) * stride] = from_f32<T>(v[e]);
+  }
+}
+
+// Per-head gate logits of a tile: one column, one value per token. vec: lane pair p loads tokens
+// p*G .. p*G+G-1 (G = BL/16) and the values reach the lanes that scan them by shuffles.
+template <bool kVec, typename T>
+struct Gates {
+  T v[kVec ? kGatesPerLane : kTokensPerLane];
+};
+
+template <bool kVec, typename T>
+__device__ __forceinline__ Gates<kVec, T> load_gates(const T* __restrict__ col, int lane, long long stride,
+                                                     long long tile, long long hi) {
+  Gates<kVec, T> g;
+  constexpr int kN = kVec ? kGatesPerLane : kTokensPerLane;
+  const long long t0 = tile * kBlockLen + (kVec ? (lane / 2) * kGatesPerLane : (lane & 1) * kTokensPerLane);
+#pragma unroll
+  for (int e = 0; e < kN; ++e) g.v[e] = (t0 + e < hi) ? __ldg(col + (t0 + e) * stride) : from_f32<T>(0.f);
+  return g;
+}
+
+template <bool kVec, typename T>
+__device__ __forceinline__ void unpack_gates(const Gates<kVec, T>& g, int lane, float (&out)[kTokensPerLane]) {
+  if constexpr (kVec) {
+    const int half = (lane & 1) * kTokensPerLane;
+#pragma unroll
+    for (int e = 0; e < kTokensPerLane; ++e) {
+      // Token half + e sits in lane 2 * ((half + e) / G), slot (half + e) % G = e % G (G divides the half).
+      const float mine = to_f32(g.v[e % kGatesPerLane]);
+      out[e] = __shfl_sync(kFullMask, mine, 2 * ((half + e) / kGatesPerLane));
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kTokensPerLane; ++e) out[e] = to_f32(g.v[e]);
+  }
+}
+
+// Scalar per-token stores of this lane's channel (fp32 scratch, gate gradients): any layout.
 template <typename T>
 __device__ __forceinline__ void store_tokens(T* __restrict__ col, long long stride, long long t0, long long hi,
                                              const float (&v)[kTokensPerLane]) {
@@ -737,23 +855,23 @@ __device__ __forceinline__ void store_tokens(T* __restrict__ col, long long stri
     if (t0 + e < hi) col[(t0 + e) * stride] = from_f32<T>(v[e]);
 }
 
+// ---- Work ----
+
 // One warp = one head (16 channels) x a chunk of tiles. Consecutive warps take consecutive
 // heads of the same chunk, so a CTA's gate loads share sectors of P's token rows.
 struct FusedWork {
   long long b, h, kv;  // batch, head, kv-head (B and C columns)
-  int channel;
   long long hi;           // tokens [0, hi)
   long long first, last;  // tiles this warp writes
 };
 
-__device__ __forceinline__ FusedWork fused_work(const Params& p, long long item, int lane) {
+__device__ __forceinline__ FusedWork fused_work(const Params& p, long long item) {
   FusedWork w;
   const long long row = item % p.rows;
   const long long chunk = item / p.rows;
   w.b = row / p.heads;
   w.h = row - w.b * p.heads;
   w.kv = w.h / p.kv_group;
-  w.channel = lane / kLanesPerTile;
   w.hi = p.len;
   const long long num_tiles = (p.len + kBlockLen - 1) / kBlockLen;
   w.first = chunk * p.tiles_per_warp;
@@ -761,73 +879,80 @@ __device__ __forceinline__ FusedWork fused_work(const Params& p, long long item,
   return w;
 }
 
-// Column pointers of this lane's head and channel in P (or in dP, laid out the same way).
+// Channel-0 columns of this head's blocks in P (or in dP, laid out the same way); A is one column.
 template <typename T>
 struct Columns {
   T *a, *b, *c, *v;
 };
 template <typename T>
 __device__ __forceinline__ Columns<T> columns(T* base, const Params& p, const FusedWork& w) {
-  return {base + p.col_a + w.h, base + p.col_b + w.kv * kHeadDim + w.channel, base + p.col_c + w.kv * kHeadDim + w.channel,
-          base + p.col_v + w.h * kHeadDim + w.channel};
+  return {base + p.col_a + w.h, base + p.col_b + w.kv * kHeadDim, base + p.col_c + w.kv * kHeadDim,
+          base + p.col_v + w.h * kHeadDim};
 }
 
-__device__ __forceinline__ void phalanx_fwd(const Params& p) {
-  constexpr int kFlight = kFusedFlight;
+// ---- Forward ----
+
+template <bool kVecIn>
+__device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem) {
+  constexpr bool kVec = kVecIn && kFusedVecOk;
+  constexpr int kFlight = fused_flight<kVec>();
   const int lane = threadIdx.x % kWarpSize;
   const bool odd = lane & 1;
-  const int half_off = odd ? kTokensPerLane : 0;
   const float dm = static_cast<float>(p.decay_max);
   const long long stride = static_cast<long long>(gridDim.x) * kWarpsPerCta;
   for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
-    const FusedWork w = fused_work(p, item, lane);
+    const FusedWork w = fused_work(p, item);
     const Columns<const in_t> P = columns(static_cast<const in_t*>(p.x) + w.b * p.spb, p, w);
-    out_t* z = const_cast<out_t*>(static_cast<const out_t*>(p.y)) + w.b * p.szb + w.h * kHeadDim + w.channel;
+    out_t* z = const_cast<out_t*>(static_cast<const out_t*>(p.y)) + w.b * p.szb + w.h * kHeadDim;
 
     float cv[kCarry], cp[kCarry];
 #pragma unroll
     for (int j = 0; j < kCarry; ++j) cv[j] = cp[j] = 0.f;
 
-    using Tok = Tokens<in_t>;
-    Tok ab[kFlight], bb[kFlight], cb[kFlight], vb[kFlight];
-    const auto load_batch = [&](long long tile, Tok (&as)[kFlight], Tok (&bs)[kFlight], Tok (&cs)[kFlight],
-                                Tok (&vs)[kFlight]) {
+    using Blk = Block<kVec, in_t>;
+    using Gts = Gates<kVec, in_t>;
+    Gts ab[kFlight];
+    Blk bb[kFlight], cb[kFlight], vb[kFlight];
+    const auto load_batch = [&](long long tile, Gts (&as)[kFlight], Blk (&bs)[kFlight], Blk (&cs)[kFlight],
+                                Blk (&vs)[kFlight]) {
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
-        const long long t0 = (tile + f) * kBlockLen + half_off;
         const long long hi = tile + f < w.last ? w.hi : 0;  // tiles past the chunk load nothing
-        as[f] = load_tokens(P.a, p.spt, t0, hi);
-        bs[f] = load_tokens(P.b, p.spt, t0, hi);
-        vs[f] = load_tokens(P.v, p.spt, t0, hi);
-        cs[f] = load_tokens(P.c, p.spt, t0, tile + f >= w.first ? hi : 0);  // halo tiles need no C
+        as[f] = load_gates<kVec>(P.a, lane, p.spt, tile + f, hi);
+        bs[f] = load_block<kVec>(P.b, lane, p.spt, tile + f, hi);
+        vs[f] = load_block<kVec>(P.v, lane, p.spt, tile + f, hi);
+        cs[f] = load_block<kVec>(P.c, lane, p.spt, tile + f, tile + f >= w.first ? hi : 0);  // halo: no C
       }
     };
     const long long start = max(0LL, w.first - (kWindow - 1));
     load_batch(start, ab, bb, cb, vb);
     for (long long tile = start; tile < w.last; tile += kFlight) {
-      Tok an[kFlight], bn[kFlight], cn[kFlight], vn[kFlight];
+      Gts an[kFlight];
+      Blk bn[kFlight], cn[kFlight], vn[kFlight];
       load_batch(tile + kFlight, an, bn, cn, vn);
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
         if (tile + f >= w.last) break;  // uniform across the warp
-        const long long t0 = (tile + f) * kBlockLen + half_off;
-        float a8[kTokensPerLane], u[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
+        float a8[kTokensPerLane], u[kTokensPerLane], vv[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
+        unpack_gates(ab[f], lane, a8);
+        unpack_block(bb[f], smem, lane, u);
+        unpack_block(vb[f], smem, lane, vv);
 #pragma unroll
         for (int e = 0; e < kTokensPerLane; ++e) {
-          a8[e] = dm * sigmoid(to_f32(ab[f].v[e]));
-          u[e] = sigmoid(to_f32(bb[f].v[e])) * to_f32(vb[f].v[e]);
+          a8[e] = dm * sigmoid(a8[e]);
+          u[e] = sigmoid(u[e]) * vv[e];
         }
         tile_scan_fwd(u, a8, odd, wl, gl);
         const float v_tile = __shfl_sync(kFullMask, wl[kTokensPerLane - 1], lane | 1);
         const float p_tile = __shfl_sync(kFullMask, gl[kTokensPerLane - 1], lane | 1);
         if (tile + f >= w.first) {  // halo tiles only feed the carriers
           const float carry = carry_in(cv, cp);
-          float out[kTokensPerLane];
+          float cc[kTokensPerLane], out[kTokensPerLane];
+          unpack_block(cb[f], smem, lane, cc);
 #pragma unroll
-          for (int e = 0; e < kTokensPerLane; ++e)
-            out[e] = fmaf(fmaf(gl[e], carry, wl[e]), to_f32(cb[f].v[e]), to_f32(vb[f].v[e]));
-          store_tokens(z, p.szt, t0, w.hi, out);
+          for (int e = 0; e < kTokensPerLane; ++e) out[e] = fmaf(fmaf(gl[e], carry, wl[e]), cc[e], vv[e]);
+          store_block<kVec>(z, out, smem, lane, p.szt, tile + f, w.hi);
         }
         push_carrier(cv, cp, v_tile, p_tile);
       }
@@ -842,30 +967,33 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p) {
   }
 }
 
-// Backward of the fused forward: from dZ, the gradient of P in P's layout (dP), by the plain
-// backward's schedule (look-ahead reverse carriers, then tile_grads) with the gating's chain
-// rule around it:
+// ---- Backward ----
+// From dZ, the gradient of P in P's layout (dP), by the plain backward's schedule (look-ahead
+// reverse carriers, then tile_grads) with the gating's chain rule around it:
 //   dy = dZ * C,  dC = dZ * y,  dV = dZ + du * s_B,  dP_B = du * V * s_B (1 - s_B),
 //   dP_A = (sum over channels of da) * decay_max * s_A (1 - s_A)
 // where y is rebuilt from the forward scan and carriers the backward has anyway.
 // With kv_group > 1, dB and dC are per head (fp32, dbc) and the host sums each group.
-__device__ __forceinline__ void phalanx_bwd(const Params& p) {
+template <bool kVecIn>
+__device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem) {
+  constexpr bool kVec = kVecIn && kFusedVecOk;
   const int lane = threadIdx.x % kWarpSize;
   const bool odd = lane & 1;
   const int half_off = odd ? kTokensPerLane : 0;
+  const int channel = lane / kLanesPerTile;
   const float dm = static_cast<float>(p.decay_max);
   const long long stride = static_cast<long long>(gridDim.x) * kWarpsPerCta;
   for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
-    const FusedWork w = fused_work(p, item, lane);
+    const FusedWork w = fused_work(p, item);
     const long long num_tiles = (w.hi + kBlockLen - 1) / kBlockLen;
     const Columns<const in_t> P = columns(static_cast<const in_t*>(p.x) + w.b * p.spb, p, w);
     const Columns<in_t> dP = columns(const_cast<in_t*>(static_cast<const in_t*>(p.dx)) + w.b * p.sdpb, p, w);
-    const out_t* dz = static_cast<const out_t*>(p.dy) + w.b * p.sdzb + w.h * kHeadDim + w.channel;
+    const out_t* dz = static_cast<const out_t*>(p.dy) + w.b * p.sdzb + w.h * kHeadDim;
     // Per-head dB, dC for shared kv-heads: [B, L, 2, H, DH] fp32.
     const long long sbc = 2 * p.heads * kHeadDim;
     float* dbc = const_cast<float*>(static_cast<const float*>(p.dbc));
-    float* db_head = dbc == nullptr ? nullptr : dbc + w.b * p.len * sbc + w.h * kHeadDim + w.channel;
+    float* db_head = dbc == nullptr ? nullptr : dbc + w.b * p.len * sbc + w.h * kHeadDim + channel;
     float* dc_head = db_head == nullptr ? nullptr : db_head + p.heads * kHeadDim;
 
     float cv[kCarry], cp[kCarry], rr[kCarry], rq[kCarry];
@@ -876,25 +1004,27 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p) {
     // Step n looks ahead at tile n (reverse carrier) and finishes tile j = n - (k-1). With
     // kFusedBwdPrefetch the loads of step n+1 are issued before step n's math (double-buffered).
     struct StepLoads {
-      Tokens<out_t> dz;                // look-ahead tile n: dZ, C, A and the gate after it
-      Tokens<in_t> c, a;
+      Block<kVec, out_t> dz;  // look-ahead tile n: dZ, C, A and the gate after it
+      Block<kVec, in_t> c;
+      Gates<kVec, in_t> a;
       in_t a_next;
-      Tokens<in_t> aj, bj, vj;         // tile j: A, B, V for its forward scan
+      Gates<kVec, in_t> aj;  // tile j: A, B, V for its forward scan
+      Block<kVec, in_t> bj, vj;
     };
     const auto load_step = [&](long long n) {
       StepLoads s;
       const long long j = n - (kWindow - 1);
       const bool look = kWindow > 1 && n > w.first && n < num_tiles && n < end;
       const long long hn = look ? w.hi : 0;
-      s.dz = load_tokens(dz, p.sdzt, n * kBlockLen + half_off, hn);
-      s.c = load_tokens(P.c, p.spt, n * kBlockLen + half_off, hn);
-      s.a = load_tokens(P.a, p.spt, n * kBlockLen + half_off, hn);
+      s.dz = load_block<kVec>(dz, lane, p.sdzt, n, hn);
+      s.c = load_block<kVec>(P.c, lane, p.spt, n, hn);
+      s.a = load_gates<kVec>(P.a, lane, p.spt, n, hn);
       s.a_next = (n + 1) * kBlockLen < hn ? __ldg(P.a + (n + 1) * kBlockLen * p.spt) : from_f32<in_t>(0.f);
       const long long hj = (j >= 0 && n < end) ? w.hi : 0;  // steps before tile 0 load nothing
-      const long long tj = max(j, 0LL) * kBlockLen + half_off;
-      s.aj = load_tokens(P.a, p.spt, tj, hj);
-      s.bj = load_tokens(P.b, p.spt, tj, hj);
-      s.vj = load_tokens(P.v, p.spt, tj, hj);
+      const long long tj = max(j, 0LL);
+      s.aj = load_gates<kVec>(P.a, lane, p.spt, tj, hj);
+      s.bj = load_block<kVec>(P.b, lane, p.spt, tj, hj);
+      s.vj = load_block<kVec>(P.v, lane, p.spt, tj, hj);
       return s;
     };
     StepLoads cur = load_step(w.first);
@@ -905,11 +1035,14 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p) {
         float rho = 0.f, q = 0.f;
         if (n > w.first && n < num_tiles) {
           const long long tn = n * kBlockLen + half_off;
-          float d[kTokensPerLane], g8[kTokensPerLane], r[kTokensPerLane], gs[kTokensPerLane];
+          float d[kTokensPerLane], cc[kTokensPerLane], g8[kTokensPerLane], r[kTokensPerLane], gs[kTokensPerLane];
+          unpack_block(cur.dz, smem, lane, d);
+          unpack_block(cur.c, smem, lane, cc);
+          unpack_gates(cur.a, lane, g8);
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) {
-            d[e] = to_f32(cur.dz.v[e]) * to_f32(cur.c.v[e]);
-            g8[e] = tn + e < w.hi ? dm * sigmoid(to_f32(cur.a.v[e])) : 0.f;
+            d[e] *= cc[e];
+            g8[e] = tn + e < w.hi ? dm * sigmoid(g8[e]) : 0.f;
           }
           const float a_next = (n + 1) * kBlockLen < w.hi ? dm * sigmoid(to_f32(cur.a_next)) : 0.f;
           tile_scan_rev(d, g8, a_next, odd, r, gs);
@@ -921,26 +1054,30 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p) {
       const long long j = n - (kWindow - 1);
       if (j >= 0) {
         const long long t0 = j * kBlockLen + half_off;
-        float sa[kTokensPerLane], sb[kTokensPerLane], a8[kTokensPerLane], u[kTokensPerLane];
+        float sa[kTokensPerLane], sb[kTokensPerLane], vv[kTokensPerLane], a8[kTokensPerLane], u[kTokensPerLane];
         float wl[kTokensPerLane], gl[kTokensPerLane];
+        unpack_gates(cur.aj, lane, sa);
+        unpack_block(cur.bj, smem, lane, sb);
+        unpack_block(cur.vj, smem, lane, vv);
 #pragma unroll
         for (int e = 0; e < kTokensPerLane; ++e) {
-          sa[e] = sigmoid(to_f32(cur.aj.v[e]));
-          sb[e] = sigmoid(to_f32(cur.bj.v[e]));
+          sa[e] = sigmoid(sa[e]);
+          sb[e] = sigmoid(sb[e]);
           a8[e] = dm * sa[e];
-          u[e] = sb[e] * to_f32(cur.vj.v[e]);
+          u[e] = sb[e] * vv[e];
         }
         tile_scan_fwd(u, a8, odd, wl, gl);
         if (j >= w.first) {
           // dZ and C of tile j again (read k-1 steps ago by the look-ahead: cache hits).
-          const Tokens<out_t> dzj = load_tokens(dz, p.sdzt, t0, w.hi);
-          const Tokens<in_t> cj = load_tokens(P.c, p.spt, t0, w.hi);
+          float dze[kTokensPerLane], cj[kTokensPerLane];
+          unpack_block(load_block<kVec>(dz, lane, p.sdzt, j, w.hi), smem, lane, dze);
+          unpack_block(load_block<kVec>(P.c, lane, p.spt, j, w.hi), smem, lane, cj);
           const long long tn = (j + 1) * kBlockLen;
           const float a_next = tn < w.hi ? dm * sigmoid(to_f32(__ldg(P.a + tn * p.spt))) : 0.f;
           float d[kTokensPerLane], ga[kTokensPerLane], dxv[kTokensPerLane], dav[kTokensPerLane];
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) {
-            d[e] = to_f32(dzj.v[e]) * to_f32(cj.v[e]);
+            d[e] = dze[e] * cj[e];
             ga[e] = t0 + e < w.hi ? a8[e] : 0.f;
           }
           const float carry = carry_in(cv, cp);
@@ -948,16 +1085,15 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p) {
           float gv[kTokensPerLane], gb[kTokensPerLane], gc[kTokensPerLane];
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) {
-            const float dze = to_f32(dzj.v[e]);
-            gc[e] = dze * fmaf(gl[e], carry, wl[e]);
-            gv[e] = fmaf(dxv[e], sb[e], dze);
-            gb[e] = dxv[e] * to_f32(cur.vj.v[e]) * sb[e] * (1.f - sb[e]);
+            gc[e] = dze[e] * fmaf(gl[e], carry, wl[e]);
+            gv[e] = fmaf(dxv[e], sb[e], dze[e]);
+            gb[e] = dxv[e] * vv[e] * sb[e] * (1.f - sb[e]);
             dav[e] *= dm * sa[e] * (1.f - sa[e]);  // same for every channel: applied before the sum
           }
-          store_tokens(dP.v, p.sdpt, t0, w.hi, gv);
+          store_block<kVec>(dP.v, gv, smem, lane, p.sdpt, j, w.hi);
           if (db_head == nullptr) {
-            store_tokens(dP.b, p.sdpt, t0, w.hi, gb);
-            store_tokens(dP.c, p.sdpt, t0, w.hi, gc);
+            store_block<kVec>(dP.b, gb, smem, lane, p.sdpt, j, w.hi);
+            store_block<kVec>(dP.c, gc, smem, lane, p.sdpt, j, w.hi);
           } else {
             store_tokens(db_head, sbc, t0, w.hi, gb);
             store_tokens(dc_head, sbc, t0, w.hi, gc);
@@ -983,11 +1119,22 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p) {
 
 }  // namespace swr
 
-extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_fwd(const swr::Params p) {
-  swr::phalanx_fwd(p);
+// Entry points: the "vec" kernels need the launcher's alignment check; "scalar" take any layout.
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_fwd_vec(const swr::Params p) {
+  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][true && swr::kFusedVecOk ? swr::kSmemTile : 16];
+  swr::phalanx_fwd<true>(p, smem[threadIdx.x / swr::kWarpSize]);
 }
-extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_bwd(const swr::Params p) {
-  swr::phalanx_bwd(p);
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_fwd_scalar(const swr::Params p) {
+  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][false && swr::kFusedVecOk ? swr::kSmemTile : 16];
+  swr::phalanx_fwd<false>(p, smem[threadIdx.x / swr::kWarpSize]);
+}
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_bwd_vec(const swr::Params p) {
+  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][true && swr::kFusedVecOk ? swr::kSmemTile : 16];
+  swr::phalanx_bwd<true>(p, smem[threadIdx.x / swr::kWarpSize]);
+}
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_bwd_scalar(const swr::Params p) {
+  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][false && swr::kFusedVecOk ? swr::kSmemTile : 16];
+  swr::phalanx_bwd<false>(p, smem[threadIdx.x / swr::kWarpSize]);
 }
 
 

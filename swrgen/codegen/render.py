@@ -21,7 +21,8 @@ MAIN_TEMPLATE = "swr.cu.j2"
 # L % (block_len / 2) == 0; "scalar" takes any L and any strides.
 KERNEL_NAMES = ("swr_fwd_vec", "swr_fwd_scalar", "swr_bwd_vec", "swr_bwd_scalar")
 # Added by fused_gating: the Phalanx layer's gating fused around the SWR, on its [B, L, N] projections.
-FUSED_KERNEL_NAMES = ("phalanx_fwd", "phalanx_bwd")
+# "vec" needs 16-bit types and 16-byte aligned rows and column blocks; "scalar" takes any layout.
+FUSED_KERNEL_NAMES = ("phalanx_fwd_vec", "phalanx_fwd_scalar", "phalanx_bwd_vec", "phalanx_bwd_scalar")
 
 
 def kernel_names(spec: Spec) -> tuple[str, ...]:

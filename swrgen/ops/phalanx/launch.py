@@ -1,4 +1,4 @@
-"""Launch the fused Phalanx kernels (``phalanx_fwd`` / ``phalanx_bwd``) on torch tensors.
+"""Launch the fused Phalanx kernels (``phalanx_fwd_*`` / ``phalanx_bwd_*``) on torch tensors.
 
 P needs unit stride along its last dim (dZ is copied if it lacks it); Z and dP are fresh contiguous tensors.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from swrgen import constants
 from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.swr.launch import _ceil_div, _launch
 from swrgen.runtime.params import KernelParams
@@ -32,6 +33,24 @@ def _params(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: 
     return p
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    """Base and the batch and token strides 16-byte aligned (the channel stride is 1)."""
+    vb = constants.VECTOR_BYTES
+    return t.data_ptr() % vb == 0 and all(
+        t.shape[d] == 1 or (t.stride(d) * t.element_size()) % vb == 0 for d in range(t.dim() - 1)
+    )
+
+
+def use_vector_kernel(layout: GatingLayout, *tensors: torch.Tensor) -> bool:
+    """The "vec" kernels move 16-byte chunks: 16-bit types, aligned rows, and every 16-column block of B,
+    C and V starting on a 16-byte boundary (A is read one element at a time)."""
+    vb = constants.VECTOR_BYTES
+    if tensors[0].element_size() != 2:
+        return False
+    cols = (layout.col_b, layout.col_c, layout.col_v)
+    return all((c * 2) % vb == 0 for c in cols) and all(_aligned(t) for t in tensors)
+
+
 def forward(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: float,
             poison: float | None = None) -> torch.Tensor:  # fmt: skip
     """Z [B, L, H*DH] in P's dtype; inputs already validated. poison (tests): prefill Z."""
@@ -42,7 +61,7 @@ def forward(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: 
     p = _params(program, P, layout, decay_max)
     p.y = Z.data_ptr()
     p.szb, p.szt = Z.stride(0), Z.stride(1)
-    _launch(program, "phalanx_fwd", P, p)
+    _launch(program, "phalanx_fwd_vec" if use_vector_kernel(layout, P, Z) else "phalanx_fwd_scalar", P, p)
     return Z
 
 
@@ -66,18 +85,10 @@ def backward(program: Program, P: torch.Tensor, dZ: torch.Tensor, layout: Gating
     p.dx, p.sdpb, p.sdpt = dP.data_ptr(), dP.stride(0), dP.stride(1)
     if dbc is not None:
         p.dbc = dbc.data_ptr()
-    _launch(program, "phalanx_bwd", P, p)
+    _launch(program, "phalanx_bwd_vec" if use_vector_kernel(layout, P, dZ, dP) else "phalanx_bwd_scalar", P, p)
     if dbc is not None:
         kv = layout.kv_heads * layout.head_dim
         sums = dbc.view(batch, length, 2, layout.kv_heads, layout.kv_group, layout.head_dim).sum(4)
         dP[..., layout.col_b : layout.col_b + kv] = sums[:, :, 0].reshape(batch, length, kv)
         dP[..., layout.col_c : layout.col_c + kv] = sums[:, :, 1].reshape(batch, length, kv)
     return dP
-
-
-def check_fused_spec(program: Program) -> None:
-    if not program.spec.recurrence.fused_gating:
-        raise ValueError(
-            f"spec {program.spec.name!r} has no fused Phalanx kernels; set recurrence.fused_gating: true "
-            f"(see specs/hopper_k2_fused.yaml)"
-        )
