@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -55,13 +56,22 @@ class Attention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, length, dim))
 
 
-def time_layer(layer: nn.Module, x: torch.Tensor) -> float:
+def time_layer(layer: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(median GPU ms per fwd+bwd, host ms to issue one): when the two are close the layer is
+    launch-bound at this size and the GPU time measures Python, not kernels."""
     dy = torch.randn_like(x)
 
     def step() -> None:
         layer(x).backward(dy)
 
-    return bench_ms(step)
+    gpu = bench_ms(step)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        step()
+    host = (time.perf_counter() - start) / 20 * 1e3
+    torch.cuda.synchronize()
+    return gpu, host
 
 
 def main() -> None:
@@ -85,14 +95,15 @@ def main() -> None:
         for name, make in layers.items():
             try:
                 layer = make().to(device="cuda", dtype=torch.bfloat16)
-                row[name] = time_layer(layer, x)
+                row[name], row[name + "_host"] = time_layer(layer, x)
             except Exception as err:  # an unavailable alternative is reported, not fatal
-                row[name] = None
+                row[name] = row[name + "_host"] = None
                 print(f"  {name} at L={length}: unavailable ({type(err).__name__}: {err})")
         tok = args.batch * length
         cells = "  ".join(
-            f"{n} {row[n]:.3f} ms ({tok / row[n] / 1e3:.2f} Mtok/s)" if row[n] else f"{n} n/a" for n in layers
-        )
+            f"{n} {row[n]:.3f} ms (host {row[n + '_host']:.3f}; {tok / row[n] / 1e3:.2f} Mtok/s)" if row[n]
+            else f"{n} n/a" for n in layers
+        )  # fmt: skip
         print(f"L={length:6d}: {cells}", flush=True)
         rows.append(row)
     if args.json:
