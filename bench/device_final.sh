@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
 # Final validation on the lent GPU, part A: every GPU test, the sanitizer, the roofline table, the LM example.
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl .whl/bench/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD SWRGEN_CACHE_DIR=$PWD/.swrcache PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_swr.py tests/test_gpu_swr_backward.py \
   tests/test_gpu_swr_stream.py tests/test_state.py tests/test_phalanx.py tests/test_varlen.py --tb=short 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -4

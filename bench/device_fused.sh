@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# On the lent GPU: every GPU test (fused Phalanx kernels first), then the fused-kernel benchmark.
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl .whl/bench/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD SWRGEN_CACHE_DIR=$PWD/.swrcache PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_phalanx_fused.py --tb=short 2>&1 \
-  | tee "$OUT/gpu_fused.log" | tail -15
-timeout 120 python3 bench/bench_fused.py --sweep --json "$OUT/fused.json" 2>&1 | tee "$OUT/fused.log"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu_swr.py tests/test_gpu_swr_backward.py \
-  tests/test_gpu_swr_stream.py tests/test_phalanx.py --tb=short 2>&1 | tee "$OUT/gpu_tests.log" | tail -6
+# On the lent GPU: fused kernels with the 16-byte vector path: tests, kernel sweep, layer and model benchmarks.
+source "$(dirname "$0")/device_env.sh"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu_phalanx_fused.py --tb=short 2>&1 \
+  | tee "$OUT/gpu_fused.log" | tail -4
+grep -q " passed" "$OUT/gpu_fused.log" && ! grep -q "failed" "$OUT/gpu_fused.log" || exit 1
+timeout 100 python3 bench/bench_fused.py --sweep --json "$OUT/fused.json" 2>&1 | tee "$OUT/fused.log"
+timeout 100 python3 bench/layer_bench.py --dim 1024 --batch 2 --lengths 8192 2048 8192 32768 --json "$OUT/layer.json" 2>&1 \
+  | tee "$OUT/layer.log"
+timeout 150 python3 bench/model_bench.py --lengths 4096 8192 32768 --json "$OUT/model.json" 2>&1 | tee "$OUT/model.log"

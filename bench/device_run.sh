@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: GPU tests, compute-sanitizer at the edge lengths, benchmark, sweep.
 # Usage (device tool, carry .swrcache and .whl): bash bench/device_run.sh
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD SWRGEN_CACHE_DIR=$PWD/.swrcache PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, cuda.bindings, triton; print('torch', torch.__version__, 'cuda-bindings', cuda.bindings.__version__, 'triton', triton.__version__)"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_swr.py tests/test_gpu_swr_backward.py tests/test_gpu_swr_stream.py --tb=short 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
 timeout 150 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 20 python3 bench/edge_check.py 2>&1 | tee "$OUT/sanitizer.log" | tail -4

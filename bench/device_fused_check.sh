@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU, final check: GPU tests of the layer/state/op/CLI/tuner, the LM example (default layer is
 # now fused on CUDA), then the fused kernels and the layer benchmark once more.
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl .whl/bench/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD SWRGEN_CACHE_DIR=$PWD/.swrcache PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_swr_stream.py tests/test_state.py \
   tests/test_phalanx.py tests/test_op_cpu.py tests/test_cli.py tests/test_tune.py --tb=short 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -4
