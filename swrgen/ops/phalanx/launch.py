@@ -9,7 +9,7 @@ import torch
 
 from swrgen import constants
 from swrgen.ops.phalanx.layout import GatingLayout
-from swrgen.ops.swr.launch import _ceil_div, _launch
+from swrgen.ops.swr.launch import ceil_div, launch_kernel
 from swrgen.runtime.params import KernelParams
 from swrgen.runtime.program import Program
 
@@ -24,7 +24,7 @@ def _params(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: 
     p.len, p.heads = length, layout.heads
     p.rows = batch * layout.heads  # one warp per head (head_dim 16)
     p.tiles_per_warp = t.tiles_per_warp
-    p.chunks = _ceil_div(_ceil_div(length, r.block_len), t.tiles_per_warp)
+    p.chunks = ceil_div(ceil_div(length, r.block_len), t.tiles_per_warp)
     p.work = p.rows * p.chunks
     p.decay_max = decay_max
     p.kv_group = layout.kv_group
@@ -61,7 +61,7 @@ def forward(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: 
     p = _params(program, P, layout, decay_max)
     p.y = Z.data_ptr()
     p.szb, p.szt = Z.stride(0), Z.stride(1)
-    _launch(program, "phalanx_fwd_vec" if use_vector_kernel(layout, P, Z) else "phalanx_fwd_scalar", P, p)
+    launch_kernel(program, "phalanx_fwd_vec" if use_vector_kernel(layout, P, Z) else "phalanx_fwd_scalar", P, p)
     return Z
 
 
@@ -85,7 +85,7 @@ def backward(program: Program, P: torch.Tensor, dZ: torch.Tensor, layout: Gating
     p.dx, p.sdpb, p.sdpt = dP.data_ptr(), dP.stride(0), dP.stride(1)
     if dbc is not None:
         p.dbc = dbc.data_ptr()
-    _launch(program, "phalanx_bwd_vec" if use_vector_kernel(layout, P, dZ, dP) else "phalanx_bwd_scalar", P, p)
+    launch_kernel(program, "phalanx_bwd_vec" if use_vector_kernel(layout, P, dZ, dP) else "phalanx_bwd_scalar", P, p)
     if dbc is not None:
         kv = layout.kv_heads * layout.head_dim
         sums = dbc.view(batch, length, 2, layout.kv_heads, layout.kv_group, layout.head_dim).sum(4)

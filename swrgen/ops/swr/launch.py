@@ -28,14 +28,14 @@ class Packed:
     chunks: int  # total chunks over all sequences
 
 
-def _ceil_div(n: int, d: int) -> int:
+def ceil_div(n: int, d: int) -> int:
     return -(-n // d)
 
 
 def pack_sequences(program: Program, cu_seqlens: list[int], device: torch.device) -> Packed:
     t = program.spec.target
     bl = program.spec.recurrence.block_len
-    counts = [_ceil_div(_ceil_div(e - s, bl), t.tiles_per_warp) for s, e in itertools.pairwise(cu_seqlens)]
+    counts = [ceil_div(ceil_div(e - s, bl), t.tiles_per_warp) for s, e in itertools.pairwise(cu_seqlens)]
     cum = [0]
     for c in counts:
         cum.append(cum[-1] + c)
@@ -92,7 +92,7 @@ def _params(program: Program, a: torch.Tensor, x: torch.Tensor, packed: Packed |
     p.tiles_per_warp = t.tiles_per_warp
     p.phase = phase
     if packed is None:
-        p.chunks = _ceil_div(_ceil_div(length + phase, r.block_len), t.tiles_per_warp)
+        p.chunks = ceil_div(ceil_div(length + phase, r.block_len), t.tiles_per_warp)
     else:
         p.chunks = packed.chunks
         p.num_seqs = len(packed.starts) - 1
@@ -109,7 +109,8 @@ def _stream(device: torch.device) -> int:
     return raw(index) if raw is not None else torch.cuda.current_stream(device).cuda_stream
 
 
-def _launch(program: Program, name: str, x: torch.Tensor, params: KernelParams) -> None:
+def launch_kernel(program: Program, name: str, x: torch.Tensor, params: KernelParams) -> None:
+    """Launch entry point ``name`` of ``program`` on x's device and current stream, grid from the spec."""
     t = program.spec.target
     if params.work == 0:
         return
@@ -205,7 +206,7 @@ def backward(program: Program, a: torch.Tensor, x: torch.Tensor, dy: torch.Tenso
     p.sdyb, p.sdyh, p.sdyc = _strides3(dy)
     p.sdxb, p.sdxh, p.sdxc = _strides3(dx)
     vec = use_vector_kernel(program, length, [x, a, dy, dx], 0, packed.starts if packed else None)
-    _launch(program, "swr_bwd_vec" if vec else "swr_bwd_scalar", x, p)
+    launch_kernel(program, "swr_bwd_vec" if vec else "swr_bwd_scalar", x, p)
     if per_channel:
         return dx, da_buf
     return dx, (da_buf.sum(dim=2).to(a.dtype) if partial else da_buf.squeeze(2))
