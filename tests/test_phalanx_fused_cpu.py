@@ -75,7 +75,7 @@ def test_errors_say_what_is_allowed():
         swrgen.phalanx_gating(wide[..., ::2], heads=4, kv_heads=2)
     with pytest.raises(ValueError, match=r"decay_max must be a number in \(0, 1\]"):
         swrgen.phalanx_gating(P, heads=4, kv_heads=2, decay_max=1.5)
-    with pytest.raises(ValueError, match="kv_heads=3 does not divide heads=4; allowed: \\[1, 2, 4\\]"):
+    with pytest.raises(ValueError, match="kv_heads=3 does not divide heads=4; allowed kv_heads: \\[1, 2, 4\\]"):
         swrgen.phalanx_gating(P, heads=4, kv_heads=3)
     with pytest.raises(TypeError, match="floating-point"):
         swrgen.phalanx_gating(P.long(), heads=4, kv_heads=2)

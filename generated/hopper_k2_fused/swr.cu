@@ -741,6 +741,23 @@ struct Block<true, T> {
 
 __device__ __forceinline__ int smem_row(int tok) { return tok * kRowBytes + (tok >= kTokensPerLane ? kRowBytes : 0); }
 
+// Tokens t0 .. t0+N-1 of one column, `stride` elements apart (t0 >= 0); tokens at or past `hi` read 0.
+template <typename T, int N>
+__device__ __forceinline__ void load_tokens(const T* __restrict__ col, long long stride, long long t0, long long hi,
+                                            T (&out)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) out[e] = (t0 + e < hi) ? __ldg(col + (t0 + e) * stride) : from_f32<T>(0.f);
+}
+
+// This lane's channel, tokens t0 .. t0+7 (those before `hi`), stored one element at a time: any layout.
+template <typename T>
+__device__ __forceinline__ void store_tokens(T* __restrict__ col, long long stride, long long t0, long long hi,
+                                             const float (&v)[kTokensPerLane]) {
+#pragma unroll
+  for (int e = 0; e < kTokensPerLane; ++e)
+    if (t0 + e < hi) col[(t0 + e) * stride] = from_f32<T>(v[e]);
+}
+
 // Tile `tile` of the block whose channel-0 column is `col0` (this lane's column is col0 + channel);
 // tokens at or past `hi` read 0.
 template <bool kVec, typename T>
@@ -755,10 +772,7 @@ __device__ __forceinline__ Block<kVec, T> load_block(const T* __restrict__ col0,
       r.q[i] = tok < hi ? __ldg(reinterpret_cast<const uint4*>(col0 + tok * stride) + (id & 1)) : make_uint4(0, 0, 0, 0);
     }
   } else {
-    const T* col = col0 + lane / kLanesPerTile;
-    const long long t0 = tile * kBlockLen + (lane & 1) * kTokensPerLane;
-#pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e) r.v[e] = (t0 + e < hi) ? __ldg(col + (t0 + e) * stride) : from_f32<T>(0.f);
+    load_tokens(col0 + lane / kLanesPerTile, stride, tile * kBlockLen + (lane & 1) * kTokensPerLane, hi, r.v);
   }
   return r;
 }
@@ -804,11 +818,7 @@ __device__ __forceinline__ void store_block(T* __restrict__ col0, const float (&
         reinterpret_cast<uint4*>(col0 + tok * stride)[id & 1] = *reinterpret_cast<const uint4*>(smem + smem_row(id / 2) + (id & 1) * 16);
     }
   } else {
-    T* col = col0 + lane / kLanesPerTile;
-    const long long t0 = tile * kBlockLen + (lane & 1) * kTokensPerLane;
-#pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e)
-      if (t0 + e < hi) col[(t0 + e) * stride] = from_f32<T>(v[e]);
+    store_tokens(col0 + lane / kLanesPerTile, stride, tile * kBlockLen + (lane & 1) * kTokensPerLane, hi, v);
   }
 }
 
@@ -823,10 +833,8 @@ template <bool kVec, typename T>
 __device__ __forceinline__ Gates<kVec, T> load_gates(const T* __restrict__ col, int lane, long long stride,
                                                      long long tile, long long hi) {
   Gates<kVec, T> g;
-  constexpr int kN = kVec ? kGatesPerLane : kTokensPerLane;
-  const long long t0 = tile * kBlockLen + (kVec ? (lane / 2) * kGatesPerLane : (lane & 1) * kTokensPerLane);
-#pragma unroll
-  for (int e = 0; e < kN; ++e) g.v[e] = (t0 + e < hi) ? __ldg(col + (t0 + e) * stride) : from_f32<T>(0.f);
+  load_tokens(col, stride, tile * kBlockLen + (kVec ? (lane / 2) * kGatesPerLane : (lane & 1) * kTokensPerLane), hi,
+              g.v);
   return g;
 }
 
@@ -844,15 +852,6 @@ __device__ __forceinline__ void unpack_gates(const Gates<kVec, T>& g, int lane, 
 #pragma unroll
     for (int e = 0; e < kTokensPerLane; ++e) out[e] = to_f32(g.v[e]);
   }
-}
-
-// Scalar per-token stores of this lane's channel (fp32 scratch, gate gradients): any layout.
-template <typename T>
-__device__ __forceinline__ void store_tokens(T* __restrict__ col, long long stride, long long t0, long long hi,
-                                             const float (&v)[kTokensPerLane]) {
-#pragma unroll
-  for (int e = 0; e < kTokensPerLane; ++e)
-    if (t0 + e < hi) col[(t0 + e) * stride] = from_f32<T>(v[e]);
 }
 
 // ---- Work ----

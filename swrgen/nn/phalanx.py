@@ -100,9 +100,7 @@ class Phalanx(nn.Module):
             heads = dim // head_dim
         heads = _positive_int("heads", heads)
         kv_heads = heads if kv_heads is None else _positive_int("kv_heads", kv_heads)
-        if heads % kv_heads:
-            divisors = [d for d in range(1, heads + 1) if heads % d == 0]
-            raise ValueError(f"kv_heads={kv_heads} does not divide heads={heads}; allowed kv_heads: {divisors}")
+        self.layout = GatingLayout(heads, kv_heads, head_dim)  # checks that kv_heads divides heads
         self.window_blocks = _positive_int("window_blocks", window_blocks)
         self.block_len = _positive_int("block_len", block_len)
         if not (isinstance(decay_max, (int, float)) and not isinstance(decay_max, bool) and 0 < decay_max <= 1):
@@ -114,7 +112,6 @@ class Phalanx(nn.Module):
                              f"got head_dim={head_dim}. Use fused=None or False.")  # fmt: skip
         self.fused = fused
         self.dim, self.heads, self.head_dim, self.kv_heads = dim, heads, head_dim, kv_heads
-        self.layout = GatingLayout(heads, kv_heads, head_dim)
         self.decay_max = float(decay_max)
         self.inner = heads * head_dim
         kw = {"device": device, "dtype": dtype}

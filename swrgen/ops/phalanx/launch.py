@@ -9,7 +9,7 @@ import torch
 
 from swrgen import constants
 from swrgen.ops.phalanx.layout import GatingLayout
-from swrgen.ops.swr.launch import ceil_div, launch_kernel
+from swrgen.ops.swr.launch import ceil_div, launch_kernel, rows_aligned
 from swrgen.runtime.params import KernelParams
 from swrgen.runtime.program import Program
 
@@ -33,14 +33,6 @@ def _params(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: 
     return p
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    """Base and the batch and token strides 16-byte aligned (the channel stride is 1)."""
-    vb = constants.VECTOR_BYTES
-    return t.data_ptr() % vb == 0 and all(
-        t.shape[d] == 1 or (t.stride(d) * t.element_size()) % vb == 0 for d in range(t.dim() - 1)
-    )
-
-
 def use_vector_kernel(layout: GatingLayout, *tensors: torch.Tensor) -> bool:
     """The "vec" kernels move 16-byte chunks: 16-bit types, aligned rows, and every 16-column block of B,
     C and V starting on a 16-byte boundary (A is read one element at a time)."""
@@ -48,7 +40,7 @@ def use_vector_kernel(layout: GatingLayout, *tensors: torch.Tensor) -> bool:
     if tensors[0].element_size() != 2:
         return False
     cols = (layout.col_b, layout.col_c, layout.col_v)
-    return all((c * 2) % vb == 0 for c in cols) and all(_aligned(t) for t in tensors)
+    return all((c * 2) % vb == 0 for c in cols) and all(rows_aligned(t) for t in tensors)
 
 
 def forward(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: float,

@@ -19,7 +19,9 @@ class GatingLayout:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}")
         if self.heads % self.kv_heads:
             divisors = [d for d in range(1, self.heads + 1) if self.heads % d == 0]
-            raise ValueError(f"kv_heads={self.kv_heads} does not divide heads={self.heads}; allowed: {divisors}")
+            raise ValueError(
+                f"kv_heads={self.kv_heads} does not divide heads={self.heads}; allowed kv_heads: {divisors}"
+            )
 
     @property
     def kv_group(self) -> int:

@@ -15,8 +15,8 @@ from swrgen import constants
 from swrgen.ops.phalanx import launch
 from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.phalanx.reference import phalanx_gating_backward, phalanx_gating_reference
-from swrgen.ops.swr.op import _direct_ok, load, program_for
-from swrgen.spec import Spec, default_spec
+from swrgen.ops.swr.op import _default_key, _direct_ok, load, program_for
+from swrgen.spec import Spec
 
 
 @torch.library.custom_op("swrgen::phalanx_fwd", mutates_args=())
@@ -61,23 +61,6 @@ def _backward(ctx, dZ: torch.Tensor):
 
 
 torch.library.register_autograd("swrgen::phalanx_fwd", _backward, setup_context=_setup_context)
-
-
-_KEYS: dict[tuple, str] = {}
-
-
-@torch.compiler.assume_constant_result
-def _default_key(dtype: torch.dtype, window_blocks: int, block_len: int) -> str:
-    """Op key of the default fused spec for P's dtype (memoized; a constant to torch.compile)."""
-    args = (dtype, window_blocks, block_len)
-    if (key := _KEYS.get(args)) is not None:
-        return key
-    name = constants.dtype_name(dtype)
-    spec = default_spec(head_dim=constants.CHANNELS_PER_WARP, block_len=block_len, window_blocks=window_blocks,
-                        gate_layout="per_head", input_dtype=name, gate_dtype=name, output_dtype=name,
-                        fused_gating=True)  # fmt: skip
-    key = _KEYS[args] = load(spec).key
-    return key
 
 
 def _check(P: object, layout: GatingLayout, decay_max: object) -> None:
@@ -131,7 +114,7 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
     elif P.is_cuda:
         if P.dtype == torch.float64:
             raise TypeError("float64 runs on the CPU only; the CUDA kernels take bfloat16, float16 or float32")
-        key = _default_key(P.dtype, k, bl)
+        key = _default_key(head_dim, False, P.dtype, P.dtype, k, bl, P.dtype, fused_gating=True)
     else:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (k, bl)):
             raise ValueError(f"window_blocks and block_len must be integers >= 1; got {k!r}, {bl!r}")

@@ -47,7 +47,7 @@ def pack_sequences(program: Program, cu_seqlens: list[int], device: torch.device
     )
 
 
-def _rows_aligned(t: torch.Tensor) -> bool:
+def rows_aligned(t: torch.Tensor) -> bool:
     """Every row start 16-byte aligned: the base and every row stride (of dims longer than 1)."""
     if t.data_ptr() % constants.VECTOR_BYTES:
         return False
@@ -60,7 +60,7 @@ def use_vector_kernel(program: Program, length: int, tensors: list[torch.Tensor]
     v = constants.tokens_per_lane(program.spec.recurrence.block_len)
     if length % v or phase % v or any(s % v for s in starts or ()):
         return False
-    return all(_rows_aligned(t) for t in tensors)
+    return all(rows_aligned(t) for t in tensors)
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:

@@ -258,18 +258,19 @@ _DEFAULT_KEYS: dict[tuple, str] = {}
 
 @torch.compiler.assume_constant_result
 def _default_key(head_dim: int, per_channel: bool, x_dtype: torch.dtype, a_dtype: torch.dtype, window_blocks: int,
-                 block_len: int, out_dtype: torch.dtype) -> str:  # fmt: skip
+                 block_len: int, out_dtype: torch.dtype, fused_gating: bool = False) -> str:  # fmt: skip
     """Op key of the default spec for these inputs: a constant to torch.compile, memoized for eager calls
     (building and hashing a spec costs more than a small launch). The memo is a plain dict: dynamo
-    would trace into a functools.cache wrapper instead of treating the result as constant."""
-    args = (head_dim, per_channel, x_dtype, a_dtype, window_blocks, block_len, out_dtype)
+    would trace into a functools.cache wrapper instead of treating the result as constant.
+    ``fused_gating``: the spec with the fused Phalanx kernels (``swrgen.phalanx_gating``)."""
+    args = (head_dim, per_channel, x_dtype, a_dtype, window_blocks, block_len, out_dtype, fused_gating)
     if (key := _DEFAULT_KEYS.get(args)) is not None:
         return key
     spec = default_spec(
         head_dim=head_dim, block_len=block_len, window_blocks=window_blocks,
         gate_layout="per_channel" if per_channel else "per_head",
         input_dtype=constants.dtype_name(x_dtype), gate_dtype=constants.dtype_name(a_dtype),
-        output_dtype=constants.dtype_name(out_dtype),
+        output_dtype=constants.dtype_name(out_dtype), fused_gating=fused_gating,
     )  # fmt: skip
     key = _DEFAULT_KEYS[args] = load(spec).key
     return key
