@@ -142,15 +142,26 @@ def demo(spec: str, batch: int, heads: int, length: int, seed: int) -> None:
         raise click.ClickException(f"relative error {err:.3g} exceeds 2e-3")
 
 
-def _parse_shapes(shapes: tuple[str, ...]) -> list[tuple[int, ...]]:
+def _parse_shapes(shapes: tuple[str, ...], spec) -> list[tuple[int, ...]]:
+    """--shape texts -> int tuples in the form ``spec``'s kernel family takes (checked here, before any GPU work):
+    B,H,L or B,H,DH,L for plain specs, B,L,H for fused_gating specs."""
+    from swrgen.tune.search import family_for
+
+    family = family_for(spec)
     out = []
     for text in shapes:
         try:
             dims = tuple(int(v) for v in text.split(","))
         except ValueError:
-            dims = ()
-        if len(dims) not in (3, 4) or min(dims) < 1:
-            raise click.BadParameter(f"{text!r}: expected B,H,L (or B,H,DH,L) positive integers", param_hint="--shape")
+            raise click.BadParameter(
+                f"{text!r}: expected {family.shape_format} of positive integers"
+                + (" (fused_gating spec: batch, tokens, heads)" if family.name == "phalanx" else ""),
+                param_hint="--shape",
+            ) from None
+        try:
+            family.normalize(spec, dims)
+        except ValueError as e:
+            raise click.BadParameter(f"{text!r}: {e}", param_hint="--shape") from None
         out.append(dims)
     return out
 
@@ -161,7 +172,10 @@ def _parse_shapes(shapes: tuple[str, ...]) -> list[tuple[int, ...]]:
     "--shape",
     "shapes",
     multiple=True,
-    help="B,H,L to tune for (repeatable; one run per shape bucket).  [default: 4,64,8192]",
+    help="Shape to tune for (repeatable; one run per shape bucket): B,H,L (or B,H,DH,L)  [default: 4,64,8192]. "
+    "For a spec with recurrence.fused_gating: true, whose fused Phalanx kernels (phalanx_fwd/bwd) are what "
+    "gets tuned: B,L,H = batch, tokens, heads (head_dim is the spec's, 16; kv_heads = heads)  "
+    "[default: 4,8192,64].",
 )
 @click.option(
     "--grid",
@@ -198,7 +212,16 @@ def tune(
     arch: str | None,
 ) -> None:
     """Search SPEC's tuning knobs on the GPU per shape bucket; check each candidate against float64, time it,
-    and cache the winner (in $SWRGEN_CACHE_DIR/tuned/), which the op then uses for shapes of that bucket."""
+    and cache the winner (in $SWRGEN_CACHE_DIR/tuned/), which the op then uses for shapes of that bucket.
+
+    Plain specs: the SWR kernels (swr_fwd/swr_bwd) are tuned, shapes B,H,L. Specs with
+    recurrence.fused_gating: true: the fused Phalanx kernels (phalanx_fwd/phalanx_bwd), shapes B,L,H
+    (batch, tokens, heads).
+
+    \b
+    swrgen tune specs/hopper_k2.yaml --shape 4,64,8192
+    swrgen tune specs/hopper_k2_fused.yaml --shape 1,32768,64    # fused: B,L,H
+    """
     from swrgen import constants
     from swrgen.tune import space
 
@@ -207,7 +230,9 @@ def tune(
         grid_dict = space.parse_grid(grid)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--grid") from None
-    dims = _parse_shapes(shapes) or [(4, 64, 8192)]
+    from swrgen.tune.search import family_for
+
+    dims = _parse_shapes(shapes, s) or [family_for(s).default_shape]
     if compile_only:
         from swrgen.codegen import render_source
         from swrgen.compiler import CompileCache, CompileError

@@ -2,13 +2,15 @@
 
 * The whole session compiles into its own temporary cubin cache (``SWRGEN_CACHE_DIR``, set by an autouse
   session fixture before the first test runs and inherited by subprocesses), so tests never read a stale
-  entry from, or write into, the user's ``~/.cache/swrgen``.
+  entry from, or write into, the user's ``~/.cache/swrgen``. ``$SWRGEN_TEST_CACHE_SEED`` names a cache to
+  copy in first (a GPU run with cubins built beforehand).
 * Tests marked ``gpu`` are skipped when torch sees no CUDA device (CI and developer machines have none).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,9 @@ SPEC_PATHS = sorted(SPECS_DIR.glob("*.yaml"))
 def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The cubin cache directory every test in this session compiles into."""
     path = tmp_path_factory.mktemp("swrgen-cache")
+    seed = os.environ.get("SWRGEN_TEST_CACHE_SEED")  # e.g. a cache warmed by bench/warm_cache.py (device runs)
+    if seed:
+        shutil.copytree(seed, path, dirs_exist_ok=True)  # entries are keyed by source and NVRTC version
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SWRGEN_CACHE_DIR", str(path))
         yield path

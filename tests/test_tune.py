@@ -257,6 +257,190 @@ def test_normalize_and_check_shapes() -> None:
         assert length % 64 == shape[3] % 64 and length <= shape[3]
 
 
+# ------------------------------------------------------------------ kernel families (plain vs fused)
+
+FUSED_YAML = Path(__file__).resolve().parents[1] / "specs" / "hopper_k2_fused.yaml"
+
+
+def fused_spec():
+    from swrgen.spec import load_spec
+
+    return load_spec(FUSED_YAML)
+
+
+def test_family_chosen_by_fused_gating() -> None:
+    assert search.family_for(BASE).name == "swr"
+    assert search.family_for(fused_spec()).name == "phalanx"
+    fused = default_spec(input_dtype="fp16", gate_dtype="fp16", output_dtype="fp16", fused_gating=True)
+    assert search.family_for(fused) is search.FAMILIES["phalanx"]
+    plain = default_spec(input_dtype="fp16", gate_dtype="fp16", output_dtype="fp16")
+    assert search.family_for(plain) is search.FAMILIES["swr"]
+    assert "phalanx_fwd" in search.FAMILIES["phalanx"].kernels and "swr_fwd" in search.FAMILIES["swr"].kernels
+
+
+def test_fused_shapes_are_b_l_h() -> None:
+    spec = fused_spec()
+    fam = search.family_for(spec)
+    dims = search.normalize_shape(spec, (4, 8192, 64))  # B, L, H
+    assert dims == fam.normalize(spec, [4, 8192, 64]) == (4, 64, 16, 8192)
+    assert fam.given(dims) == [4, 8192, 64]
+    assert fam.label(dims) == "B=4 L=8192 H=64"
+    assert buckets.bucket_of(dims) == (256, 8192)  # rows = B * H: one warp per head
+    assert buckets.bucket_of(fam.normalize(spec, (1, 32768, 64))) == (64, 32768)
+    assert fam.normalize(spec, fam.default_shape) == (4, 64, 16, 8192)  # the plain default's bucket
+
+
+@pytest.mark.parametrize("bad", [(4, 8192), (4, 64, 16, 8192), (0, 8192, 64), (4, 0, 64), (4, 8192, -1), ()])
+def test_fused_shape_errors(bad: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"fused_gating.*B,L,H \(batch, tokens, heads\)"):
+        search.normalize_shape(fused_spec(), bad)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 64, 16, 8192), (1, 64, 16, 32768), (1, 128, 16, 131072), (2, 6, 16, 5000), (8, 24, 16, 100003),
+     (1, 1, 16, 70000), (1, 8, 16, 70000), (16, 13, 16, 20000), (2, 7, 16, 1)],
+)  # fmt: skip
+def test_fused_check_shape(shape: tuple[int, int, int, int]) -> None:
+    b, h, dh, length = search.fused_check_shape(shape)
+    assert dh == 16 and 1 <= b <= shape[0] and 1 <= h <= shape[1]
+    assert length % 64 == shape[3] % 64 and length <= shape[3]
+    assert b * h * dh * length <= max(search.CHECK_ELEMS, 8 * dh * length)
+    # The vec kernels run iff H is a multiple of 8 (16-byte column blocks): the check runs the same ones.
+    assert search.fused_vec_heads(h) == search.fused_vec_heads(shape[1]) == (shape[1] % 8 == 0)
+
+
+def test_fused_tolerances_by_dtype() -> None:
+    fam = search.FAMILIES["phalanx"]
+    for dt in ("bf16", "fp16", "fp32"):
+        spec = default_spec(input_dtype=dt, gate_dtype=dt, output_dtype=dt, fused_gating=True)
+        assert fam.tolerances(spec) == (search.FUSED_TOL[dt], search.FUSED_TOL[dt])
+    assert search.FUSED_TOL["fp32"] < search.FUSED_TOL["fp16"] < search.FUSED_TOL["bf16"]
+
+
+def test_fused_spec_has_its_own_store_file() -> None:
+    fused = default_spec(input_dtype="bf16", gate_dtype="bf16", output_dtype="bf16", fused_gating=True)
+    plain = default_spec(input_dtype="bf16", gate_dtype="bf16", output_dtype="bf16")
+    assert store.file_path(fused) != store.file_path(plain)  # fused_gating is part of the recurrence
+    store.save(fused, "sm_90a", (1, 64, 16, 32768), dict(entry(), family="phalanx", shape=[1, 32768, 64]))
+    assert store.lookup(fused, "sm_90a", (1, 64, 16, 32768)) == WINNER
+    assert store.lookup(plain, "sm_90a", (1, 64, 16, 32768)) is None
+
+
+class FakeCuda:
+    """Enough of torch.cuda (and of the search's GPU helpers) to run tune()'s loop on the CPU."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, family: type, fwd_ms: dict, bad: dict,
+                 bwd_ms: dict | None = None) -> None:  # fmt: skip
+        import contextlib
+
+        self.checked: list[tuple[dict, tuple]] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+        monkeypatch.setattr(torch.cuda, "device", lambda *a: contextlib.nullcontext())
+        monkeypatch.setattr(search, "device_arch", lambda spec, dev: "sm_90a")
+        monkeypatch.setattr(search, "make_timer", lambda warmup, rep: ((lambda fn: fn()), "fake timer"))
+        monkeypatch.setattr(search, "_context_ok", lambda: True)
+        monkeypatch.setattr(search, "build_program", lambda spec, cand: dict(cand))  # the "program": its knobs
+
+        def key(p: dict) -> tuple[int, int]:
+            return p["tiles_per_warp"], p["tiles_in_flight"]
+
+        def check(fam, program, spec, dims, seed, device):
+            self.checked.append((program, dims))
+            if bad.get(key(program)) == "raise":
+                raise RuntimeError("launch failed\nsecond line")
+            return bad.get(key(program), (1e-4, 1e-4))
+
+        def timed(fam, spec, dims, device):
+            return (lambda p: fwd_ms[key(p)]), (lambda p: (bwd_ms or {}).get(key(p), 0.2))
+
+        monkeypatch.setattr(family, "check", check)
+        monkeypatch.setattr(family, "timed", timed)
+
+
+FAKE_GRID = "warps_per_cta=4;tiles_per_warp=32,64;tiles_in_flight=1,2;cluster_size=1;persistent=false"
+
+
+@pytest.mark.parametrize(("base_ms", "want"), [(0.161, (64, 1)), (0.123, None)], ids=["gain", "within-noise"])
+def test_tune_loop_fused_family(monkeypatch: pytest.MonkeyPatch, base_ms: float, want) -> None:
+    """tune() on a fused spec (fakes for the GPU): phalanx family, B,L,H shapes, failures skipped, saved."""
+    spec = fused_spec()  # its own target: W=4 T=64 F=8 C=1 P=0
+    fwd = {(64, 8): base_ms, (64, 1): 0.122, (32, 2): 0.150, (32, 1): 0.100, (64, 2): 0.090}
+    bad = {(32, 1): (0.5, 1e-4), (64, 2): "raise"}  # fastest two: a wrong result and a failed launch
+    fake = FakeCuda(monkeypatch, search.PhalanxFamily, fwd, bad)
+    lines: list[str] = []
+    result = search.tune(spec, [(1, 32768, 64), (1, 40000, 100)], grid=space.parse_grid(FAKE_GRID),
+                         progress=lines.append)  # fmt: skip
+    assert result["family"] == "phalanx" and "phalanx_fwd" in result["kernels"]
+    assert "phalanx family" in lines[0] and "phalanx_fwd" in lines[0]
+    assert list(result["buckets"]) == ["rows64/L32768"]  # (1, 40000, 100): rows 100 -> 64, L 40000 -> 32768
+    b = result["buckets"]["rows64/L32768"]
+    assert b["shape"] == [1, 32768, 64] and b["shapes"] == [[1, 32768, 64], [1, 40000, 100]]
+    assert any("timing shape B=1 L=32768 H=64" in line for line in lines)
+    # Every candidate was checked at the (reduced) check shape, as (B, H, 16, L).
+    assert len(fake.checked) == len(b["results"]) == result["candidates"] == 5
+    assert {dims for _, dims in fake.checked} == {search.fused_check_shape((1, 64, 16, 32768))}
+    failed = {(r["target"]["tiles_per_warp"], r["target"]["tiles_in_flight"]): r for r in b["results"] if not r["ok"]}
+    assert set(failed) == {(32, 1), (64, 2)}
+    assert "wrong result" in failed[(32, 1)]["reason"] and "RuntimeError: launch failed" == failed[(64, 2)]["reason"]
+    winner = b["winner"]
+    chosen = (winner["target"]["tiles_per_warp"], winner["target"]["tiles_in_flight"])
+    assert chosen == (want or (64, 8))  # within MIN_GAIN of the spec's own target: keep it
+    assert winner["family"] == "phalanx" and winner["shape"] == [1, 32768, 64] and winner["failed"] == 2
+    assert Path(b["file"]).is_file()
+    assert store.lookup(spec, "sm_90a", (1, 64, 16, 32768)) == winner["target"]
+    assert store.lookup(spec, "sm_90a", (1, 100, 16, 40000)) == winner["target"]  # same bucket
+    assert json.loads(Path(b["file"]).read_text())["recurrence"]["fused_gating"] is True
+
+
+def test_tune_stores_per_direction_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward and backward launch separately: where each kernel alone has a clearly faster config than
+    the joint winner, the entry keeps it for that direction, and lookup(direction=...) answers it."""
+    spec = fused_spec()  # its own target: W=4 T=64 F=8
+    fwd = {(64, 8): 0.161, (64, 1): 0.120, (32, 2): 0.165, (32, 1): 0.125, (64, 2): 0.160}
+    bwd = {(64, 8): 0.316, (64, 1): 0.416, (32, 2): 0.330, (32, 1): 0.420, (64, 2): 0.317}
+    FakeCuda(monkeypatch, search.PhalanxFamily, fwd, {}, bwd)
+    lines: list[str] = []
+    result = search.tune(spec, [(1, 32768, 64)], grid=space.parse_grid(FAKE_GRID), progress=lines.append)
+    winner = result["buckets"]["rows64/L32768"]["winner"]
+    joint = winner["target"]
+    assert (joint["tiles_per_warp"], joint["tiles_in_flight"]) == (64, 8)  # 0.477 ms: F=1's 0.536 loses jointly
+    assert (winner["fwd_target"]["tiles_per_warp"], winner["fwd_target"]["tiles_in_flight"]) == (64, 1)
+    assert winner["fwd_alone_ms"] == 0.120
+    assert "bwd_target" not in winner  # (64, 2) is within MIN_GAIN of the joint winner's backward
+    assert any("the fwd kernel alone is fastest" in line for line in lines)
+    dims = (1, 64, 16, 32768)
+    assert store.lookup(spec, "sm_90a", dims, "fwd") == winner["fwd_target"]
+    assert store.lookup(spec, "sm_90a", dims, "bwd") == joint
+    assert store.lookup(spec, "sm_90a", dims) == joint
+    with pytest.raises(ValueError, match="direction"):
+        store.lookup(spec, "sm_90a", dims, "sideways")
+
+
+def test_direction_target_the_spec_rejects_falls_back_to_joint() -> None:
+    store.save(BASE, "sm_90a", SHAPE, dict(entry(), fwd_target=dict(WINNER, cluster_size=2)))
+    assert store.lookup(BASE.replace_target(archs=("sm_80",)), "sm_80", SHAPE) is None  # other arch: no entry
+    spec80 = BASE.replace_target(archs=("sm_90a", "sm_80"))  # a cluster is invalid for this spec
+    assert store.lookup(spec80, "sm_90a", SHAPE, "fwd") == WINNER
+
+
+def test_tune_loop_plain_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same loop on a plain spec: swr family, B,H,L shapes recorded as B,H,DH,L (as before)."""
+    base = BASE.replace_target(tiles_per_warp=64, tiles_in_flight=4, warps_per_cta=4, cluster_size=1,
+                               persistent=False)  # fmt: skip
+    fwd = {(64, 4): 0.2, (64, 1): 0.15, (32, 2): 0.18, (32, 1): 0.19, (64, 2): 0.3}
+    FakeCuda(monkeypatch, search.SwrFamily, fwd, {})
+    lines: list[str] = []
+    result = search.tune(base, [(4, 64, 8192)], grid=space.parse_grid(FAKE_GRID), progress=lines.append)
+    assert result["family"] == "swr" and "swr family" in lines[0]
+    b = result["buckets"]["rows256/L8192"]
+    assert b["shape"] == [4, 64, 16, 8192] and b["winner"]["shape"] == [4, 64, 16, 8192]
+    assert b["winner"]["family"] == "swr" and b["winner"]["target"]["tiles_in_flight"] == 1
+    assert store.lookup(base, "sm_90a", SHAPE) == b["winner"]["target"]
+
+
 def test_tune_needs_cuda() -> None:
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
@@ -264,6 +448,8 @@ def test_tune_needs_cuda() -> None:
         search.tune(BASE, [(1, 1, 64)], progress=None)
     with pytest.raises(ValueError, match="objective"):
         search.tune(BASE, [(1, 1, 64)], objective="speed")
+    with pytest.raises(ValueError, match="B,L,H"):  # a bad shape is reported before the missing GPU
+        search.tune(fused_spec(), [(1, 64, 16, 64)], progress=None)
 
 
 # ------------------------------------------------------------------ CLI
@@ -289,6 +475,28 @@ def test_cli_tune_without_cuda_errors_clearly() -> None:
 def test_cli_tune_bad_arguments(args: tuple[str, ...], hint: str) -> None:
     result = run_cli("tune", spec_file(), *args)
     assert result.exit_code == 2 and hint in result.output
+
+
+@pytest.mark.parametrize("shape", ["4,64,16,8192", "4,8192", "4,0,64", "4,x,64", "4,8192,64,"])
+def test_cli_tune_fused_bad_shapes(shape: str) -> None:
+    result = run_cli("tune", str(FUSED_YAML), "--shape", shape)
+    assert result.exit_code == 2, result.output
+    assert "--shape" in result.output and "B,L,H" in result.output
+
+
+def test_cli_tune_fused_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    result = run_cli("tune", str(FUSED_YAML), "--shape", "1,32768,64")  # a valid B,L,H: only the GPU is missing
+    assert result.exit_code == 1 and "needs a CUDA device" in result.output
+
+
+def test_cli_tune_help_documents_fused_shapes() -> None:
+    result = run_cli("tune", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "B,H,L" in text and "fused_gating: true" in text and "B,L,H = batch, tokens, heads" in text
+    assert "[default: 4,8192,64]" in text and "hopper_k2_fused.yaml --shape 1,32768,64" in text
 
 
 def test_cli_tune_compile_only(session_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

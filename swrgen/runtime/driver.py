@@ -14,6 +14,8 @@ from cuda.bindings import driver as cu
 
 from swrgen.runtime.params import KernelParams
 
+SUCCESS = cu.CUresult.CUDA_SUCCESS
+
 
 class CudaError(RuntimeError):
     pass
@@ -67,17 +69,11 @@ class Kernel:
 
     def launch(self, grid: int, threads: int, params: KernelParams, stream: int, cluster: int = 1) -> None:
         arg = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        (err,) = self._launch_once(grid, threads, ctypes.addressof(arg), stream, cluster)
-        if err == cu.CUresult.CUDA_ERROR_INVALID_CONTEXT:
-            # A thread that has not touched CUDA yet (e.g. a fresh autograd worker) has no current
-            # context: bind torch's primary context of this kernel's device and launch again.
-            ensure_context(torch.device("cuda", self.device_index))
-            (err,) = self._launch_once(grid, threads, ctypes.addressof(arg), stream, cluster)
-        check((err,), f"launch of {self.name}")
+        config = None if cluster == 1 else self.cluster_config(grid, threads, cluster)
+        self.launch_args(grid, threads, ctypes.addressof(arg), stream, config)
 
-    def _launch_once(self, grid: int, threads: int, args: int, stream: int, cluster: int) -> tuple:
-        if cluster == 1:
-            return cu.cuLaunchKernel(self.function, grid, 1, 1, threads, 1, 1, 0, stream, args, 0)
+    def cluster_config(self, grid: int, threads: int, cluster: int) -> cu.CUlaunchConfig:
+        """The cuLaunchKernelEx config of a cluster launch; ``launch_args`` sets its stream."""
         attr = cu.CUlaunchAttribute()
         attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
         attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster, 1, 1
@@ -85,9 +81,33 @@ class Kernel:
         config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
         config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
         config.sharedMemBytes = 0
-        config.hStream = cu.CUstream(stream)
         config.attrs = [attr]
         config.numAttrs = 1
+        return config
+
+    def launch_args(self, grid: int, threads: int, args: int, stream: int,
+                    config: cu.CUlaunchConfig | None = None) -> None:  # fmt: skip
+        """Launch with a prebuilt ``void*[]`` at address ``args``; ``config`` (from ``cluster_config``,
+        not shared between threads) for a cluster launch, else None."""
+        (err,) = self._launch_once(grid, threads, args, stream, config)
+        if err != SUCCESS:
+            self.relaunch(err, grid, threads, args, stream, config)
+
+    def relaunch(self, err: cu.CUresult, grid: int, threads: int, args: int, stream: int,
+                 config: cu.CUlaunchConfig | None = None) -> None:  # fmt: skip
+        """After a launch failed with ``err`` (nothing ran): launch again once the context is bound if
+        that was the cause, else raise."""
+        if err == cu.CUresult.CUDA_ERROR_INVALID_CONTEXT:
+            # A thread that has not touched CUDA yet (e.g. a fresh autograd worker) has no current
+            # context: bind torch's primary context of this kernel's device and launch again.
+            ensure_context(torch.device("cuda", self.device_index))
+            (err,) = self._launch_once(grid, threads, args, stream, config)
+        check((err,), f"launch of {self.name}")
+
+    def _launch_once(self, grid: int, threads: int, args: int, stream: int, config: cu.CUlaunchConfig | None) -> tuple:
+        if config is None:
+            return cu.cuLaunchKernel(self.function, grid, 1, 1, threads, 1, 1, 0, stream, args, 0)
+        config.hStream = cu.CUstream(stream)
         return cu.cuLaunchKernelEx(config, self.function, args, 0)
 
 

@@ -9,6 +9,9 @@ bucketed to the largest power of two not above them, so bucket ``b`` holds ``[b,
 
 A tuned config is stored per (rows bucket, L bucket). The batch and head counts matter only through
 their product, so (B=4, H=64) and (B=1, H=256) share an entry, as they launch the same grid.
+
+The fused Phalanx kernels (``fused_gating`` specs) also run one warp per head (head_dim 16): their
+shape (B, L, H) is bucketed as (B, H, 16, L), i.e. rows = B * H.
 """
 
 from __future__ import annotations

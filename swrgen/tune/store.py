@@ -8,6 +8,12 @@ knobs are what gets tuned, so they cannot be part of the key; name and descripti
     {"version": 1, "recurrence": {...}, "entries": {"sm_90a/nvrtc13.0/rows256/L8192": {
         "target": {"warps_per_cta": 4, ...}, "fwd_ms": ..., "bwd_ms": ..., "objective": "train", ...}}}
 
+A spec with ``recurrence.fused_gating: true`` is tuned on its fused Phalanx kernels (``phalanx_fwd_*`` /
+``phalanx_bwd_*``; ``swrgen tune`` takes its shapes as B,L,H and saves under the bucket of (B, H, 16, L),
+one warp row per head), so its file's entries are for those kernels (each entry's ``family`` says so).
+Its file is never the plain spec's: ``fused_gating`` is part of the recurrence, hence of the hash. (A
+plain-kernel launch of the same fused spec would look up the same entries; the fused ones are what count.)
+
 Writes go to a temporary file renamed into place (readers see the old file or the whole new one). A
 file that does not parse or has the wrong shape is ignored on read and replaced by the next save; an
 entry whose target is malformed is ignored alone. Two tuners saving at once: the last rename wins.
@@ -47,6 +53,9 @@ _DISABLED = 0  # > 0 inside disabled(): the tuner times each candidate as built,
 # The environment as lookup() last read it (reading os.environ costs ~0.7 us a variable, too much for
 # every launch): ($SWRGEN_TUNED == "0", $SWRGEN_CACHE_DIR, $XDG_CACHE_HOME). clear_memo() re-reads it.
 _ENV: tuple[bool, str | None, str | None] | None = None
+# Bumped by clear_memo() (and so by save()): launch plans that embed a tuned program compare it to know
+# they are still current (swrgen/ops/fastpath.py).
+GENERATION = 0
 
 
 def _read_env() -> tuple[bool, str | None, str | None]:
@@ -141,9 +150,17 @@ def save(spec: Spec, arch: str, shape: tuple[int, int, int, int], entry: dict[st
     return path
 
 
-def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int]) -> dict[str, Any] | None:
+DIRECTIONS = ("fwd", "bwd")
+
+
+def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int], direction: str | None = None
+           ) -> dict[str, Any] | None:  # fmt: skip
     """Tuned target overrides for x.shape = [B, H, DH, L] on ``arch``, or None when none is stored.
 
+    direction: "fwd" or "bwd" asks for the knobs of that kernel alone. The forward and backward are
+    separate launches, so where one config is clearly best for the forward and another for the
+    backward, the tuner stores ``fwd_target`` / ``bwd_target`` beside the joint ``target``; without
+    one (or with direction None) the joint target answers.
     Only overrides that the spec accepts are returned (e.g. no cluster for a spec that also lists
     sm_80), so ``spec.replace_target(**lookup(...))`` never raises. Memoized in-process. None inside
     :func:`disabled` (while tuning) and when ``$SWRGEN_TUNED`` is ``0``.
@@ -152,22 +169,30 @@ def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int]) -> dict[str,
         return None
     if (_ENV or _read_env())[0]:  # $SWRGEN_TUNED=0
         return None
-    key = (spec.recurrence, spec.target.archs, arch, bucket_of(tuple(shape)))  # type: ignore[arg-type]
+    key = (spec.recurrence, spec.target.archs, arch, bucket_of(tuple(shape)), direction)  # type: ignore[arg-type]
     try:
         result = _MEMO[key]
     except KeyError:
-        result = _MEMO[key] = _lookup_uncached(spec, arch, key[3], search_dirs())
+        if direction is not None and direction not in DIRECTIONS:
+            raise ValueError(f"direction {direction!r}; allowed: None, {', '.join(DIRECTIONS)}") from None
+        result = _MEMO[key] = _lookup_uncached(spec, arch, key[3], search_dirs(), direction)
     return dict(result) if result is not None else None  # a copy: callers may change it
 
 
-def _lookup_uncached(spec: Spec, arch: str, bucket: tuple[int, int], dirs: tuple[Path, ...]) -> dict[str, Any] | None:
+def _lookup_uncached(spec: Spec, arch: str, bucket: tuple[int, int], dirs: tuple[Path, ...],
+                     direction: str | None = None) -> dict[str, Any] | None:  # fmt: skip
     from swrgen.tune.space import is_valid
 
     rec_hash = recurrence_hash(spec.recurrence)
     name = entry_key(arch, bucket)
     for directory in dirs:
         entry = _entries(directory, rec_hash).get(name)
-        if entry is not None and is_valid(spec, arch, entry["target"]):
+        if entry is None:
+            continue
+        own = entry.get(f"{direction}_target") if direction else None
+        if valid_target(own) and is_valid(spec, arch, own):
+            return dict(own)
+        if is_valid(spec, arch, entry["target"]):
             return dict(entry["target"])
     return None
 
@@ -185,7 +210,8 @@ def disabled() -> Iterator[None]:
 
 def clear_memo() -> None:
     """Forget everything read, the environment included (tests; after a save)."""
-    global _ENV
+    global _ENV, GENERATION
     _FILES.clear()
     _MEMO.clear()
     _ENV = None
+    GENERATION += 1

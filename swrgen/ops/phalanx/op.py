@@ -12,11 +12,56 @@ from pathlib import Path
 import torch
 
 from swrgen import constants
+from swrgen.ops import fastpath
 from swrgen.ops.phalanx import launch
 from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.phalanx.reference import phalanx_gating_backward, phalanx_gating_reference
-from swrgen.ops.swr.op import _default_key, _direct_ok, load, program_for
+from swrgen.ops.swr.op import _default_key, load, program_for
 from swrgen.spec import Spec
+
+
+def _resolve(key: str, P: torch.Tensor, layout: GatingLayout, direction: str):
+    """The op's program with the knobs tuned for this shape and direction ("fwd" or "bwd"): the fused
+    kernels run one warp per head, so the store buckets them as (B, H, head_dim, L)."""
+    shape = (P.shape[0], layout.heads, layout.head_dim, P.shape[1])
+    return fastpath.resolve(program_for(key), P.device, shape, direction)
+
+
+# Plans of the fused calls, keyed by P's geometry plus the op key and arguments (custom-op bodies) or
+# phalanx_gating's own arguments (its inference fast path); dropped when the tuned-config store changes.
+_PLANS: fastpath.Plans[tuple, launch.ForwardPlan] = fastpath.Plans(1024)
+_BACKWARD_PLANS: fastpath.Plans[tuple, launch.BackwardPlan] = fastpath.Plans(1024)
+
+
+def _geometry(P: torch.Tensor) -> tuple:
+    """What the checks and a plan read from P: shape, strides, dtype, device, whether its base is 16-byte aligned."""
+    return (P.shape, P.stride(), P.dtype, P.device, P.data_ptr() % constants.VECTOR_BYTES == 0)
+
+
+def _forward_plan(plan_key: tuple, key: str, P: torch.Tensor, layout: GatingLayout,
+                  decay_max: float) -> launch.ForwardPlan:  # fmt: skip
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        generation = fastpath.token()
+        program = _resolve(key, P, layout, "fwd")
+        plan = _PLANS.put(plan_key, launch.forward_plan(program, P, layout, decay_max), generation)
+    return plan
+
+
+def _cuda_forward(P: torch.Tensor, layout: GatingLayout, decay_max: float, key: str) -> torch.Tensor:
+    return _forward_plan((_geometry(P), layout, decay_max, key), key, P, layout, decay_max).run(P)
+
+
+def _cuda_backward(P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout, decay_max: float, key: str) -> torch.Tensor:
+    if dZ.stride(-1) != 1:
+        dZ = dZ.contiguous()
+    plan_key = (_geometry(P), _geometry(dZ), layout, decay_max, key)
+    plan = _BACKWARD_PLANS.get(plan_key)
+    if plan is None:
+        generation = fastpath.token()
+        program = _resolve(key, P, layout, "bwd")
+        plan = _BACKWARD_PLANS.put(plan_key, launch.backward_plan(program, P, dZ, layout, decay_max), generation)
+    return plan.run(P, dZ)
 
 
 @torch.library.custom_op("swrgen::phalanx_fwd", mutates_args=())
@@ -24,7 +69,7 @@ def _phalanx_fwd(P: torch.Tensor, heads: int, kv_heads: int, head_dim: int, wind
                  decay_max: float, key: str) -> torch.Tensor:  # fmt: skip
     layout = GatingLayout(heads, kv_heads, head_dim)
     if P.is_cuda:
-        return launch.forward(program_for(key), P, layout, decay_max)
+        return _cuda_forward(P, layout, decay_max, key)
     return phalanx_gating_reference(P, layout, window_blocks, block_len, decay_max).to(P.dtype)
 
 
@@ -38,7 +83,7 @@ def _phalanx_bwd(P: torch.Tensor, dZ: torch.Tensor, heads: int, kv_heads: int, h
                  block_len: int, decay_max: float, key: str) -> torch.Tensor:  # fmt: skip
     layout = GatingLayout(heads, kv_heads, head_dim)
     if P.is_cuda:
-        return launch.backward(program_for(key), P, dZ, layout, decay_max)
+        return _cuda_backward(P, dZ, layout, decay_max, key)
     return phalanx_gating_backward(P, dZ, layout, window_blocks, block_len, decay_max).to(P.dtype)
 
 
@@ -106,6 +151,16 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
     generated kernel does all of it (and one the backward); ``spec`` picks a fused spec, else the default
     one for P's dtype. Z has P's dtype.
     """
+    plan_key = None
+    direct = fastpath.direct_ok(P, P)  # inference: the launcher directly, no dispatcher round trip
+    if direct and spec is None:
+        # The scalar arguments' types too: heads=True or heads=2.0 must not be served the plan of heads=1 or 2.
+        args = (heads, kv_heads, head_dim, window_blocks, block_len, decay_max, type(heads), type(kv_heads),
+                type(head_dim), type(window_blocks), type(block_len), type(decay_max))  # fmt: skip
+        plan_key = (_geometry(P), args)
+        plan = _PLANS.get(plan_key)
+        if plan is not None:  # P and arguments like these passed the checks below
+            return plan.run(P)
     layout = GatingLayout(heads, heads if kv_heads is None else kv_heads, head_dim)
     _check(P, layout, decay_max)
     k, bl, dm = window_blocks, block_len, float(decay_max)
@@ -119,6 +174,6 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (k, bl)):
             raise ValueError(f"window_blocks and block_len must be integers >= 1; got {k!r}, {bl!r}")
         key = ""
-    if P.is_cuda and _direct_ok(P, P):  # inference: the launcher directly, no dispatcher round trip
-        return launch.forward(program_for(key), P, layout, dm)
+    if direct:  # the checks passed: remember the plan under phalanx_gating's arguments (or the spec's op key)
+        return _forward_plan(plan_key or (_geometry(P), layout, dm, key), key, P, layout, dm).run(P)
     return _phalanx_fwd(P, layout.heads, layout.kv_heads, head_dim, k, bl, dm, key)

@@ -5,6 +5,11 @@ semantics, any floating dtype). Both ops are registered through ``torch.library`
 with fake implementations, so ``torch.compile(fullgraph=True)`` traces through them
 and CUDA graphs capture them.
 
+Inference calls (no gradient to record, not tracing) skip the dispatcher: ``swr`` and
+``SwrOp`` look the call up in a plan cache keyed by everything their checks read, and a
+hit allocates y and launches (small calls are launch-bound). A miss runs the checks and
+fills the cache. The custom ops' CUDA bodies use plan caches too.
+
 Saved for backward: the inputs ``a`` and ``x`` only (the backward kernel recomputes
 every intermediate), so training needs no memory beyond the op's inputs and outputs.
 """
@@ -13,17 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Hashable
 from pathlib import Path
 
 import torch
 
 from swrgen import constants
+from swrgen.ops import fastpath
+from swrgen.ops.fastpath import direct_ok as _direct_ok
 from swrgen.ops.swr import launch
 from swrgen.ops.swr.reference import swr_reference
 from swrgen.ops.swr.tiled import swr_tiled_backward
 from swrgen.runtime.program import Program
 from swrgen.spec import Spec, default_spec, load_spec
-from swrgen.tune.store import lookup
 
 DEFAULT_WINDOW_BLOCKS = 2
 DEFAULT_BLOCK_LEN = 16
@@ -41,32 +48,52 @@ def program_for(key: str) -> Program:
     return _PROGRAMS[key]
 
 
-_TUNED: dict[tuple[str, tuple], Program] = {}
+# Plans of unpacked calls (the fast path of swr() and SwrOp, and the custom ops' CUDA bodies), keyed by
+# _plan_key: the inputs' geometry plus the op key (SwrOp, custom ops) or swr()'s own arguments.
+_PLANS: fastpath.Plans[tuple, launch.ForwardPlan] = fastpath.Plans(1024)
+_BACKWARD_PLANS: fastpath.Plans[tuple, launch.BackwardPlan] = fastpath.Plans(1024)
 
 
-def _tuned(program: Program, x: torch.Tensor) -> Program:
-    """The program with the autotuned knobs for this shape (``swrgen tune``), if any are stored.
+def _plan_key(a: torch.Tensor, x: torch.Tensor, extra: Hashable) -> tuple:
+    """Everything the input checks and a forward plan read from a and x (shapes, strides, dtypes, devices,
+    whether both bases are 16-byte aligned), plus ``extra``: what else the call's result depends on."""
+    return (x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype, x.device, a.device,
+            (x.data_ptr() | a.data_ptr()) % constants.VECTOR_BYTES == 0, extra)  # fmt: skip
 
-    Tuning knobs never change results (tested bitwise), so swapping them is safe; programs built
-    from a generated/ folder keep that folder's source and are never swapped.
-    """
-    if not program.from_templates:
-        return program
-    over = lookup(program.spec, program.arch_for(x.device), tuple(x.shape))
-    if not over:
-        return program
-    key = (program.spec.digest(), tuple(sorted(over.items())))
-    if key not in _TUNED:
-        _TUNED[key] = load(program.spec.replace_target(**over)).program
-    return _TUNED[key]
+
+def _forward_plan(plan_key: tuple, key: str, a: torch.Tensor, x: torch.Tensor) -> launch.ForwardPlan:
+    """The cached plan of an unpacked forward call of op ``key``, made (tuned program included) on a miss."""
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        generation = fastpath.token()
+        program = fastpath.resolve(_PROGRAMS[key], x.device, tuple(x.shape), "fwd")
+        plan = _PLANS.put(plan_key, launch.forward_plan(program, a, x), generation)
+    return plan
 
 
 def _cuda_forward(a: torch.Tensor, x: torch.Tensor, key: str, cu_seqlens: torch.Tensor | None,
                   state: torch.Tensor | None, phase: int) -> torch.Tensor:  # fmt: skip
-    """The generated forward: the custom op's CUDA body, and the inference fast path's."""
-    program = _tuned(_PROGRAMS[key], x)
+    """The generated forward: the custom op's CUDA body, and the inference path's with cu_seqlens or state."""
+    if cu_seqlens is None and state is None:
+        return _forward_plan(_plan_key(a, x, key), key, a, x).run(a, x)
+    program = fastpath.resolve(_PROGRAMS[key], x.device, tuple(x.shape), "fwd")
     packed = None if cu_seqlens is None else launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
     return launch.forward(program, a, x, packed=packed, state=state, phase=phase)
+
+
+def _cuda_backward(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, key: str,
+                   cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    if cu_seqlens is None:
+        plan_key = (_plan_key(a, x, key), dy.shape, dy.stride(), dy.dtype, dy.data_ptr() % constants.VECTOR_BYTES == 0)
+        plan = _BACKWARD_PLANS.get(plan_key)
+        if plan is None:
+            generation = fastpath.token()
+            program = fastpath.resolve(_PROGRAMS[key], x.device, tuple(x.shape), "bwd")
+            plan = _BACKWARD_PLANS.put(plan_key, launch.backward_plan(program, a, x, dy), generation)
+        return plan.run(a, x, dy)
+    program = fastpath.resolve(_PROGRAMS[key], x.device, tuple(x.shape), "bwd")
+    packed = launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
+    return launch.backward(program, a, x, dy, packed=packed)
 
 
 # ---------------------------------------------------------------- custom ops
@@ -109,9 +136,7 @@ def _unpack_state(packed: torch.Tensor, pos: int, window_blocks: int, block_len:
 def _swr_bwd(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, window_blocks: int, block_len: int, key: str,
              cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     if x.is_cuda:
-        program = _tuned(_PROGRAMS[key], x)
-        packed = None if cu_seqlens is None else launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
-        return launch.backward(program, a, x, dy, packed=packed)
+        return _cuda_backward(a, x, dy, key, cu_seqlens)
     # A custom op runs below autograd (enable_grad records nothing here), so the CPU backward is the
     # closed-form float64 mirror of the kernel's math, per packed sequence.
     if cu_seqlens is None:
@@ -216,6 +241,12 @@ class SwrOp:
     def __call__(self, a: torch.Tensor, x: torch.Tensor, *, cu_seqlens=None, initial_state=None,
                  return_state: bool = False):  # fmt: skip
         """y = SWR(a, x); see ``swrgen.swr`` for cu_seqlens, initial_state and return_state."""
+        plan_key = None
+        if cu_seqlens is None and initial_state is None and not return_state and _direct_ok(a, x):
+            plan_key = _plan_key(a, x, self)  # self: only calls checked against this op's spec share its plans
+            plan = _PLANS.get(plan_key)
+            if plan is not None:  # inputs like these passed the checks below
+                return plan.run(a, x)
         _check_tensors(a, x)
         r = self.spec.recurrence
         if x.is_cuda:
@@ -223,6 +254,8 @@ class SwrOp:
             out_dtype = constants.torch_dtype(r.output_dtype)
         else:  # CPU: the reference, any floating dtype; output as the spec says, float64 stays float64
             out_dtype = x.dtype if (x.dtype == torch.float64 or r.output_dtype != "fp32") else torch.float32
+        if plan_key is not None:
+            return _forward_plan(plan_key, self.key, a, x).run(a, x)
         return _run(a, x, r.window_blocks, r.block_len, self.key, out_dtype, cu_seqlens, initial_state, return_state)
 
     def __repr__(self) -> str:
@@ -263,7 +296,9 @@ def _default_key(head_dim: int, per_channel: bool, x_dtype: torch.dtype, a_dtype
     (building and hashing a spec costs more than a small launch). The memo is a plain dict: dynamo
     would trace into a functools.cache wrapper instead of treating the result as constant.
     ``fused_gating``: the spec with the fused Phalanx kernels (``swrgen.phalanx_gating``)."""
-    args = (head_dim, per_channel, x_dtype, a_dtype, window_blocks, block_len, out_dtype, fused_gating)
+    # The types too: window_blocks=True must not be served the key of window_blocks=1 (the spec rejects bools).
+    args = (head_dim, per_channel, x_dtype, a_dtype, window_blocks, block_len, out_dtype, fused_gating,
+            type(window_blocks), type(block_len))  # fmt: skip
     if (key := _DEFAULT_KEYS.get(args)) is not None:
         return key
     spec = default_spec(
@@ -315,23 +350,6 @@ def _run(a, x, k: int, bl: int, key: str, out_dtype: torch.dtype, cu_seqlens, in
     return y, final_state(a.detach(), x.detach(), k, bl, initial_state)
 
 
-def _direct_ok(a: torch.Tensor, x: torch.Tensor) -> bool:
-    """True when calling the launcher directly is indistinguishable from the custom op.
-
-    That is: plain CUDA tensors, no gradient to record, not tracing, and no torch function or
-    dispatch mode that expects to see the op.
-    """
-    return (
-        x.is_cuda
-        and type(x) is torch.Tensor
-        and type(a) is torch.Tensor
-        and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad))
-        and not torch.compiler.is_compiling()
-        and not torch._C._is_torch_function_mode_enabled()
-        and torch._C._len_torch_dispatch_stack() == 0
-    )
-
-
 def _check_state(state, x: torch.Tensor, k: int, bl: int) -> None:
     from swrgen.ops.swr.state import SwrState
 
@@ -358,6 +376,14 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
     initial_state / return_state: streaming inference (``swrgen.ops.swr.state.SwrState``): continue
     from the state after ``state.pos`` tokens, and return ``(y, new_state)``. No backward.
     """
+    plan_key = None
+    if spec is None and cu_seqlens is None and initial_state is None and not return_state and _direct_ok(a, x):
+        # The scalar arguments' types too: window_blocks=True must not be served the plan of window_blocks=1.
+        args = (window_blocks, block_len, out_dtype, type(window_blocks), type(block_len))
+        plan_key = _plan_key(a, x, args)
+        plan = _PLANS.get(plan_key)
+        if plan is not None:  # inputs and arguments like these passed the checks below
+            return plan.run(a, x)
     _check_tensors(a, x)
     if spec is not None:
         op = load(spec)
@@ -383,4 +409,6 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
         raise TypeError("float64 runs on the CPU only; the CUDA kernels take bfloat16, float16 or float32 inputs")
     out_dtype = torch.float32 if out_dtype is None else out_dtype
     key = _default_key(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
+    if plan_key is not None:  # an inference call that passed the checks: remember its plan
+        return _forward_plan(plan_key, key, a, x).run(a, x)
     return _run(a, x, k, bl, key, out_dtype, cu_seqlens, initial_state, return_state)

@@ -1,0 +1,81 @@
+"""A/B-time kernels of several generated folders or spec files in one run (GPU).
+
+    python bench/ab.py OLD_DIR NEW_DIR [MORE ...] [--shapes 4,64,8192 ...] [--rounds 5]
+
+For a template change: ``swrgen build --no-compile -o .baseline specs/x.yaml`` before the change keeps
+the old source (a generated folder loads its own source); after it, compare that folder with the spec.
+Programs of one recurrence get the same inputs, must give bitwise-identical y, dx and da (a template
+change that alters results is a bug, not a speedup), and are timed interleaved over ``--rounds`` rounds
+so clock and thermal drift hit them alike. Reported: the median over rounds of each do_bench median,
+with % of the copy-bandwidth floor (bytes as in bench_swr.py) and the ratio to the first of its group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import swrgen
+from bench.bench_swr import bench_ms, copy_bandwidth
+from swrgen import constants
+from swrgen.ops.swr import launch
+from swrgen.tune.search import random_inputs
+
+DEFAULT_SHAPES = ["8,64,2048", "4,64,8192", "1,64,32768"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("programs", nargs="+", help="generated folders (swrgen build) or spec YAML files")
+    ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,H,L (head_dim from the spec)")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    ops = [(Path(p).name.removesuffix(".yaml"), swrgen.load(p)) for p in args.programs]
+    groups: dict[object, list] = {}
+    for label, op in ops:
+        groups.setdefault(op.spec.recurrence, []).append((label, op.program))
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.3f} TB/s  torch {torch.__version__}  rounds {args.rounds}")
+    for rec, members in groups.items():
+        for text in args.shapes:
+            b, h, length = (int(v) for v in text.split(","))
+            shape = (b, h, rec.head_dim, length)
+            spec = members[0][1].spec
+            a, x = random_inputs(spec, shape, seed=7, device=torch.device("cuda"))
+            out_dtype = constants.torch_dtype(rec.output_dtype)
+            dy = torch.randn(shape, device="cuda").to(out_dtype)
+            first = None
+            for label, prog in members:
+                got = (launch.forward(prog, a, x, poison=float("nan")),
+                       *launch.backward(prog, a, x, dy, poison=float("nan")))  # fmt: skip
+                if first is None:
+                    first = got
+                elif not all(torch.equal(u, v) for u, v in zip(got, first, strict=True)):
+                    raise SystemExit(f"{label} differs from {members[0][0]} at {shape}: not a pure speed change")
+            times: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in members}
+            for _ in range(args.rounds):
+                for label, prog in members:
+                    f = bench_ms(lambda p=prog, a=a, x=x: launch.forward(p, a, x))
+                    bk = bench_ms(lambda p=prog, a=a, x=x, dy=dy: launch.backward(p, a, x, dy))
+                    times[label].append((f, bk))
+            fb = x.numel() * x.element_size() + a.numel() * a.element_size() + x.numel() * out_dtype.itemsize
+            bb = 2 * x.numel() * x.element_size() + 2 * a.numel() * a.element_size() + dy.numel() * dy.element_size()
+            base = None
+            for label, _ in members:
+                f = statistics.median(t[0] for t in times[label])
+                bk = statistics.median(t[1] for t in times[label])
+                base = base or (f, bk)
+                print(f"{label:28s} k={rec.window_blocks} out={rec.output_dtype} B,H,L={text:>12s}: "
+                      f"fwd {f:.4f} ms {100 * fb / bw / f / 1e-3:3.0f}% ({f / base[0]:.3f}x)  "
+                      f"bwd {bk:.4f} ms {100 * bb / bw / bk / 1e-3:3.0f}% ({bk / base[1]:.3f}x)  identical",
+                      flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""GPU tests of the plan-cached launch paths (skip without CUDA): the inference fast paths of ``swrgen.swr``,
+``SwrOp`` and ``swrgen.phalanx_gating`` give what the custom ops give, bit for bit; a call with other strides,
+alignment or dtypes never runs a stale plan; a tuned-store change takes effect on the next call; and threads
+can share plans."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import swrgen
+from swrgen.ops.phalanx import GatingLayout
+from swrgen.ops.phalanx import launch as fused_launch
+from swrgen.ops.phalanx.reference import phalanx_gating_reference
+from swrgen.ops.swr import launch
+from swrgen.ops.swr import op as swr_op
+from swrgen.ops.swr.reference import swr_reference
+from swrgen.spec import default_spec
+from swrgen.tune import store
+from tests.gpu_util import make_inputs, rel_err, requires_cuda
+
+pytestmark = [requires_cuda, pytest.mark.gpu]
+
+
+def _poison_allocator(nbytes: int) -> None:
+    """Fill a freed block with NaN so the next allocation of that size likely reuses it: the fast path
+    allocates its own output, and an element it failed to write then shows."""
+    torch.full((nbytes // 4 + 64,), float("nan"), device="cuda")
+    torch.cuda.synchronize()
+
+
+def _swr(a: torch.Tensor, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    _poison_allocator(x.numel() * 4)
+    return swrgen.swr(a, x, **kwargs)
+
+
+def _custom_op(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The same call through the custom op and autograd (inputs that need grad take that path)."""
+    return swrgen.swr(a.detach().requires_grad_(), x.detach().requires_grad_()).detach()
+
+
+def _reference(a: torch.Tensor, x: torch.Tensor, k: int = 2) -> torch.Tensor:
+    return swr_reference(a.double(), x.double(), k, 16)
+
+
+@pytest.mark.parametrize("length", [16, 17, 1000, 4096])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fast_path_equals_custom_op_bitwise(length, per_channel):
+    a, x = make_inputs(2, 3, 16, length, per_channel=per_channel, seed=length)
+    y_op = _custom_op(a, x)
+    for _ in range(3):  # the first call plans, the later ones hit
+        y = _swr(a, x)
+        assert torch.equal(y, y_op)
+    assert rel_err(y, _reference(a, x)) <= 2e-3
+    op = swrgen.load(default_spec(gate_layout="per_channel" if per_channel else "per_head"))
+    with torch.no_grad():
+        assert torch.equal(op(a, x), y_op) and torch.equal(op(a, x), y_op)
+
+
+def test_other_strides_alignment_and_dtypes_get_their_own_plan():
+    a, x = make_inputs(3, 4, 16, 2048, seed=1)
+    base = _swr(a, x)
+    assert rel_err(base, _reference(a, x)) <= 2e-3
+    permuted = x.transpose(0, 1).contiguous().transpose(0, 1)  # other batch/head strides
+    assert torch.equal(_swr(a, permuted), base)
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    unaligned = storage[1:].view(x.shape)  # scalar kernel: the vector one would fault or misread
+    unaligned.copy_(x)
+    assert not launch.aligned(unaligned, a)
+    assert torch.equal(_swr(a, unaligned), base)
+    assert torch.equal(_swr(a, x), base)  # and back
+    a16, x16 = a.half(), x.half()
+    assert rel_err(_swr(a16, x16), _reference(a16, x16)) <= 2e-3
+    y_bf16 = _swr(a, x, out_dtype=torch.bfloat16)
+    assert y_bf16.dtype == torch.bfloat16 and rel_err(y_bf16, _reference(a, x)) <= 8e-3
+    y3 = _swr(a, x, window_blocks=3)
+    assert rel_err(y3, _reference(a, x, k=3)) <= 2e-3
+    short = x[..., :1000]  # same storage, other length (strides unchanged)
+    assert rel_err(_swr(a[..., :1000], short), _reference(a[..., :1000], short)) <= 2e-3
+
+
+def test_backward_plans_match_reference_on_repeated_and_restrided_calls():
+    a, x = make_inputs(2, 3, 32, 1000, seed=4)  # head_dim 32: da summed over two channel groups
+    a64, x64 = a.double().requires_grad_(), x.double().requires_grad_()
+    dy = torch.randn(x.shape, device="cuda")
+    want = torch.autograd.grad(swr_reference(a64, x64, 2, 16), (a64, x64), dy.double())
+    for dy_ in (dy, dy, dy.transpose(0, 1).contiguous().transpose(0, 1)):
+        ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+        got = torch.autograd.grad(swrgen.swr(ag, xg), (ag, xg), dy_)
+        assert rel_err(got[0], want[0]) <= 5e-3 and rel_err(got[1], want[1]) <= 5e-3
+
+
+def test_tuned_store_change_takes_effect_on_the_next_call(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWRGEN_CACHE_DIR", str(tmp_path))
+    store.clear_memo()
+    try:
+        a, x = make_inputs(2, 4, 16, 4096, seed=2)
+        planned = []
+        real_plan = launch.forward_plan
+        monkeypatch.setattr(launch, "forward_plan", lambda p, *args: planned.append(p) or real_plan(p, *args))
+        y0 = _swr(a, x)
+        _swr(a, x)
+        program = planned[-1]
+        assert program.spec.target.warps_per_cta != 8
+        target = {"warps_per_cta": 8, "tiles_per_warp": 3}
+        store.save(program.spec, program.arch_for(x.device), tuple(x.shape), {"target": target})
+        y1 = _swr(a, x)
+        tuned = planned[-1]
+        assert tuned is not program and tuned.spec.target.warps_per_cta == 8 and tuned.spec.target.tiles_per_warp == 3
+        assert torch.equal(y1, y0)  # knobs never change results
+        _swr(a, x)  # made once more: the first plan after a store change predates the store's next read
+        n = len(planned)
+        assert torch.equal(_swr(a, x), y0) and len(planned) == n  # a hit again
+    finally:
+        store.clear_memo()
+
+
+def _projections(batch, length, layout, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(batch, length, layout.width, generator=g).to(device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(1, 1), (8, 4), (4, 4)])
+def test_fused_fast_path_equals_custom_op_bitwise(heads, kv_heads):
+    layout = GatingLayout(heads, kv_heads, 16)
+    P = _projections(2, 1000, layout, seed=heads + kv_heads)
+    Z_op = swrgen.phalanx_gating(P.clone().requires_grad_(), heads=heads, kv_heads=kv_heads).detach()
+    for _ in range(3):
+        _poison_allocator(Z_op.numel() * 2)
+        Z = swrgen.phalanx_gating(P, heads=heads, kv_heads=kv_heads)
+        assert torch.equal(Z, Z_op)
+    assert rel_err(Z, phalanx_gating_reference(P, layout, 2, 16, 0.8)) <= 1e-2
+    Z5 = swrgen.phalanx_gating(P, heads=heads, kv_heads=kv_heads, decay_max=0.5)
+    assert rel_err(Z5, phalanx_gating_reference(P, layout, 2, 16, 0.5)) <= 1e-2
+    shifted = torch.empty(P.numel() + 1, dtype=P.dtype, device=P.device)[1:].view(P.shape)
+    shifted.copy_(P)
+    assert torch.equal(swrgen.phalanx_gating(shifted, heads=heads, kv_heads=kv_heads), Z_op)
+
+
+def test_fused_tuned_store_change_takes_effect(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWRGEN_CACHE_DIR", str(tmp_path))
+    store.clear_memo()
+    try:
+        layout = GatingLayout(4, 4, 16)
+        P = _projections(2, 2048, layout, seed=3)
+        planned = []
+        real_plan = fused_launch.forward_plan
+        monkeypatch.setattr(fused_launch, "forward_plan", lambda p, *args: planned.append(p) or real_plan(p, *args))
+        Z0 = swrgen.phalanx_gating(P, heads=4)
+        swrgen.phalanx_gating(P, heads=4)
+        program = planned[-1]
+        target = {"warps_per_cta": 2, "tiles_per_warp": 3}
+        # The fused kernels' bucket: (B, H, 16, L).
+        store.save(program.spec, program.arch_for(P.device), (2, 4, 16, 2048), {"target": target})
+        Z1 = swrgen.phalanx_gating(P, heads=4)
+        assert planned[-1].spec.target.warps_per_cta == 2 and planned[-1].spec.target.tiles_per_warp == 3
+        assert torch.equal(Z1, Z0)
+    finally:
+        store.clear_memo()
+
+
+def test_concurrent_calls_from_two_threads():
+    shapes = [(2, 3, 16, 1000), (2, 3, 16, 1000), (1, 2, 16, 4096)]  # two threads share the first plan
+    inputs = [make_inputs(*s, seed=i) for i, s in enumerate(shapes)]
+    want = [swrgen.swr(a, x) for a, x in inputs]
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        a, x = inputs[i]
+        for _ in range(200):
+            y = swrgen.swr(a, x)
+            if not torch.equal(y, want[i]):
+                errors.append(f"thread {i}: wrong result")
+                return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
+
+
+def test_fast_path_inside_cuda_graph_and_compile():
+    a, x = make_inputs(1, 2, 16, 256, seed=5)
+    want = swrgen.swr(a, x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        swrgen.swr(a, x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = swrgen.swr(a, x)
+    x.mul_(2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, 2 * want)  # the captured launch reads x's memory, not a copy
+    x.div_(2)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, x: swrgen.swr(a, x) + 1, fullgraph=True)
+    assert torch.equal(compiled(a, x), want + 1)
+    assert len(swr_op._PLANS) > 0
