@@ -3,6 +3,7 @@
     from swrgen.tune import tune, lookup
     tune(spec, [(4, 64, 8192)], device="cuda")          # checks, times, saves the winners
     lookup(spec, "sm_90a", x.shape)                     # -> {"warps_per_cta": 4, ...} or None
+    lookup(spec, "sm_90a", x.shape, "fwd")              # the forward's own knobs where stored, else the same
 
     tune(fused_spec, [(4, 8192, 64)])                   # fused_gating spec: shapes are B,L,H, and the
     lookup(fused_spec, "sm_90a", (4, 64, 16, 8192))     # fused Phalanx kernels are tuned (B, H, 16, L)

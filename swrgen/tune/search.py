@@ -551,9 +551,11 @@ def tune(spec: Spec, shapes: Iterable[Iterable[int]], *, device: str | torch.dev
     return result
 
 
-def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int]) -> dict[str, Any] | None:
+def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int], direction: str | None = None
+           ) -> dict[str, Any] | None:  # fmt: skip
     """Tuned target overrides for x.shape = [B, H, DH, L] (see :func:`swrgen.tune.store.lookup`).
 
-    For a fused spec's Phalanx kernels: (B, H, 16, L) for P [B, L, N] of H heads.
+    For a fused spec's Phalanx kernels: (B, H, 16, L) for P [B, L, N] of H heads. direction: "fwd" or
+    "bwd" for the knobs of that kernel alone, where the tuner stored them.
     """
-    return store.lookup(spec, arch, shape)
+    return store.lookup(spec, arch, shape, direction)
