@@ -204,6 +204,7 @@ def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[
 def run_launch_overhead(log: Callable[[str], None], n: int = 1000) -> dict[str, Any]:
     """Host cost per call of a tiny op (B=1, H=1, L=16): n back-to-back calls between two syncs."""
     import swrgen
+    from bench import launch_overhead
     from swrgen.ops.swr import launch
     from swrgen.spec import default_spec
 
@@ -213,14 +214,9 @@ def run_launch_overhead(log: Callable[[str], None], n: int = 1000) -> dict[str, 
     a = (0.5 + 0.5 * torch.rand(1, 1, 16, device="cuda", generator=g)).bfloat16()
 
     def per_call_us(fn: Callable[[], Any], calls: int) -> float:
-        for _ in range(20):
+        for _ in range(20):  # warm-up: first calls build plans and load modules
             fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / calls * 1e6
+        return launch_overhead.per_call_us(fn, calls)
 
     out: dict[str, Any] = {"shape": [1, 1, HEAD_DIM, 16], "calls": n}
     paths: dict[str, Callable[[], Any]] = {
@@ -236,16 +232,7 @@ def run_launch_overhead(log: Callable[[str], None], n: int = 1000) -> dict[str, 
             out[name] = None
             log(f"launch overhead {name}: FAILED {_reason(err)}")
     try:  # CUDA graphs: warm on a side stream (as torch's docs ask), capture, time replays
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                op(a, x)
-        torch.cuda.current_stream().wait_stream(side)
-        one = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(one):
-            op(a, x)
-        out["CUDA graph: replay of 1 call"] = per_call_us(one.replay, n)
+        out["CUDA graph: replay of 1 call"] = per_call_us(launch_overhead.graph_replay(lambda: op(a, x)), n)
         hundred = torch.cuda.CUDAGraph()
         with torch.cuda.graph(hundred):
             for _ in range(100):

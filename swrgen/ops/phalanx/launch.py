@@ -9,7 +9,7 @@ import torch
 
 from swrgen import constants
 from swrgen.ops.phalanx.layout import GatingLayout
-from swrgen.ops.swr.launch import aligned, ceil_div, fresh_rows_aligned, launch_plan, rows_aligned
+from swrgen.ops.swr.launch import aligned, ceil_div, cuda_device, fresh_rows_aligned, launch_plan, rows_aligned
 from swrgen.runtime.params import KernelParams
 from swrgen.runtime.plan import LaunchPlan, PlanCache
 from swrgen.runtime.program import Program
@@ -67,7 +67,7 @@ def _build_forward(program: Program, P: torch.Tensor, layout: GatingLayout, deca
     p = _params(program, P, layout, decay_max)
     p.szb, p.szt = length * layout.inner, layout.inner  # Z is a fresh contiguous tensor (aligned base)
     vec = use_vector_kernel(layout, P) and fresh_rows_aligned(shape, P.element_size())
-    device = torch.device("cuda", P.get_device())
+    device = cuda_device(P)
     plan = launch_plan(program, "phalanx_fwd_vec" if vec else "phalanx_fwd_scalar", device, p)
     return ForwardPlan(plan, shape)
 
@@ -129,7 +129,7 @@ def _build_backward(program: Program, P: torch.Tensor, dZ: torch.Tensor, layout:
     p.sdzb, p.sdzt = dZ.stride(0), dZ.stride(1)
     p.sdpb, p.sdpt = length * width, width  # dP is a fresh contiguous tensor (aligned base)
     vec = use_vector_kernel(layout, P, dZ) and fresh_rows_aligned(shape, P.element_size())
-    device = torch.device("cuda", P.get_device())
+    device = cuda_device(P)
     plan = launch_plan(program, "phalanx_bwd_vec" if vec else "phalanx_bwd_scalar", device, p)
     return BackwardPlan(plan, shape, dbc_shape, layout)
 

@@ -35,7 +35,7 @@ _BACKWARD_PLANS: fastpath.Plans[tuple, launch.BackwardPlan] = fastpath.Plans(102
 
 def _geometry(P: torch.Tensor) -> tuple:
     """What the checks and a plan read from P: shape, strides, dtype, device, whether its base is 16-byte aligned."""
-    return (P.shape, P.stride(), P.dtype, P.device, P.data_ptr() % constants.VECTOR_BYTES == 0)
+    return (P.shape, P.stride(), P.dtype, P.device, launch.aligned(P))
 
 
 def _forward_plan(plan_key: tuple, key: str, P: torch.Tensor, layout: GatingLayout,

@@ -15,7 +15,7 @@ import torch
 from swrgen import constants
 from swrgen.runtime.driver import multiprocessor_count
 from swrgen.runtime.params import KernelParams
-from swrgen.runtime.plan import LaunchPlan, PlanCache, current_stream
+from swrgen.runtime.plan import LaunchPlan, PlanCache
 from swrgen.runtime.program import Program
 
 
@@ -114,26 +114,12 @@ def _params(program: Program, a: torch.Tensor, x: torch.Tensor, packed: Packed |
     return p
 
 
-def _stream(device: torch.device) -> int:
-    return current_stream(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def aligned(*tensors: torch.Tensor) -> bool:
     """Every base address 16-byte aligned: with the shapes and strides, all that the kernel choice reads."""
     ptr = 0
     for t in tensors:
         ptr |= t.data_ptr()
     return ptr % constants.VECTOR_BYTES == 0
-
-
-def launch_kernel(program: Program, name: str, x: torch.Tensor, params: KernelParams) -> None:
-    """Launch entry point ``name`` of ``program`` on x's device and current stream, grid from the spec."""
-    t = program.spec.target
-    if params.work == 0:
-        return
-    kernel = program.module(x.device).kernels[name]
-    kernel.launch(_grid(program, kernel, params.work, x.device), t.warps_per_cta * constants.WARP_SIZE, params,
-                  _stream(x.device), t.cluster_size)  # fmt: skip
 
 
 def launch_plan(program: Program, name: str, device: torch.device, params: KernelParams) -> LaunchPlan | None:
@@ -146,7 +132,7 @@ def launch_plan(program: Program, name: str, device: torch.device, params: Kerne
     return LaunchPlan(kernel, grid, t.warps_per_cta * constants.WARP_SIZE, t.cluster_size, params)
 
 
-def _cuda_device(t: torch.Tensor) -> torch.device:
+def cuda_device(t: torch.Tensor) -> torch.device:
     return torch.device("cuda", t.get_device())
 
 
@@ -171,7 +157,7 @@ class ForwardPlan:
 def _build_forward(program: Program, a: torch.Tensor, x: torch.Tensor, packed: Packed | None,
                    phase: int) -> ForwardPlan:  # fmt: skip
     out_dtype = constants.torch_dtype(program.spec.recurrence.output_dtype)
-    device = _cuda_device(x)
+    device = cuda_device(x)
     p = _params(program, a, x, packed, phase)
     _, heads, head_dim, length = x.shape
     p.syb, p.syh, p.syc = heads * head_dim * length, head_dim * length, length  # the output is contiguous
@@ -237,7 +223,7 @@ class BackwardPlan:
 def _build_backward(program: Program, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
                     packed: Packed | None) -> BackwardPlan:  # fmt: skip
     batch, heads, head_dim, length = x.shape
-    device = _cuda_device(x)
+    device = cuda_device(x)
     groups = head_dim // constants.CHANNELS_PER_WARP
     per_channel = a.dim() == 4
     partial = not per_channel and groups > 1  # fp32 partial per 16-channel group, summed by run()

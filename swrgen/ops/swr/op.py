@@ -58,7 +58,7 @@ def _plan_key(a: torch.Tensor, x: torch.Tensor, extra: Hashable) -> tuple:
     """Everything the input checks and a forward plan read from a and x (shapes, strides, dtypes, devices,
     whether both bases are 16-byte aligned), plus ``extra``: what else the call's result depends on."""
     return (x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype, x.device, a.device,
-            (x.data_ptr() | a.data_ptr()) % constants.VECTOR_BYTES == 0, extra)  # fmt: skip
+            launch.aligned(x, a), extra)  # fmt: skip
 
 
 def _forward_plan(plan_key: tuple, key: str, a: torch.Tensor, x: torch.Tensor) -> launch.ForwardPlan:
@@ -84,7 +84,7 @@ def _cuda_forward(a: torch.Tensor, x: torch.Tensor, key: str, cu_seqlens: torch.
 def _cuda_backward(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, key: str,
                    cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     if cu_seqlens is None:
-        plan_key = (_plan_key(a, x, key), dy.shape, dy.stride(), dy.dtype, dy.data_ptr() % constants.VECTOR_BYTES == 0)
+        plan_key = (_plan_key(a, x, key), dy.shape, dy.stride(), dy.dtype, launch.aligned(dy))
         plan = _BACKWARD_PLANS.get(plan_key)
         if plan is None:
             generation = fastpath.token()
