@@ -36,7 +36,13 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,H,L (head_dim from the spec)")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    ops = [(Path(p).name.removesuffix(".yaml"), swrgen.load(p)) for p in args.programs]
+    names = [Path(p).name.removesuffix(".yaml") for p in args.programs]
+    # Folders of one spec share a name (old/hopper_k2, new/hopper_k2): label those by their parent too.
+    labels = [f"{Path(p).parent.name}/{n}" if names.count(n) > 1 else n
+              for p, n in zip(args.programs, names, strict=True)]  # fmt: skip
+    if len(set(labels)) < len(labels):
+        raise SystemExit(f"two programs share the label of another: {labels}; give each its own folder")
+    ops = [(label, swrgen.load(p)) for label, p in zip(labels, args.programs, strict=True)]
     groups: dict[object, list] = {}
     for label, op in ops:
         groups.setdefault(op.spec.recurrence, []).append((label, op.program))

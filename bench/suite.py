@@ -5,15 +5,16 @@
     python bench/suite.py --record-from out.json     # no GPU: append that run's entry to bench/RESULTS.md
 
 One run: copy bandwidth (bench_swr.copy_bandwidth: 1 GiB device copy, bytes read + written); the
-generated forward and backward at the default shapes plus --shape extras, for each k and output dtype
+generated forward and backward at the default shapes plus --shape extras, for each k and output dtype,
+each direction with the knobs the ops launch (the stored tuned config where there is one, else the spec's)
 (median time, bytes, % of floor, GB/s; a float64 check first); the Python launch cost of a tiny call,
 plain and under CUDA-graph replay; then the alternatives of bench/alternatives.py, each in try/except
 (the reason is printed when one is unavailable), cheapest first, within --budget-s. JSON after each
 section; a compact table printed last; with --record a dated entry appended to bench/RESULTS.md (and
 always a markdown copy of the entry beside the JSON, since the GPU machine's files do not come back).
 
-Runtime on an H100 (estimate, not yet measured): ~10 s generated kernels, ~1 s launch path, alternatives
-1-3 min (Triton autotuning of fla's HGRN and the torch.compile/FlexAttention compiles dominate); no new
+Runtime on an H100: about 80 s in all (RESULTS.md), mostly the alternatives (Triton autotuning of fla's
+HGRN and the torch.compile/FlexAttention compiles); no new
 alternative measurement starts after --budget-s (180 s), and one slower than --max-call-ms (2 s) is dropped.
 Optional packages on the GPU machine: carry the wheels in .whl/bench/ (accelerated-scan, fla-core).
 
@@ -137,18 +138,24 @@ def _reason(err: BaseException) -> str:
 # ------------------------------------------------------------------ sections
 
 
-def time_generated(program, shape: tuple[int, int, int], bw: float, args) -> dict[str, float]:
-    """Forward and backward medians of one spec's kernels at (B, H, L), bf16 inputs, as bench_swr.py."""
+def _knobs(spec) -> dict[str, Any]:
+    return {f: getattr(spec.target, f) for f in ("warps_per_cta", "tiles_per_warp", "tiles_in_flight", "cluster_size",
+                                                 "persistent")}  # fmt: skip
+
+
+def time_generated(fwd_program, bwd_program, shape: tuple[int, int, int], bw: float, args) -> dict[str, float]:
+    """Forward and backward medians of one spec's kernels at (B, H, L), bf16 inputs, as bench_swr.py: each
+    direction with the program the ops launch for it (tuned knobs where stored, ``fastpath.resolve``)."""
     from swrgen.ops.swr import launch
 
     b, h, length = shape
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(b, h, HEAD_DIM, length, device="cuda", generator=g).bfloat16()
     a = (0.5 + 0.5 * torch.rand(b, h, length, device="cuda", generator=g)).bfloat16()
-    y = launch.forward(program, a, x)
+    y = launch.forward(fwd_program, a, x)
     dy = torch.randn_like(y)
-    fwd = median_ms(lambda: launch.forward(program, a, x), args.warmup_ms, args.rep_ms)
-    bwd = median_ms(lambda: launch.backward(program, a, x, dy), args.warmup_ms, args.rep_ms)
+    fwd = median_ms(lambda: launch.forward(fwd_program, a, x), args.warmup_ms, args.rep_ms)
+    bwd = median_ms(lambda: launch.backward(bwd_program, a, x, dy), args.warmup_ms, args.rep_ms)
     xb, ab = x.numel() * x.element_size(), a.numel() * a.element_size()
     fb = xb + ab + y.numel() * y.element_size()
     bb = 2 * xb + 2 * ab + dy.numel() * dy.element_size()  # x, a, dy read; dx, da written
@@ -160,6 +167,7 @@ def time_generated(program, shape: tuple[int, int, int], bw: float, args) -> dic
 def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[str], bw: float, args,
                   log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:  # fmt: skip
     import swrgen
+    from swrgen.ops import fastpath
     from swrgen.spec import default_spec
     from swrgen.tune import lookup
     from swrgen.tune.search import check_program, device_arch
@@ -183,13 +191,13 @@ def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[
                 continue
             arch = device_arch(spec, device)
             for b, h, length in shapes:
-                row: dict[str, Any] = dict(k=k, out=out, B=b, H=h, DH=HEAD_DIM, L=length,
-                                           target={f: getattr(spec.target, f) for f in
-                                                   ("warps_per_cta", "tiles_per_warp", "tiles_in_flight",
-                                                    "cluster_size", "persistent")})  # fmt: skip
+                row: dict[str, Any] = dict(k=k, out=out, B=b, H=h, DH=HEAD_DIM, L=length, target=_knobs(spec))
                 try:
-                    row["tuned"] = lookup(spec, arch, (b, h, HEAD_DIM, length))
-                    row.update(time_generated(program, (b, h, length), bw, args))
+                    shape4 = (b, h, HEAD_DIM, length)
+                    row["tuned"] = lookup(spec, arch, shape4)
+                    fwd_program, bwd_program = (fastpath.resolve(program, device, shape4, d) for d in ("fwd", "bwd"))
+                    row["fwd_target"], row["bwd_target"] = _knobs(fwd_program.spec), _knobs(bwd_program.spec)
+                    row.update(time_generated(fwd_program, bwd_program, (b, h, length), bw, args))
                     log(f"k={k} out={out} {b}x{h}x{length}: fwd {row['fwd_ms']:.4f} ms ({row['fwd_pct']:.0f}% of "
                         f"floor {row['fwd_floor_ms']:.4f}) bwd {row['bwd_ms']:.4f} ms ({row['bwd_pct']:.0f}% of floor "
                         f"{row['bwd_floor_ms']:.4f})" + (f" tuned={row['tuned']}" if row["tuned"] else ""))  # fmt: skip

@@ -14,7 +14,10 @@ LANES_PER_TILE = 2  # ... and each 16-token tile is split over a pair of lanes
 VECTOR_BYTES = 16  # widest per-lane global access (LDG.128 / STG.128)
 # Streamed inputs (read once) can be loaded with an L2 prefetch-size hint so DRAM serves whole
 # 256-byte runs of a row instead of 32-byte sectors scattered over 16 rows; 0 disables the hint.
-L2_PREFETCH_BYTES = 0  # 256 measured slower on H100 (44% vs 58% of floor, bench/RESULTS.md run 4)
+L2_PREFETCH_BYTES = 0  # 256 measured slower on H100 (44% vs 58% of floor, bench/RESULTS.md runs 4 and 33)
+# Inputs read twice (the backward's look-ahead dy and its gates: the second read should hit L1) keep
+# L1 allocation and take the prefetch hint: 1-2% faster backward on H100 (bench/RESULTS.md run 33).
+REREAD_L2_PREFETCH_BYTES = 256
 
 # --- Allowed spec values ---
 HEAD_DIMS = (16, 32, 64)

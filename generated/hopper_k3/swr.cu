@@ -130,13 +130,30 @@ struct Lane<false, T> {
   float f[kTokensPerLane];
 };
 
-// A 16-byte load of data read once: bypass L1 and ask L2 to fetch the surrounding run of the row.
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  return __ldg(p);
+// How a 16-byte load treats the caches.
+enum class Reuse {
+  kDefault,  // plain read-only load
+  kOnce,     // read once: bypass L1; with an L2 prefetch-size hint if L2_PREFETCH_BYTES is set
+  kAgain,    // read again soon (an L1 hit is wanted): keep L1 allocation, ask L2 for the run around it
+};
+
+template <Reuse kReuse>
+__device__ __forceinline__ uint4 load16(const uint4* p) {
+  uint4 v;
+  if constexpr (kReuse == Reuse::kOnce) {
+    v = __ldg(p);
+  } else if constexpr (kReuse == Reuse::kAgain) {
+    asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  } else {
+    v = __ldg(p);
+  }
+  return v;
 }
 
-// Elements outside [lo, hi) read as `fill`. kStream: read once (see load_stream).
-template <bool kVec, typename T, bool kStream = false>
+// Elements outside [lo, hi) read as `fill`.
+template <bool kVec, typename T, Reuse kReuse = Reuse::kDefault>
 __device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, long long t0, long long lo, long long hi,
                                                   float fill) {
   Lane<kVec, T> l;
@@ -144,7 +161,7 @@ __device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, lon
     if (t0 >= lo && t0 < hi) {  // e.g. halo steps before the sequence start load nothing
       const uint4* src = reinterpret_cast<const uint4*>(row + t0);
 #pragma unroll
-      for (int i = 0; i < Lane<kVec, T>::kChunks; ++i) l.q[i] = kStream ? load_stream(src + i) : __ldg(src + i);
+      for (int i = 0; i < Lane<kVec, T>::kChunks; ++i) l.q[i] = load16<kReuse>(src + i);
     } else {
       const float two[2] = {fill, fill};
       const unsigned word = pack(two, static_cast<const T*>(nullptr));
@@ -418,7 +435,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
       for (int f = 0; f < kFlight; ++f) {
         const long long t0 = (tile + f) * kBlockLen + half_off;
         const bool in_chunk = tile + f < w.last;  // tiles past the chunk load nothing
-        xs[f] = load_raw<kVec, in_t, true>(x, t0, in_chunk ? w.lo : 0, in_chunk ? w.hi : 0, 0.f);
+        xs[f] = load_raw<kVec, in_t, Reuse::kOnce>(x, t0, in_chunk ? w.lo : 0, in_chunk ? w.hi : 0, 0.f);
         as[f] = load_raw<kVec>(a, t0, in_chunk ? w.lo : 0, in_chunk ? w.hi : 0, 1.f);
       }
     };
@@ -630,7 +647,8 @@ __device__ __forceinline__ void bwd(const Params& p) {
 
     // Step n looks ahead at tile n (reverse carrier) and finishes tile j = n - (k-1).
     // Each batch issues the first-touch loads of kFlight steps before any math;
-    // dy of tile j is re-read when j is finished (k-1 steps after its look-ahead: an L1 hit).
+    // dy of tile j is re-read when j is finished (k-1 steps after its look-ahead: an L1 hit), so the
+    // look-ahead dy and the gates are loaded as Reuse::kAgain (L1 kept, L2 fetches the run around them).
     using XLane = Lane<kVec, in_t>;
     using ALane = Lane<kVec, gate_t>;
     using OLane = Lane<kVec, out_t>;
@@ -644,12 +662,12 @@ __device__ __forceinline__ void bwd(const Params& p) {
       for (int f = 0; f < kFlight; ++f) {
         const long long n = n0 + f, j = n - (kWindow - 1);
         const bool look = kWindow > 1 && n > w.first && n < num_tiles && n < end;
-        dyn[f] = load_raw<kVec>(dy, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
-        an[f] = load_raw<kVec>(a, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
+        dyn[f] = load_raw<kVec, out_t, Reuse::kAgain>(dy, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
+        an[f] = load_raw<kVec, gate_t, Reuse::kAgain>(a, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
         anext[f] = (look && (n + 1) * kBlockLen < w.hi) ? to_f32(__ldg(a + (n + 1) * kBlockLen)) : 0.f;
         const bool fwd_step = j >= 0 && n < end;
-        xj[f] = load_raw<kVec, in_t, true>(x, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 0.f);
-        aj[f] = load_raw<kVec>(a, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 1.f);
+        xj[f] = load_raw<kVec, in_t, Reuse::kOnce>(x, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 0.f);
+        aj[f] = load_raw<kVec, gate_t, Reuse::kAgain>(a, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 1.f);
       }
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
