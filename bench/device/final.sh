@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Final validation on the lent GPU, part A: every GPU test, the sanitizer, the roofline table, the LM example.
-source "$(dirname "$0")/device_env.sh"
+source "$(dirname "$0")/env.sh"
 timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_swr.py tests/test_gpu_swr_backward.py \
   tests/test_gpu_swr_stream.py tests/test_state.py tests/test_phalanx.py tests/test_varlen.py --tb=short 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -4

@@ -1,4 +1,4 @@
-# Sourced by the bench/device_*.sh scripts on the lent GPU (device tool, carrying .swrcache and .whl):
+# Sourced by the bench/device/*.sh scripts on the lent GPU (device tool, carrying .swrcache and .whl):
 # installs the carried wheels (pytest, click; accelerated-scan and fla for the alternatives) into
 # /tmp/site, runs the package from the working tree with the pre-built cubin cache, and names the
 # card. Results go to $OUT (the device tool's folder that comes back).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device run (carry .swrcache .whl): the GPU tests after the backward's re-read loads (Reuse::kAgain) and
 # the retuned forward knobs, the ops' path with the shipped configs, and the benchmark suite.
-source bench/device_env.sh
+source bench/device/env.sh
 export SWRGEN_TEST_CACHE_SEED=$PWD/.swrcache
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_swr.py tests/test_gpu_swr_backward.py \
   tests/test_gpu_swr_stream.py tests/test_gpu_launch_plans.py tests/test_gpu_tune.py tests/test_gpu_phalanx_fused.py \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU: fused kernels with the 16-byte vector path: tests, kernel sweep, layer and model benchmarks.
-source "$(dirname "$0")/device_env.sh"
+source "$(dirname "$0")/env.sh"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu_phalanx_fused.py --tb=short 2>&1 \
   | tee "$OUT/gpu_fused.log" | tail -4
 grep -q " passed" "$OUT/gpu_fused.log" && ! grep -q "failed" "$OUT/gpu_fused.log" || exit 1

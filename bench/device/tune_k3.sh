@@ -2,7 +2,7 @@
 # Device run (carry .swrcache .whl; candidates pre-compiled): tune the k=3 spec like the k=2 one (run 32;
 # T = 14/30 also fill whole batches with k=3's two-tile halo), then the suite's generated section for k=2
 # and k=3 (fp32 out), each with the knobs the ops launch.
-source bench/device_env.sh
+source bench/device/env.sh
 G="warps_per_cta=1,2,4,8;tiles_per_warp=7,14,15,16,30,31,32,63;tiles_in_flight=4,8;cluster_size=1;persistent=false"
 timeout 150 python3 -m swrgen.cli tune specs/hopper_k3.yaml --shape 4,64,8192 --shape 1,64,32768 --shape 8,64,2048 \
   --grid "$G" --json "$OUT/tune_k3.json" 2>&1 | grep -v "^\[" | tee "$OUT/tune_k3.txt"

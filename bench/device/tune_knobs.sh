@@ -2,7 +2,7 @@
 # Device run (carry .swrcache .whl; candidates pre-compiled into .swrcache): tune the default spec over
 # chunk lengths that fill whole load batches with the halo (T = 7, 15, 31, 63 with F = 8) and more warps
 # per CTA, then time the ops' path with the stored configs. The stored configs come back in $OUT/tuned.
-source bench/device_env.sh
+source bench/device/env.sh
 G="warps_per_cta=1,2,4,8;tiles_per_warp=7,15,16,31,32,63;tiles_in_flight=4,8;cluster_size=1;persistent=false"
 timeout 420 python3 -m swrgen.cli tune specs/hopper_k2.yaml --shape 4,64,8192 --shape 1,64,32768 --shape 8,64,2048 \
   --grid "$G" --json "$OUT/tune_k2.json" 2>&1 | grep -v "^\[" | tee "$OUT/tune_k2.txt"

@@ -3,7 +3,7 @@
 # against the HEAD sources (.baseline/head_*) at several knob settings (.baseline/specs). RESULTS.md runs
 # 30-31; the variant is not in the templates: `git apply bench/experiments/token_lane_forward.diff` first,
 # after `swrgen build --no-compile -o .baseline/head_<spec> specs/<spec>.yaml` from the unpatched tree.
-source bench/device_env.sh
+source bench/device/env.sh
 export SWRGEN_TEST_CACHE_SEED=$PWD/.swrcache
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_swr.py tests/test_gpu_swr_stream.py \
   tests/test_gpu_launch_plans.py 2>&1 | tail -4 | tee "$OUT/tests.txt"

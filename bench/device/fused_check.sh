@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU, final check: GPU tests of the layer/state/op/CLI/tuner, the LM example (default layer is
 # now fused on CUDA), then the fused kernels and the layer benchmark once more.
-source "$(dirname "$0")/device_env.sh"
+source "$(dirname "$0")/env.sh"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_swr_stream.py tests/test_state.py \
   tests/test_phalanx.py tests/test_op_cpu.py tests/test_cli.py tests/test_tune.py --tb=short 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -4
