@@ -30,18 +30,23 @@ from swrgen.tune.search import random_inputs
 DEFAULT_SHAPES = ["8,64,2048", "4,64,8192", "1,64,32768"]
 
 
+def program_labels(paths: list[str]) -> list[str]:
+    """One distinct label per program: its file or folder name, with the parent folder's name for names
+    that repeat (old/hopper_k2 and new/hopper_k2 are folders of one spec). Times are kept per label."""
+    names = [Path(p).name.removesuffix(".yaml") for p in paths]
+    labels = [f"{Path(p).parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names, strict=True)]
+    if len(set(labels)) < len(labels):
+        raise SystemExit(f"two programs share a label: {labels}; give each its own folder")
+    return labels
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("programs", nargs="+", help="generated folders (swrgen build) or spec YAML files")
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,H,L (head_dim from the spec)")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    names = [Path(p).name.removesuffix(".yaml") for p in args.programs]
-    # Folders of one spec share a name (old/hopper_k2, new/hopper_k2): label those by their parent too.
-    labels = [f"{Path(p).parent.name}/{n}" if names.count(n) > 1 else n
-              for p, n in zip(args.programs, names, strict=True)]  # fmt: skip
-    if len(set(labels)) < len(labels):
-        raise SystemExit(f"two programs share the label of another: {labels}; give each its own folder")
+    labels = program_labels(args.programs)
     ops = [(label, swrgen.load(p)) for label, p in zip(labels, args.programs, strict=True)]
     groups: dict[object, list] = {}
     for label, op in ops:

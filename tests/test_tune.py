@@ -564,6 +564,16 @@ def test_suite_table_and_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert "## Suite run — 2026-11-25, Fake GPU" in body and "```" in body
 
 
+def test_ab_labels_keep_same_named_folders_apart() -> None:
+    from bench.ab import program_labels
+
+    assert program_labels(["specs/hopper_k2.yaml", ".baseline/old/hopper_k2"]) == ["specs/hopper_k2", "old/hopper_k2"]
+    assert program_labels(["specs/a.yaml", "b/c"]) == ["a", "c"]
+    assert program_labels(["a/v0/hopper_k2", "a/v2/hopper_k2"]) == ["v0/hopper_k2", "v2/hopper_k2"]
+    with pytest.raises(SystemExit, match="share a label"):
+        program_labels(["x/v0/hopper_k2", "y/v0/hopper_k2"])
+
+
 # ------------------------------------------------------------------ the fp32 torch SWR (an alternative)
 
 
