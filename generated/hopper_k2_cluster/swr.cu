@@ -133,7 +133,7 @@ struct Lane<false, T> {
 // How a 16-byte load treats the caches.
 enum class Reuse {
   kDefault,  // plain read-only load
-  kOnce,     // read once: bypass L1; with an L2 prefetch-size hint if L2_PREFETCH_BYTES is set
+  kOnce,     // read once: with L2_PREFETCH_BYTES set, bypass L1 and take that L2 hint (else plain)
   kAgain,    // read again soon (an L1 hit is wanted): keep L1 allocation, ask L2 for the run around it
 };
 
