@@ -138,11 +138,6 @@ def _reason(err: BaseException) -> str:
 # ------------------------------------------------------------------ sections
 
 
-def _knobs(spec) -> dict[str, Any]:
-    return {f: getattr(spec.target, f) for f in ("warps_per_cta", "tiles_per_warp", "tiles_in_flight", "cluster_size",
-                                                 "persistent")}  # fmt: skip
-
-
 def time_generated(fwd_program, bwd_program, shape: tuple[int, int, int], bw: float, args) -> dict[str, float]:
     """Forward and backward medians of one spec's kernels at (B, H, L), bf16 inputs, as bench_swr.py: each
     direction with the program the ops launch for it (tuned knobs where stored, ``fastpath.resolve``)."""
@@ -171,6 +166,7 @@ def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[
     from swrgen.spec import default_spec
     from swrgen.tune import lookup
     from swrgen.tune.search import check_program, device_arch
+    from swrgen.tune.space import current as knobs
 
     rows, checks = [], []
     device = torch.device("cuda", torch.cuda.current_device())
@@ -191,12 +187,12 @@ def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[
                 continue
             arch = device_arch(spec, device)
             for b, h, length in shapes:
-                row: dict[str, Any] = dict(k=k, out=out, B=b, H=h, DH=HEAD_DIM, L=length, target=_knobs(spec))
+                row: dict[str, Any] = dict(k=k, out=out, B=b, H=h, DH=HEAD_DIM, L=length, target=knobs(spec))
                 try:
                     shape4 = (b, h, HEAD_DIM, length)
                     row["tuned"] = lookup(spec, arch, shape4)
                     fwd_program, bwd_program = (fastpath.resolve(program, device, shape4, d) for d in ("fwd", "bwd"))
-                    row["fwd_target"], row["bwd_target"] = _knobs(fwd_program.spec), _knobs(bwd_program.spec)
+                    row["fwd_target"], row["bwd_target"] = knobs(fwd_program.spec), knobs(bwd_program.spec)
                     row.update(time_generated(fwd_program, bwd_program, (b, h, length), bw, args))
                     log(f"k={k} out={out} {b}x{h}x{length}: fwd {row['fwd_ms']:.4f} ms ({row['fwd_pct']:.0f}% of "
                         f"floor {row['fwd_floor_ms']:.4f}) bwd {row['bwd_ms']:.4f} ms ({row['bwd_pct']:.0f}% of floor "

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Device run (carry .swrcache .whl; candidates pre-compiled): tune the bf16-output spec over the run-32 grid
+# Device run (carry .swrcache .whl): tune the bf16-output spec over the run-32 grid
 # (chunks that fill whole load batches); the stored configs come back in $OUT/tuned.
+# Candidates are compiled here first, into the carried cache: SWRGEN_CACHE_DIR=.swrcache swrgen tune SPEC
+# --grid "$G" --compile-only --arch sm_90a (same SPEC and grid as below).
 source bench/device/env.sh
 G="warps_per_cta=1,2,4,8;tiles_per_warp=7,15,16,31,32,63;tiles_in_flight=4,8;cluster_size=1;persistent=false"
 timeout 150 python3 -m swrgen.cli tune specs/hopper_k2_bf16out.yaml --shape 4,64,8192 --shape 1,64,32768 \

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Device run (carry .swrcache .whl; candidates pre-compiled into .swrcache): tune the default spec over
+# Device run (carry .swrcache .whl): tune the default spec over
 # chunk lengths that fill whole load batches with the halo (T = 7, 15, 31, 63 with F = 8) and more warps
 # per CTA, then time the ops' path with the stored configs. The stored configs come back in $OUT/tuned.
+# Candidates are compiled here first, into the carried cache: SWRGEN_CACHE_DIR=.swrcache swrgen tune SPEC
+# --grid "$G" --compile-only --arch sm_90a (same SPEC and grid as below).
 source bench/device/env.sh
 G="warps_per_cta=1,2,4,8;tiles_per_warp=7,15,16,31,32,63;tiles_in_flight=4,8;cluster_size=1;persistent=false"
 timeout 420 python3 -m swrgen.cli tune specs/hopper_k2.yaml --shape 4,64,8192 --shape 1,64,32768 --shape 8,64,2048 \
