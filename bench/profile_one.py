@@ -1,6 +1,7 @@
 """One forward and one backward launch of a spec at one shape, for ncu.
 
 ncu --clock-control none -k regex:swr_ python3 bench/profile_one.py --shape 4,64,8192 --tune tiles_in_flight=4
+(--tune takes knob=value,...: integers, true/false, or words such as staging=shared)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
     kw = {}
     for item in filter(None, args.tune.split(",")):
         key, val = item.split("=")
-        kw[key] = val.lower() == "true" if val.lower() in ("true", "false") else int(val)
+        kw[key] = val.lower() == "true" if val.lower() in ("true", "false") else int(val) if val.isdigit() else val
     spec = default_spec(window_blocks=args.k)
     prog = swrgen.load(spec.replace_target(**kw) if kw else spec).program
     x = torch.randn(b, h, 16, length, device="cuda").bfloat16()

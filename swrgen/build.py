@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swrgen import constants
-from swrgen.codegen import kernel_names, render_source
+from swrgen.codegen import kernel_names, kernel_shared_bytes, render_source
 from swrgen.compiler import CompileCache, CompileResult, nvrtc_version
 from swrgen.runtime.program import Program
 from swrgen.spec import Spec, spec_from_dict
@@ -51,6 +51,9 @@ def launch_geometry(spec: Spec) -> dict[str, int | bool]:
         "cluster_size": t.cluster_size,
         "persistent": t.persistent,
         "grid": "ceil(B*H*(DH/16) * ceil(ceil(L/block_len)/tiles_per_warp) / warps_per_cta), whole clusters",
+        "staging": t.staging,
+        "stages": t.stages,
+        "shared_bytes": kernel_shared_bytes(spec),  # dynamic shared memory per entry point (none listed: 0)
     }
 
 
@@ -104,4 +107,6 @@ def load_generated(folder: Path | str) -> Program:
             path = folder / entry["cubin"]
             if path.is_file() and _sha256(data := path.read_bytes()) == entry["cubin_sha256"]:
                 cubins[arch] = data
-    return Program(spec, source=source, cubins=cubins)
+    # The source's own shared-memory layout (rendered with the constants of its day), not today's.
+    shared = manifest.get("launch", {}).get("shared_bytes")
+    return Program(spec, source=source, cubins=cubins, shared_bytes=shared)

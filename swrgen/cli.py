@@ -240,7 +240,7 @@ def tune(
         arch = arch or s.target.archs[0]
         if arch not in constants.ARCHS:
             raise click.BadParameter(f"{arch!r}; allowed: {', '.join(constants.ARCHS)}", param_hint="--arch")
-        cands = space.candidates(s, arch, grid_dict)
+        cands = space.candidates(s, arch, family_for(s).grid(s, grid_dict))
         sources = sorted({render_source(s.replace_target(**c)) for c in cands})
         click.echo(f"{len(cands)} candidates, {len(sources)} distinct sources for {arch}")
         cache = CompileCache()

@@ -18,6 +18,21 @@ L2_PREFETCH_BYTES = 0  # 256 measured slower on H100 (44% vs 58% of floor, bench
 # Inputs read twice (the backward's look-ahead dy and its gates: the second read should hit L1) keep
 # L1 allocation and take the prefetch hint: 1-2% faster backward on H100 (bench/RESULTS.md run 33).
 REREAD_L2_PREFETCH_BYTES = 256
+# target.staging: where a warp's loads wait before the math (layout: swrgen/spec/staging.py).
+# registers: ld.global straight into registers, double-buffered (the backward caps at 2 tiles in flight).
+# shared: cp.async copies of whole row runs into a per-warp ring of target.stages shared-memory stages
+#         (one being read while the others load), outputs stored back as whole row runs.
+STAGINGS = ("registers", "shared")
+STAGE_COUNTS = (2, 3, 4)  # registers staging double-buffers: 2
+# Shared staging may also store outputs through shared memory as whole row runs: the forward's y gains
+# 3-10% that way, the backward's dx loses 2-12% (its buffer costs occupancy; bench/RESULTS.md runs 39-41).
+STAGE_OUTPUTS = {"fwd": True, "bwd": False}
+SHARED_BANK_BYTES = 128  # 32 banks x 4 bytes
+SHARED_ROW_SKEW = 32  # staged row strides are this far past a multiple of SHARED_BANK_BYTES
+# Dynamic shared memory a CTA may opt in to (CUDA C++ Programming Guide, compute capabilities table).
+MAX_SHARED_BYTES_PER_CTA = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448,
+                            "sm_90a": 232448, "sm_100a": 232448, "sm_120": 101376}  # fmt: skip
+DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024  # above this a kernel must opt in (cuFuncSetAttribute)
 
 # --- Allowed spec values ---
 HEAD_DIMS = (16, 32, 64)
@@ -29,7 +44,7 @@ ACCUM_DTYPES = ("fp32",)
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100a", "sm_120")
 CLUSTER_ARCHS = ("sm_90", "sm_90a", "sm_100a", "sm_120")  # thread-block clusters exist
 WARPS_PER_CTA = (1, 2, 4, 8, 16, 32)
-TILES_IN_FLIGHT = (1, 2, 4, 8)
+TILES_IN_FLIGHT = (1, 2, 4, 8, 16)  # 16: staging 'shared' only (the register budget below)
 CLUSTER_SIZES = (1, 2, 4, 8)  # 8 is the portable maximum
 MAX_TILES_PER_WARP = 1 << 16
 # How a carrier (a tile's last local state and gate product) crosses each level.
@@ -39,8 +54,8 @@ MAX_TILES_PER_WARP = 1 << 16
 WARP_CARRIERS = ("registers",)
 CTA_CARRIERS = ("halo",)
 CLUSTER_CARRIERS = ("halo",)
-# Per-lane register budget: tokens per lane times tiles in flight must stay under this
-# or the loads spill to local memory.
+# Per-lane register budget of staging 'registers': tokens per lane times tiles in flight must stay
+# under this or the loads spill to local memory (shared staging holds them in shared memory instead).
 MAX_TOKENS_IN_FLIGHT_PER_LANE = 64
 
 # C++ type and size of each dtype name.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swrgen import constants
-from swrgen.spec import default_spec
+from swrgen.spec import SpecError, default_spec
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -33,6 +33,20 @@ TUNING = [
     dict(cluster_size=4, archs=("sm_90a",), warps_per_cta=2),
     dict(persistent=True),
     dict(persistent=True, tiles_per_warp=5, warps_per_cta=8),
+    dict(staging="shared"),
+    dict(staging="shared", tiles_in_flight=2, warps_per_cta=8, tiles_per_warp=5),
+]
+
+# Knobs around a shared-staging ring (tests/test_gpu_staging.py): one tile per stage, a chunk shorter than
+# a stage, chunks ending mid-stage, many warps per CTA, persistent CTAs, clusters.
+SHARED_KNOBS = [
+    dict(),
+    dict(warps_per_cta=1, tiles_per_warp=3),
+    dict(tiles_in_flight=1, tiles_per_warp=5),
+    dict(tiles_in_flight=2, warps_per_cta=8, persistent=True, tiles_per_warp=7),
+    dict(tiles_in_flight=4, tiles_per_warp=1024),
+    dict(tiles_in_flight=8, tiles_per_warp=15, warps_per_cta=2),
+    dict(cluster_size=2, tiles_in_flight=4, tiles_per_warp=9),
 ]
 
 
@@ -77,6 +91,16 @@ def spec_for(k=2, bl=16, dh=16, dtype="bf16", gate_dtype=None, out="fp32", per_c
     return spec.replace_target(**target) if target else spec
 
 
+def shared(spec, **knobs):
+    """``spec`` with shared staging and ``knobs``; fewer warps per CTA where the ring would not fit."""
+    for warps in (knobs.pop("warps_per_cta", spec.target.warps_per_cta), 2, 1):
+        try:
+            return spec.replace_target(staging="shared", warps_per_cta=warps, **knobs)
+        except SpecError:
+            continue
+    raise AssertionError(f"no shared-staging config of {spec.name} fits")
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return constants.torch_dtype(name)
 
@@ -96,4 +120,8 @@ def all_gpu_test_specs():
     specs += [fused_spec_for(k=k) for k in (1, 2, 3)]
     specs += [fused_spec_for(k=2, bl=bl, dtype=dt) for bl in (16, 32, 64) for dt in ("fp16", "fp32")]
     specs += [fused_spec_for(k=3, **kw) for kw in TUNING]
+    # tests/test_gpu_staging.py
+    specs += [shared(spec_for(**kw)) for kw in FWD_VARIANTS + BWD_VARIANTS]
+    specs += [shared(b, **kw) for b in base for kw in SHARED_KNOBS]
+    specs += [shared(b, tiles_per_warp=t) for b in base for t in (3, 5)]
     return specs

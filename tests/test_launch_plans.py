@@ -108,10 +108,10 @@ class _FakeDriver:
         from cuda.bindings import driver as cu
 
         self.delay, self.launches = delay, []
-        self.function, self.device_index, self.name = object(), 0, "fake"
+        self.function, self.device_index, self.name, self.shared_bytes = object(), 0, "fake", 2048
 
         def launch(function, gx, gy, gz, bx, by, bz, smem, stream, args, extra):
-            assert function is self.function
+            assert function is self.function and smem == self.shared_bytes
             self.record(gx, bx, stream, None, args)
             return (cu.CUresult.CUDA_SUCCESS,)
 
@@ -175,7 +175,7 @@ def test_launch_plan_errors_go_through_the_kernels_recovery(monkeypatch) -> None
     monkeypatch.setattr(driver, "ensure_context", lambda device: bound.append(device.index))
     monkeypatch.setattr(plan, "current_stream", lambda index: 0)
     kernel = object.__new__(driver.Kernel)
-    kernel.name, kernel.device_index, kernel.function = "swr_fwd_vec", 0, object()
+    kernel.name, kernel.device_index, kernel.function, kernel.shared_bytes = "swr_fwd_vec", 0, object(), 0
     plan.LaunchPlan(kernel, 1, 32, 1, KernelParams()).launch(x=1)
     assert bound == [0] and results == []  # the context was bound and the launch repeated
     monkeypatch.setattr(driver.cu, "cuLaunchKernel", lambda *args: (cu.CUresult.CUDA_ERROR_INVALID_VALUE,))
@@ -194,7 +194,7 @@ def test_kernel_launch_args_reuses_a_cluster_config(monkeypatch) -> None:
 
     monkeypatch.setattr(driver.cu, "cuLaunchKernelEx", fake_ex)
     kernel = object.__new__(driver.Kernel)
-    kernel.name, kernel.device_index, kernel.function = "k", 0, object()
+    kernel.name, kernel.device_index, kernel.function, kernel.shared_bytes = "k", 0, object(), 0
     config = kernel.cluster_config(8, 64, 4)
     kernel.launch_args(8, 64, 1234, 5, config)
     kernel.launch_args(8, 64, 1234, 6, config)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from swrgen import cli, constants
 from swrgen.ops.swr.reference import swr_reference
-from swrgen.spec import SpecError, default_spec
+from swrgen.spec import SpecError, default_spec, staging
 from swrgen.tune import buckets, search, space, store
 
 BASE = default_spec(window_blocks=2)
@@ -47,12 +47,18 @@ def test_candidates_all_validate_baseline_first_no_duplicates() -> None:
     for c in cands:
         BASE.replace_target(**c)  # never raises
     # default grid for BL=16 on a cluster arch: 3 warps x 4 tiles x 4 in-flight x 2 clusters x 2 persistent
-    assert len(cands) == 3 * 4 * 4 * 2 * 2
+    # with registers staging, plus shared staging where both stage rings fit the archs' shared memory
+    limit = staging.max_shared_bytes(BASE.target.archs)
+    fits = [(w, f, n) for w in (2, 4, 8) for f in (1, 2, 4, 8) for n in (2, 3)
+            if all(staging.layout(d, BASE.recurrence, f, w, n).cta_bytes <= limit for d in ("fwd", "bwd"))]  # fmt: skip
+    assert 0 < len(fits) < 30  # the limit takes some out
+    assert len(cands) == 3 * 4 * 4 * 2 * 2 + len(fits) * 4 * 2 * 2
+    assert {c["staging"] for c in cands} == {"registers", "shared"}
 
 
 def test_candidates_respect_register_budget() -> None:
     spec = default_spec(block_len=64)  # 32 tokens per lane: only 1 or 2 tiles in flight fit
-    cands = space.candidates(spec, "sm_90a")
+    cands = [c for c in space.candidates(spec, "sm_90a") if c["staging"] == "registers"]
     assert cands and {c["tiles_in_flight"] for c in cands} == {1, 2}
     fitting = constants.MAX_TOKENS_IN_FLIGHT_PER_LANE // constants.tokens_per_lane(64)
     assert all(c["tiles_in_flight"] <= fitting for c in cands)

@@ -263,6 +263,112 @@ __device__ __forceinline__ void store_pair(T* __restrict__ row, long long t0, lo
   }
 }
 
+// ---- Shared-memory staging (target.staging: shared; layout from swrgen/spec/staging.py) ----
+// A warp copies the rows it is about to read into its own ring of kStages stages with cp.async:
+// consecutive lanes take consecutive 16-byte chunks of one row, so each load instruction reads whole
+// runs of a row, and nothing waits in registers. Lane pairs then read their half-tiles from the stage.
+constexpr bool kStaged = false;
+constexpr int kStages = 2;
+// y (forward) / dx (backward) back through shared memory as whole row runs.
+constexpr bool kStageFwdOutputs = true;
+constexpr bool kStageBwdOutputs = false;
+
+// 16 bytes global -> shared without registers; ok == false reads nothing and zero-fills.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Wait until at most kPending of this thread's groups are in flight; __syncwarp() then makes
+// every lane's finished copies visible to the whole warp.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// One stream's rows in a stage: kRows rows of kCopyBytes, kStride bytes apart, from kOffset.
+template <typename T, int kRows, int kCopyBytes, int kStride, int kOffset>
+struct StagedRows {
+  static constexpr int kBytes = kCopyBytes;
+  static constexpr int kChunksPerRow = kCopyBytes / 16;
+  static constexpr int kTokensPerChunk = 16 / static_cast<int>(sizeof(T));
+  static_assert(kChunksPerRow * 16 == kCopyBytes && kStride % 16 == 0 && kOffset % 16 == 0, "16-byte chunks");
+
+  // Tokens [t_start, t_start + kCopyBytes / sizeof(T)) of rows 0..kRows-1 (row r at g + r * row_stride)
+  // into the stage at shared address `stage`. Chunks outside [lo, hi) are zero-filled without a read
+  // (the vector path's alignment puts each chunk wholly inside or outside).
+  static __device__ __forceinline__ void copy(unsigned stage, const T* __restrict__ g, long long row_stride,
+                                              long long t_start, long long lo, long long hi, int lane) {
+    constexpr int kTotal = kRows * kChunksPerRow;
+#pragma unroll
+    for (int i0 = 0; i0 < kTotal; i0 += kWarpSize) {
+      const int i = i0 + lane;
+      if (kTotal % kWarpSize == 0 || i < kTotal) {
+        const int row = i / kChunksPerRow, col = i % kChunksPerRow;
+        const long long t = t_start + col * kTokensPerChunk;
+        const bool ok = t >= lo && t < hi;
+        cp_async16(stage + kOffset + row * kStride + col * 16, g + row * row_stride + (ok ? t : lo), ok);
+      }
+    }
+  }
+
+  // A lane's vector of `row` at token `t` of the stage (t counted from the stage's first token).
+  static __device__ __forceinline__ Lane<true, T> read(const unsigned char* stage, int row, int t) {
+    Lane<true, T> l;
+    const uint4* src = reinterpret_cast<const uint4*>(stage + kOffset + row * kStride + t * static_cast<int>(sizeof(T)));
+#pragma unroll
+    for (int i = 0; i < Lane<true, T>::kChunks; ++i) l.q[i] = src[i];
+    return l;
+  }
+
+  // A lane's vector v into `row` at token `t` (an output buffer; converted to T as store_lane does).
+  static __device__ __forceinline__ void write(unsigned char* buf, int row, int t, const float (&v)[kTokensPerLane]) {
+    store_lane<true>(reinterpret_cast<T*>(buf + kOffset + row * kStride), t, 0, kTokensPerLane + t, v);
+  }
+
+  // The buffer's rows back to global memory as whole runs: chunk c of row r goes to g + r * row_stride +
+  // t_start + c * kTokensPerChunk when that token is inside [lo, hi).
+  static __device__ __forceinline__ void store(const unsigned char* buf, T* __restrict__ g, long long row_stride,
+                                               long long t_start, long long lo, long long hi, int lane) {
+    constexpr int kTotal = kRows * kChunksPerRow;
+#pragma unroll
+    for (int i0 = 0; i0 < kTotal; i0 += kWarpSize) {
+      const int i = i0 + lane;
+      if (kTotal % kWarpSize == 0 || i < kTotal) {
+        const int row = i / kChunksPerRow, col = i % kChunksPerRow;
+        const long long t = t_start + col * kTokensPerChunk;
+        if (t >= lo && t < hi)
+          *reinterpret_cast<uint4*>(g + row * row_stride + t) =
+              *reinterpret_cast<const uint4*>(buf + kOffset + row * kStride + col * 16);
+      }
+    }
+  }
+
+  // One element of `row` at token `t` of the stage.
+  static __device__ __forceinline__ float element(const unsigned char* stage, int row, int t) {
+    return to_f32(*reinterpret_cast<const T*>(stage + kOffset + row * kStride + t * static_cast<int>(sizeof(T))));
+  }
+};
+
+// A lane vector outside [lo, hi) reads as `fill` (the stage holds zeros there).
+template <typename T>
+__device__ __forceinline__ void fill_outside(Lane<true, T>& l, long long t0, long long lo, long long hi, float fill) {
+  if (t0 < lo || t0 >= hi) {
+    const float two[2] = {fill, fill};
+    const unsigned word = pack(two, static_cast<const T*>(nullptr));
+#pragma unroll
+    for (int i = 0; i < Lane<true, T>::kChunks; ++i) l.q[i] = make_uint4(word, word, word, word);
+  }
+}
+
+// This warp's stage ring in the CTA's dynamic shared memory.
+__device__ __forceinline__ unsigned char* warp_ring(int warp_bytes) {
+  extern __shared__ __align__(16) unsigned char swr_smem[];
+  return swr_smem + (threadIdx.x / kWarpSize) * warp_bytes;
+}
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
 // ---- Scans inside one tile (two lanes: the even lane holds the first half) ----
 
 // Forward, zero-initialised: w_t = a_t w_{t-1} + u_t from the tile start, and the
@@ -396,9 +502,18 @@ namespace swr {
 // rather than received: no warp or CTA ever waits for another.
 // Streaming: an optional state (w, g, carriers per channel) continues a sequence whose
 // first `phase` tokens of the current tile were consumed by an earlier call.
+// target.staging: shared -- a stage holds kTilesInFlight tiles of x (16 rows) and of the gates.
+using FwdStageX = StagedRows<in_t, 16, 256, 288, 0>;
+using FwdStageA = StagedRows<gate_t, 1, 256, 288, 4608>;
+using FwdOutY = StagedRows<out_t, 16, 512, 544, 9792>;
+constexpr int kFwdStageBytes = 4896;
+constexpr int kFwdWarpBytes = 18496;
+static_assert(FwdStageX::kBytes == kTilesInFlight * kBlockLen * static_cast<int>(sizeof(in_t)), "x stage: one batch");
+
 template <bool kVec>
 __device__ __forceinline__ void fwd(const Params& p) {
   constexpr int kFlight = kVec ? kTilesInFlight : 1;  // element-wise loads: no batching (registers)
+  constexpr bool kShared = kVec && kStaged;
   const int lane = threadIdx.x % kWarpSize;
   const bool odd = lane & 1;
   const int half_off = odd ? kTokensPerLane : 0;
@@ -439,19 +554,60 @@ __device__ __forceinline__ void fwd(const Params& p) {
         as[f] = load_raw<kVec>(a, t0, in_chunk ? w.lo : 0, in_chunk ? w.hi : 0, 1.f);
       }
     };
+    // Shared staging: the warp's 16 rows from its first channel; batch `tile` goes to stage (batch % kStages).
+    unsigned char* ring = nullptr;
+    const in_t* xg = nullptr;
+    const gate_t* ag = nullptr;
+    out_t* yg = nullptr;
+    const auto stage_batch = [&](long long tile, int slot) {
+      if (tile < w.last) {  // uniform; a group is committed either way
+        const unsigned st_addr = shared_address(ring + slot * kFwdStageBytes);
+        const long long hi = min(w.hi, w.last * kBlockLen);
+        FwdStageX::copy(st_addr, xg, p.sxc, tile * kBlockLen, w.lo, hi, lane);
+        FwdStageA::copy(st_addr, ag, p.sac, tile * kBlockLen, w.lo, hi, lane);
+      }
+      cp_async_commit();
+    };
     const long long start = max(0LL, w.first - (kWindow - 1));
-    load_batch(start, xb, ab);
+    if constexpr (kShared) {
+      ring = warp_ring(kFwdWarpBytes);
+      xg = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + w.group * kChannelsPerWarp * p.sxc + w.base;
+      ag = static_cast<const gate_t*>(p.a) + w.b * p.sab + w.h * p.sah +
+           (kPerChannelGate ? w.group * kChannelsPerWarp * p.sac : 0) + w.base;
+      yg = y - (lane / kLanesPerTile) * p.syc;  // row of the warp's first channel
+#pragma unroll
+      for (int s = 0; s + 1 < kStages; ++s) stage_batch(start + s * kFlight, s);
+    } else {
+      load_batch(start, xb, ab);
+    }
+    int slot = 0;  // stage of the batch being computed
     for (long long tile = start; tile < w.last; tile += kFlight) {
       XLane xn[kFlight];
       ALane an[kFlight];
-      load_batch(tile + kFlight, xn, an);
+      if constexpr (kShared) {
+        stage_batch(tile + (kStages - 1) * kFlight, (slot + kStages - 1) % kStages);
+        cp_async_wait<kStages - 1>();
+        __syncwarp();
+      } else {
+        load_batch(tile + kFlight, xn, an);
+      }
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
         if (tile + f >= w.last) break;  // uniform across the warp
         const long long t0 = (tile + f) * kBlockLen + half_off;
         float u[kTokensPerLane], g8[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
-        unpack_lane(xb[f], u);
-        unpack_lane(ab[f], g8);
+        if constexpr (kShared) {
+          const unsigned char* st = ring + slot * kFwdStageBytes;
+          const int ts = f * kBlockLen + half_off;  // token within the stage
+          auto xl = FwdStageX::read(st, lane / kLanesPerTile, ts);
+          auto al = FwdStageA::read(st, kPerChannelGate ? lane / kLanesPerTile : 0, ts);
+          fill_outside(al, t0, w.lo, w.hi, 1.f);  // x outside reads the stage's zeros
+          unpack_lane(xl, u);
+          unpack_lane(al, g8);
+        } else {
+          unpack_lane(xb[f], u);
+          unpack_lane(ab[f], g8);
+        }
         if (resume && tile + f == 0) {
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) {
@@ -467,14 +623,28 @@ __device__ __forceinline__ void fwd(const Params& p) {
           float out[kTokensPerLane];
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) out[e] = fmaf(gl[e], carry, wl[e]);
-          store_pair<kVec>(y, t0, w.lo, w.hi, out, odd);
+          if constexpr (kShared && kStageFwdOutputs) {
+            FwdOutY::write(ring, lane / kLanesPerTile, f * kBlockLen + half_off, out);
+          } else {
+            store_pair<kVec>(y, t0, w.lo, w.hi, out, odd);
+          }
         }
         push_carrier(cv, cp, v_tile, p_tile);
       }
+      if constexpr (kShared) {
+        __syncwarp();  // the batch's outputs are written, and every lane is done with its stage
+        if constexpr (kStageFwdOutputs) {
+          const long long out_lo = max(w.lo, w.first * kBlockLen), out_hi = min(w.hi, w.last * kBlockLen);
+          FwdOutY::store(ring, yg, p.syc, tile * kBlockLen, out_lo, out_hi, lane);  // halo tiles are not outputs
+          __syncwarp();  // the output buffer is read before the next batch writes it
+        }
+        slot = (slot + 1) % kStages;
+      } else {
 #pragma unroll
-      for (int f = 0; f < kFlight; ++f) {
-        xb[f] = xn[f];
-        ab[f] = an[f];
+        for (int f = 0; f < kFlight; ++f) {
+          xb[f] = xn[f];
+          ab[f] = an[f];
+        }
       }
     }
   }
@@ -578,23 +748,19 @@ __device__ __forceinline__ void tile_grads(const float (&d)[kTokensPerLane], con
   }
 }
 
-// dx and da of tile j: loads, tile_grads, stores.
-template <bool kVec>
-__device__ __forceinline__ void finish_tile(const WarpWork& w, const out_t* __restrict__ dy, const gate_t* __restrict__ a,
-                                            in_t* __restrict__ dx, da_t* __restrict__ da, long long j, long long t0,
-                                            int lane, bool odd, const float (&g8)[kTokensPerLane], const float (&wl)[kTokensPerLane],
+// dx and da of tile j from its upstream gradient d and the gate after it: tile_grads, then da is stored
+// and dx handed back (the caller stores it, straight or through the output buffer).
+__device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict__ da, long long t0, int lane, bool odd,
+                                            const float (&d)[kTokensPerLane], float a_next,
+                                            const float (&g8)[kTokensPerLane], const float (&wl)[kTokensPerLane],
                                             const float (&gl)[kTokensPerLane], const float (&cv)[kCarry],
                                             const float (&cp)[kCarry], const float (&rr)[kCarry],
-                                            const float (&rq)[kCarry]) {
-  float d[kTokensPerLane], ga[kTokensPerLane];
-  load_lane<kVec>(dy, t0, w.lo, w.hi, 0.f, d);
+                                            const float (&rq)[kCarry], float (&dxv)[kTokensPerLane]) {
+  float ga[kTokensPerLane];
 #pragma unroll
   for (int e = 0; e < kTokensPerLane; ++e) ga[e] = (t0 + e < w.hi) ? g8[e] : 0.f;
-  const long long tn = (j + 1) * kBlockLen;
-  const float a_next = tn < w.hi ? to_f32(__ldg(a + tn)) : 0.f;
-  float dxv[kTokensPerLane], dav[kTokensPerLane];
+  float dav[kTokensPerLane];
   tile_grads(d, ga, a_next, odd, wl, gl, cv, cp, rr, rq, dxv, dav);
-  store_pair<kVec>(dx, t0, w.lo, w.hi, dxv, odd);
   if constexpr (kPerChannelGate) {
 #pragma unroll
     for (int e = 0; e < kTokensPerLane; ++e)
@@ -617,11 +783,25 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, const out_t* __re
 //   da_q = sum_channels [ wx_q R^(k-1)_q + gx_q sum_{p=1..k-1} c_p R^(k-1-p)_q ]
 // with wx_q, gx_q the tile-local forward state and gate prefix just before q, and
 // c_p = (prod_{m<p} P_{j-m}) v_{j-p} the contribution of tile j-p.
+// target.staging: shared -- the stage of steps n0..n0+F-1 starts at tile n0-(k-1): F tiles of x, F+k-1
+// tiles of dy (the tiles finished and the tiles looked ahead at) and of the gates, plus the first
+// gate chunk of tile n0+F.
+using BwdStageX = StagedRows<in_t, 16, 256, 288, 0>;
+using BwdStageD = StagedRows<out_t, 16, 576, 672, 4608>;
+using BwdStageA = StagedRows<gate_t, 1, 304, 416, 15360>;
+using BwdOutDx = StagedRows<in_t, 0, 256, 288, 31552>;
+constexpr int kBwdStageBytes = 15776;
+constexpr int kBwdWarpBytes = 31552;
+static_assert(BwdStageD::kBytes == (kTilesInFlight + kWindow - 1) * kBlockLen * static_cast<int>(sizeof(out_t)),
+              "dy stage: one batch and its k-1 tiles before");
+
 template <bool kVec>
 __device__ __forceinline__ void bwd(const Params& p) {
-  // The backward keeps four streams per tile in flight (x, a, dy and the look-ahead dy, a); past two
-  // tiles its registers cut occupancy more than the extra bytes in flight gain (measured on H100).
-  constexpr int kFlight = kVec ? (kTilesInFlight < 2 ? kTilesInFlight : 2) : 1;
+  constexpr bool kShared = kVec && kStaged;
+  // In registers the backward keeps four streams per tile in flight (x, a, dy and the look-ahead dy, a);
+  // past two tiles its registers cut occupancy more than the extra bytes in flight gain (measured on
+  // H100). Staged in shared memory, the whole batch is in flight.
+  constexpr int kFlight = kShared ? kTilesInFlight : kVec ? (kTilesInFlight < 2 ? kTilesInFlight : 2) : 1;
   const int lane = threadIdx.x % kWarpSize;
   const bool odd = lane & 1;
   const long long stride = static_cast<long long>(gridDim.x) * kWarpsPerCta;
@@ -653,21 +833,56 @@ __device__ __forceinline__ void bwd(const Params& p) {
     using ALane = Lane<kVec, gate_t>;
     using OLane = Lane<kVec, out_t>;
     const long long end = w.last + kWindow - 1;
+    // Shared staging: the warp's 16 rows from its first channel; batch b goes to stage (b % kStages).
+    unsigned char* ring = nullptr;
+    const in_t* xg = nullptr;
+    const out_t* dyg = nullptr;
+    const gate_t* ag = nullptr;
+    in_t* dxg = nullptr;
+    const auto stage_batch = [&](long long n0, int slot) {
+      if (n0 < end) {  // uniform; a group is committed either way
+        const unsigned st_addr = shared_address(ring + slot * kBwdStageBytes);
+        const long long ts = (n0 - (kWindow - 1)) * kBlockLen;
+        BwdStageX::copy(st_addr, xg, p.sxc, ts, w.lo, min(w.hi, w.last * kBlockLen), lane);
+        BwdStageD::copy(st_addr, dyg, p.sdyc, ts, w.lo, w.hi, lane);
+        BwdStageA::copy(st_addr, ag, p.sac, ts, w.lo, w.hi, lane);
+      }
+      cp_async_commit();
+    };
+    if constexpr (kShared) {
+      ring = warp_ring(kBwdWarpBytes);
+      const long long c0 = w.group * kChannelsPerWarp;
+      xg = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + c0 * p.sxc + w.base;
+      dyg = static_cast<const out_t*>(p.dy) + w.b * p.sdyb + w.h * p.sdyh + c0 * p.sdyc + w.base;
+      ag = static_cast<const gate_t*>(p.a) + w.b * p.sab + w.h * p.sah + (kPerChannelGate ? c0 * p.sac : 0) + w.base;
+      dxg = dx - (lane / kLanesPerTile) * p.sdxc;  // row of the warp's first channel
+#pragma unroll
+      for (int s = 0; s + 1 < kStages; ++s) stage_batch(w.first + s * kFlight, s);
+    }
+    int slot = 0;  // stage of the batch being computed
     for (long long n0 = w.first; n0 < end; n0 += kFlight) {
       OLane dyn[kFlight];
       ALane an[kFlight], aj[kFlight];
       XLane xj[kFlight];
       float anext[kFlight];
+      const unsigned char* st = ring + slot * kBwdStageBytes;
+      const int row = lane / kLanesPerTile, arow = kPerChannelGate ? row : 0;
+      if constexpr (kShared) {
+        stage_batch(n0 + (kStages - 1) * kFlight, (slot + kStages - 1) % kStages);
+        cp_async_wait<kStages - 1>();
+        __syncwarp();
+      } else {  // first-touch loads of the whole batch before any math
 #pragma unroll
-      for (int f = 0; f < kFlight; ++f) {
-        const long long n = n0 + f, j = n - (kWindow - 1);
-        const bool look = kWindow > 1 && n > w.first && n < num_tiles && n < end;
-        dyn[f] = load_raw<kVec, out_t, Reuse::kAgain>(dy, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
-        an[f] = load_raw<kVec, gate_t, Reuse::kAgain>(a, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
-        anext[f] = (look && (n + 1) * kBlockLen < w.hi) ? to_f32(__ldg(a + (n + 1) * kBlockLen)) : 0.f;
-        const bool fwd_step = j >= 0 && n < end;
-        xj[f] = load_raw<kVec, in_t, Reuse::kOnce>(x, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 0.f);
-        aj[f] = load_raw<kVec, gate_t, Reuse::kAgain>(a, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 1.f);
+        for (int f = 0; f < kFlight; ++f) {
+          const long long n = n0 + f, j = n - (kWindow - 1);
+          const bool look = kWindow > 1 && n > w.first && n < num_tiles && n < end;
+          dyn[f] = load_raw<kVec, out_t, Reuse::kAgain>(dy, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
+          an[f] = load_raw<kVec, gate_t, Reuse::kAgain>(a, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
+          anext[f] = (look && (n + 1) * kBlockLen < w.hi) ? to_f32(__ldg(a + (n + 1) * kBlockLen)) : 0.f;
+          const bool fwd_step = j >= 0 && n < end;
+          xj[f] = load_raw<kVec, in_t, Reuse::kOnce>(x, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 0.f);
+          aj[f] = load_raw<kVec, gate_t, Reuse::kAgain>(a, j * kBlockLen + half_off, fwd_step ? w.lo : 0, fwd_step ? w.hi : 0, 1.f);
+        }
       }
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
@@ -677,9 +892,18 @@ __device__ __forceinline__ void bwd(const Params& p) {
           float rho = 0.f, q = 0.f;
           if (n > w.first && n < num_tiles) {
             float d[kTokensPerLane], g8[kTokensPerLane], r[kTokensPerLane], gs[kTokensPerLane];
-            unpack_lane(dyn[f], d);
-            unpack_lane(an[f], g8);
-            tile_scan_rev(d, g8, anext[f], odd, r, gs);
+            float a_after;
+            if constexpr (kShared) {  // stage token (f + k-1) * BL is tile n's first
+              const int tn = (f + kWindow - 1) * kBlockLen;
+              unpack_lane(BwdStageD::read(st, row, tn + half_off), d);
+              unpack_lane(BwdStageA::read(st, arow, tn + half_off), g8);
+              a_after = (n + 1) * kBlockLen < w.hi ? BwdStageA::element(st, arow, tn + kBlockLen) : 0.f;
+            } else {
+              unpack_lane(dyn[f], d);
+              unpack_lane(an[f], g8);
+              a_after = anext[f];
+            }
+            tile_scan_rev(d, g8, a_after, odd, r, gs);
             rho = __shfl_sync(kFullMask, r[0], lane & ~1);
             q = __shfl_sync(kFullMask, gs[0], lane & ~1);
           }
@@ -689,12 +913,45 @@ __device__ __forceinline__ void bwd(const Params& p) {
         if (j < 0) continue;
         const long long t0 = j * kBlockLen + half_off;
         float u[kTokensPerLane], g8[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
-        unpack_lane(xj[f], u);
-        unpack_lane(aj[f], g8);
+        if constexpr (kShared) {  // stage token f * BL is tile j's first
+          auto al = BwdStageA::read(st, arow, f * kBlockLen + half_off);
+          fill_outside(al, t0, w.lo, w.hi, 1.f);  // x outside reads the stage's zeros
+          unpack_lane(BwdStageX::read(st, row, f * kBlockLen + half_off), u);
+          unpack_lane(al, g8);
+        } else {
+          unpack_lane(xj[f], u);
+          unpack_lane(aj[f], g8);
+        }
         tile_scan_fwd(u, g8, odd, wl, gl);
-        if (j >= w.first) finish_tile<kVec>(w, dy, a, dx, da, j, t0, lane, odd, g8, wl, gl, cv, cp, rr, rq);
+        if (j >= w.first) {
+          float d[kTokensPerLane], a_next;
+          const long long tn = (j + 1) * kBlockLen;
+          if constexpr (kShared) {
+            unpack_lane(BwdStageD::read(st, row, f * kBlockLen + half_off), d);
+            a_next = tn < w.hi ? BwdStageA::element(st, arow, (f + 1) * kBlockLen) : 0.f;
+          } else {
+            load_lane<kVec>(dy, t0, w.lo, w.hi, 0.f, d);
+            a_next = tn < w.hi ? to_f32(__ldg(a + tn)) : 0.f;
+          }
+          float dxv[kTokensPerLane];
+          finish_tile(w, da, t0, lane, odd, d, a_next, g8, wl, gl, cv, cp, rr, rq, dxv);
+          if constexpr (kShared && kStageBwdOutputs) {
+            BwdOutDx::write(ring, row, f * kBlockLen + half_off, dxv);
+          } else {
+            store_pair<kVec>(dx, t0, w.lo, w.hi, dxv, odd);
+          }
+        }
         push_carrier(cv, cp, __shfl_sync(kFullMask, wl[kTokensPerLane - 1], lane | 1),
                      __shfl_sync(kFullMask, gl[kTokensPerLane - 1], lane | 1));
+      }
+      if constexpr (kShared) {
+        __syncwarp();  // the batch's dx is written, and every lane is done with its stage
+        if constexpr (kStageBwdOutputs) {
+          const long long out_lo = max(w.lo, w.first * kBlockLen), out_hi = min(w.hi, w.last * kBlockLen);
+          BwdOutDx::store(ring, dxg, p.sdxc, (n0 - (kWindow - 1)) * kBlockLen, out_lo, out_hi, lane);
+          __syncwarp();  // the output buffer is read before the next batch writes it
+        }
+        slot = (slot + 1) % kStages;
       }
     }
   }

@@ -14,6 +14,7 @@ import jinja2
 from swrgen import constants
 from swrgen.runtime.params import template_fields
 from swrgen.spec import Spec
+from swrgen.spec.staging import spec_layouts
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
 MAIN_TEMPLATE = "swr.cu.j2"
@@ -28,6 +29,14 @@ FUSED_KERNEL_NAMES = ("phalanx_fwd_vec", "phalanx_fwd_scalar", "phalanx_bwd_vec"
 def kernel_names(spec: Spec) -> tuple[str, ...]:
     """Entry points of ``spec``'s module."""
     return KERNEL_NAMES + (FUSED_KERNEL_NAMES if spec.recurrence.fused_gating else ())
+
+
+def kernel_shared_bytes(spec: Spec) -> dict[str, int]:
+    """Dynamic shared memory per entry point (the vector kernels' stage rings under shared staging)."""
+    if spec.target.staging != "shared":
+        return {}
+    layouts = spec_layouts(spec.recurrence, spec.target)
+    return {"swr_fwd_vec": layouts["fwd"].cta_bytes, "swr_bwd_vec": layouts["bwd"].cta_bytes}
 
 
 def _environment() -> jinja2.Environment:
@@ -59,4 +68,5 @@ def render_source(spec: Spec) -> str:
         c=_constants_namespace(),
         types=types,
         params=template_fields(),
+        stage=spec_layouts(r, t),
     )

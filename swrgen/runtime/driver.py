@@ -12,6 +12,7 @@ from functools import cache
 import torch
 from cuda.bindings import driver as cu
 
+from swrgen.constants import DEFAULT_DYNAMIC_SHARED_BYTES
 from swrgen.runtime.params import KernelParams
 
 SUCCESS = cu.CUresult.CUDA_SUCCESS
@@ -56,14 +57,18 @@ def multiprocessor_count(index: int) -> int:
 class Kernel:
     """One __global__ function of a loaded module, launched with a KernelParams struct."""
 
-    def __init__(self, module, name: str, device_index: int) -> None:
+    def __init__(self, module, name: str, device_index: int, shared_bytes: int = 0) -> None:
         self.name = name
         self.device_index = device_index
+        self.shared_bytes = shared_bytes  # dynamic shared memory of every launch
         self.function = check(cu.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({name})")
+        if shared_bytes > DEFAULT_DYNAMIC_SHARED_BYTES:  # beyond the default a kernel must opt in
+            attr = cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            check(cu.cuFuncSetAttribute(self.function, attr, shared_bytes), f"shared memory of {name}")
 
     def max_active_ctas_per_sm(self, threads: int) -> int:
         return check(
-            cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, 0),
+            cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, self.shared_bytes),
             f"occupancy of {self.name}",
         )
 
@@ -80,7 +85,7 @@ class Kernel:
         config = cu.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
         config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
-        config.sharedMemBytes = 0
+        config.sharedMemBytes = self.shared_bytes
         config.attrs = [attr]
         config.numAttrs = 1
         return config
@@ -106,7 +111,7 @@ class Kernel:
 
     def _launch_once(self, grid: int, threads: int, args: int, stream: int, config: cu.CUlaunchConfig | None) -> tuple:
         if config is None:
-            return cu.cuLaunchKernel(self.function, grid, 1, 1, threads, 1, 1, 0, stream, args, 0)
+            return cu.cuLaunchKernel(self.function, grid, 1, 1, threads, 1, 1, self.shared_bytes, stream, args, 0)
         config.hStream = cu.CUstream(stream)
         return cu.cuLaunchKernelEx(config, self.function, args, 0)
 
@@ -114,7 +119,9 @@ class Kernel:
 class Module:
     """A cubin loaded into the current context, with its kernels looked up by name."""
 
-    def __init__(self, cubin: bytes, names: tuple[str, ...], device_index: int) -> None:
+    def __init__(self, cubin: bytes, names: tuple[str, ...], device_index: int,
+                 shared_bytes: dict[str, int] | None = None) -> None:  # fmt: skip
         self._cubin = cubin  # the driver reads the image during load; keep it alive anyway
         self.handle = check(cu.cuModuleLoadData(cubin), "cuModuleLoadData")
-        self.kernels = {n: Kernel(self.handle, n, device_index) for n in names}
+        shared = shared_bytes or {}
+        self.kernels = {n: Kernel(self.handle, n, device_index, shared.get(n, 0)) for n in names}

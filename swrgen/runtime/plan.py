@@ -36,8 +36,8 @@ class LaunchPlan:
     copies the struct during the call (cuda-bindings releases the GIL inside it).
     """
 
-    __slots__ = ("_address", "_args", "_config", "_function", "_index", "_lock", "cluster", "grid", "kernel", "params",
-                 "threads")  # fmt: skip
+    __slots__ = ("_address", "_args", "_config", "_function", "_index", "_lock", "_shared", "cluster", "grid", "kernel",
+                 "params", "threads")  # fmt: skip
 
     def __init__(self, kernel: Kernel, grid: int, threads: int, cluster: int, params: KernelParams) -> None:
         self.kernel, self.grid, self.threads, self.cluster = kernel, grid, threads, cluster
@@ -45,7 +45,7 @@ class LaunchPlan:
         self._args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         self._address = ctypes.addressof(self._args)
         self._config = None if cluster == 1 else kernel.cluster_config(grid, threads, cluster)
-        self._function, self._index = kernel.function, kernel.device_index
+        self._function, self._index, self._shared = kernel.function, kernel.device_index, kernel.shared_bytes
         self._lock = threading.Lock()
 
     @property
@@ -62,7 +62,7 @@ class LaunchPlan:
         try:
             p.x, p.a, p.y, p.dy, p.dx, p.da, p.state, p.dbc = x, a, y, dy, dx, da, state, dbc
             if self._config is None:  # the common case inline: one Python frame less per launch
-                (err,) = cu.cuLaunchKernel(self._function, self.grid, 1, 1, self.threads, 1, 1, 0, stream,
+                (err,) = cu.cuLaunchKernel(self._function, self.grid, 1, 1, self.threads, 1, 1, self._shared, stream,
                                            self._address, 0)  # fmt: skip
                 if err != SUCCESS:
                     self.kernel.relaunch(err, self.grid, self.threads, self._address, stream)

@@ -10,7 +10,7 @@ import threading
 
 import torch
 
-from swrgen.codegen import kernel_names, render_source
+from swrgen.codegen import kernel_names, kernel_shared_bytes, render_source
 from swrgen.compiler import CompileCache, CompileResult
 from swrgen.runtime.driver import Module, ensure_context
 from swrgen.spec import Spec
@@ -46,10 +46,12 @@ def pick_arch(archs: tuple[str, ...], capability: tuple[int, int]) -> str | None
 
 class Program:
     def __init__(self, spec: Spec, source: str | None = None, cubins: dict[str, bytes] | None = None,
-                 cache: CompileCache | None = None) -> None:  # fmt: skip
+                 cache: CompileCache | None = None, shared_bytes: dict[str, int] | None = None) -> None:  # fmt: skip
         self.spec = spec
         self.from_templates = source is None  # a generated/ folder's source may be hand-edited
         self.source = source if source is not None else render_source(spec)
+        # Dynamic shared memory per entry point: the source's layout (a generated folder's manifest says it).
+        self.shared_bytes = dict(shared_bytes) if shared_bytes is not None else kernel_shared_bytes(spec)
         self._cubins = dict(cubins or {})
         self._cache = cache
         self._modules: dict[int, Module] = {}
@@ -84,5 +86,6 @@ class Program:
             if index not in self._modules:
                 ensure_context(torch.device("cuda", index))
                 with torch.cuda.device(index):
-                    self._modules[index] = Module(self.cubin(self.arch_for(device)), kernel_names(self.spec), index)
+                    self._modules[index] = Module(self.cubin(self.arch_for(device)), kernel_names(self.spec), index,
+                                                  self.shared_bytes)  # fmt: skip
             return self._modules[index]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swrgen import constants as C
+from swrgen.spec.staging import max_shared_bytes, spec_layouts
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 NAME_ALLOWED = "an identifier matching [A-Za-z_][A-Za-z0-9_]*"
@@ -254,6 +255,8 @@ class Target:
     tiles_in_flight: int = 8  # forward loads in flight (double-buffered); the backward caps at 2 (RESULTS.md)
     cluster_size: int = 1
     persistent: bool = False
+    staging: str = "registers"  # where loads wait: registers, or a cp.async shared-memory ring (staging.py)
+    stages: int = 2  # batches of tiles_in_flight in the shared ring (registers: double-buffered, 2)
     carriers: Carriers = field(default_factory=Carriers)
 
     def __post_init__(self) -> None:
@@ -294,6 +297,14 @@ class Target:
         )
         _set(self, "cluster_size", check_int_choice(self.cluster_size, "target.cluster_size", C.CLUSTER_SIZES))
         check_bool(self.persistent, "target.persistent")
+        check_str_choice(self.staging, "target.staging", C.STAGINGS)
+        _set(self, "stages", check_int_choice(self.stages, "target.stages", C.STAGE_COUNTS))
+        if self.staging == "registers" and self.stages != 2:
+            raise SpecError(
+                f"got {self.stages}, but staging 'registers' double-buffers (2 stages); more need staging 'shared'",
+                field="target.stages",
+                allowed="2 with staging 'registers'; " + _join(C.STAGE_COUNTS) + " with staging 'shared'",
+            )
         if isinstance(self.carriers, Mapping):
             check_keys(self.carriers, field_names(Carriers), "target.carriers")
             _set(self, "carriers", Carriers(**self.carriers))
@@ -370,15 +381,28 @@ class Spec:
                     )
         per_tile = C.tokens_per_lane(r.block_len)
         in_flight = per_tile * t.tiles_in_flight
-        if in_flight > C.MAX_TOKENS_IN_FLIGHT_PER_LANE:
+        if in_flight > C.MAX_TOKENS_IN_FLIGHT_PER_LANE and t.staging == "registers":
             raise SpecError(
                 f"got {t.tiles_in_flight}: a tile that does not fit: block_len {r.block_len} / "
                 f"{C.LANES_PER_TILE} lanes = {per_tile} tokens per lane x {t.tiles_in_flight} tiles "
                 f"in flight = {in_flight} > limit {C.MAX_TOKENS_IN_FLIGHT_PER_LANE} tokens in flight per "
                 "lane (the loads would spill to local memory)",
                 field="target.tiles_in_flight",
-                allowed=_join(fitting_tiles_in_flight(r.block_len)) + f" for block_len {r.block_len}",
+                allowed=_join(fitting_tiles_in_flight(r.block_len)) + f" for block_len {r.block_len} with staging "
+                "'registers'; staging 'shared' takes more, as far as shared memory goes",
             )
+        if t.staging == "shared":
+            limit = max_shared_bytes(t.archs)
+            for direction, lay in spec_layouts(r, t).items():
+                if lay.cta_bytes > limit:
+                    raise SpecError(
+                        f"got 'shared', but the {direction} kernel needs {t.warps_per_cta} warps x "
+                        f"({lay.stages} stages x {lay.stage_bytes} + {lay.warp_bytes - lay.stages * lay.stage_bytes}"
+                        f" output) bytes = {lay.cta_bytes} bytes of shared memory per CTA, over the {limit} bytes "
+                        f"of {', '.join(t.archs)}",
+                        field="target.staging",
+                        allowed="'registers', or 'shared' with fewer warps_per_cta, tiles_in_flight or stages",
+                    )
         # warps_per_cta * cluster_size is at most 32 * 8 by the allowed sets: no extra check needed.
 
     def to_dict(self) -> dict[str, Any]:

@@ -247,7 +247,7 @@ class KernelFamily:
 
     ``name`` is what progress output and results call the family (``title`` in words), ``kernels`` the
     kernels it times, ``shape_format`` how a shape is given (``swrgen tune --shape``), ``default_shape``
-    the CLI's default.
+    the CLI's default, ``unused_knobs`` the tuning knobs its kernels ignore (kept at the spec's value).
     Internally a shape is (B, H, DH, L) (:meth:`normalize`): what buckets and the store key on.
     """
 
@@ -256,6 +256,11 @@ class KernelFamily:
     kernels = ""
     shape_format = ""
     default_shape: tuple[int, ...] = ()
+    unused_knobs: tuple[str, ...] = ()
+
+    def grid(self, spec: Spec, grid: Mapping[str, Iterable[Any]] | None) -> dict[str, Iterable[Any]]:
+        """The grid to search: ``grid`` with the unused knobs pinned to the spec's own values."""
+        return {**(grid or {}), **{knob: (getattr(spec.target, knob),) for knob in self.unused_knobs}}
 
     def normalize(self, spec: Spec, shape: Iterable[int]) -> tuple[int, int, int, int]:
         """The shape as given -> (B, H, DH, L); ValueError with a clear message when malformed."""
@@ -326,6 +331,7 @@ class PhalanxFamily(KernelFamily):
     kernels = "phalanx_fwd_{vec,scalar} / phalanx_bwd_{vec,scalar}"
     shape_format = "B,L,H"
     default_shape = (4, 8192, 64)
+    unused_knobs = ("staging",)  # the fused kernels keep their loads in registers
 
     def normalize(self, spec, shape):
         return normalize_fused_shape(spec, shape)
@@ -465,7 +471,7 @@ def tune(spec: Spec, shapes: Iterable[Iterable[int]], *, device: str | torch.dev
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     arch = device_arch(spec, device)
-    cands = space.candidates(spec, arch, grid)
+    cands = space.candidates(spec, arch, fam.grid(spec, grid))
     timer, timer_name = make_timer(warmup_ms, rep_ms)
     device_name = torch.cuda.get_device_name(device)
     result: dict[str, Any] = {"spec": spec.name, "family": fam.name, "kernels": fam.kernels, "arch": arch,

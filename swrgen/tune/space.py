@@ -15,13 +15,16 @@ from swrgen import constants
 from swrgen.spec import Spec, SpecError
 
 # Knob -> values tried by default. tiles_in_flight is further limited by the register budget of the
-# spec's block_len, cluster_size > 1 by the arch (clusters need sm_90+), both through spec validation.
+# spec's block_len, cluster_size > 1 by the arch (clusters need sm_90+), staging "shared" by the shared
+# memory of the spec's archs, all through spec validation.
 DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "warps_per_cta": (2, 4, 8),
     "tiles_per_warp": (32, 64, 128, 256),
-    "tiles_in_flight": (1, 2, 4, 8),
+    "tiles_in_flight": (1, 2, 4, 8),  # 16 (shared staging only) measured slower: bench/RESULTS.md run 41
     "cluster_size": (1, 2),
     "persistent": (False, True),
+    "staging": constants.STAGINGS,
+    "stages": (2, 3),
 }
 TUNABLE = tuple(DEFAULT_GRID)
 
@@ -41,6 +44,8 @@ def parse_grid(text: str) -> dict[str, tuple[Any, ...]]:
         for v in filter(None, (s.strip() for s in vals.split(","))):
             if v.lower() in ("true", "false"):
                 values.append(v.lower() == "true")
+            elif key == "staging":
+                values.append(v)  # spec validation names the allowed values
             else:
                 try:
                     values.append(int(v))
@@ -96,6 +101,10 @@ def is_valid(spec: Spec, arch: str, cand: Mapping[str, Any]) -> bool:
 
 
 def describe(cand: Mapping[str, Any]) -> str:
-    """Short label, e.g. ``W=4 T=64 F=2 C=1 P=0`` (warps, tiles/warp, in flight, cluster, persistent)."""
-    return (f"W={cand['warps_per_cta']} T={cand['tiles_per_warp']:<3d} F={cand['tiles_in_flight']} "
-            f"C={cand['cluster_size']} P={int(cand['persistent'])}")  # fmt: skip
+    """Short label, e.g. ``W=4 T=64  F=2 C=1 P=0`` (warps, tiles/warp, in flight, cluster, persistent),
+    with `` S=shared/2`` when loads are staged in shared memory (and the ring's stages)."""
+    label = (f"W={cand['warps_per_cta']} T={cand['tiles_per_warp']:<3d} F={cand['tiles_in_flight']} "
+             f"C={cand['cluster_size']} P={int(cand['persistent'])}")  # fmt: skip
+    if cand.get("staging", "registers") == "shared":
+        label += f" S=shared/{cand.get('stages', 2)}"
+    return label

@@ -1,0 +1,117 @@
+"""Shared-memory layout of ``target.staging: shared`` (the one source for Python and the templates).
+
+With shared staging a warp copies the rows it is about to read into its own ring of ``target.stages``
+shared-memory stages with cp.async: consecutive lanes take consecutive 16-byte chunks of one row, so
+every load instruction reads whole runs of a row rather than 16 rows x 32 bytes, and nothing waits in
+registers. A stage holds ``tiles_in_flight`` tiles of each stream:
+
+- forward: x (16 channel rows) and the gates (1 row per head, or 16 per channel);
+- backward: x, and dy and the gates starting ``window_blocks - 1`` tiles earlier (the tiles the
+  step finishes, besides the tiles it looks ahead at), the gates one 16-byte chunk longer (the first
+  gate of the next tile).
+
+The outputs of a batch (the forward's y, the backward's dx) go the same way back: lanes write their
+half-tiles into one output buffer per warp, then the warp stores whole runs of each row.
+
+Row strides are padded to 32 bytes past a multiple of 128, so the four rows that one quarter-warp
+reads from shared memory fall in different banks. The templates receive these numbers and
+``static_assert`` what they rely on; launches pass ``cta_bytes`` as dynamic shared memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swrgen import constants as C
+
+
+def padded_stride(row_bytes: int) -> int:
+    """Smallest 16-byte multiple >= row_bytes that is 32 past a multiple of 128 (no bank conflicts)."""
+    stride = -(-row_bytes // C.VECTOR_BYTES) * C.VECTOR_BYTES
+    while stride % C.SHARED_BANK_BYTES != C.SHARED_ROW_SKEW:
+        stride += C.VECTOR_BYTES
+    return stride
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One stream's rows in a stage: ``count`` rows of ``copy`` bytes at ``stride`` bytes, from ``offset``."""
+
+    count: int
+    copy: int
+    stride: int
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.count * self.stride
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A warp's stage ring (``stages`` x ``stage_bytes``) and output buffer (``out_bytes``) for one kernel
+    direction; ``cta_bytes`` is the launch's dynamic shared memory."""
+
+    streams: dict[str, Rows]  # inside each stage
+    out: Rows  # after the ring, once per warp
+    stage_bytes: int
+    stages: int
+    warps: int
+
+    @property
+    def warp_bytes(self) -> int:
+        return self.stage_bytes * self.stages + self.out.count * self.out.stride
+
+    @property
+    def cta_bytes(self) -> int:
+        return self.warp_bytes * self.warps
+
+
+def _stack(parts: list[tuple[str, int, int]]) -> tuple[dict[str, Rows], int]:
+    streams: dict[str, Rows] = {}
+    offset = 0
+    for name, count, copy in parts:
+        rows = Rows(count=count, copy=copy, stride=padded_stride(copy), offset=offset)
+        streams[name] = rows
+        offset = rows.end
+    return streams, offset
+
+
+def layout(direction: str, recurrence, tiles_in_flight: int, warps_per_cta: int, stages: int) -> Layout:
+    """The shared-memory layout of the "fwd" or "bwd" vector kernel (one warp: 16 channels of one head).
+
+    ``recurrence`` is a spec's Recurrence (duck-typed: the schema imports this module).
+    """
+    r = recurrence
+    rows = C.CHANNELS_PER_WARP  # whatever the head size, a warp holds 16 channels
+    gate_rows = rows if r.gate_layout == "per_channel" else 1
+    tile = {name: r.block_len * C.DTYPE_BYTES[dtype] for name, dtype in
+            (("x", r.input_dtype), ("y", r.output_dtype), ("a", r.gate_dtype))}  # fmt: skip
+    tiles, halo = tiles_in_flight, r.window_blocks - 1
+    if direction == "fwd":
+        parts = [("x", rows, tiles * tile["x"]), ("a", gate_rows, tiles * tile["a"])]
+        out = ("y", rows, tiles * tile["y"])
+    elif direction == "bwd":
+        parts = [
+            ("x", rows, tiles * tile["x"]),
+            ("dy", rows, (tiles + halo) * tile["y"]),
+            ("a", gate_rows, (tiles + halo) * tile["a"] + C.VECTOR_BYTES),
+        ]
+        out = ("dx", rows, tiles * tile["x"])
+    else:
+        raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+    streams, stage_bytes = _stack(parts)
+    out_count = out[1] if C.STAGE_OUTPUTS[direction] else 0
+    out_rows = Rows(count=out_count, copy=out[2], stride=padded_stride(out[2]), offset=stage_bytes * stages)
+    return Layout(streams=streams, out=out_rows, stage_bytes=stage_bytes, stages=stages, warps=warps_per_cta)
+
+
+def spec_layouts(recurrence, target) -> dict[str, Layout]:
+    """Both directions' layouts for a spec's recurrence and target."""
+    t = target
+    return {d: layout(d, recurrence, t.tiles_in_flight, t.warps_per_cta, t.stages) for d in ("fwd", "bwd")}
+
+
+def max_shared_bytes(archs: tuple[str, ...]) -> int:
+    """The dynamic shared memory one CTA may use on every arch in ``archs``."""
+    return min(C.MAX_SHARED_BYTES_PER_CTA[a] for a in archs)
