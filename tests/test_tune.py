@@ -137,6 +137,31 @@ def test_save_keeps_other_entries_and_returns_copies() -> None:
     assert store.lookup(BASE, "sm_90a", (8, 64, 16, 2048)) == other
 
 
+def test_device_tag() -> None:
+    assert store.device_tag("NVIDIA H100 80GB HBM3") == "H100_80GB_HBM3"
+    assert store.device_tag("NVIDIA H200") == "H200"
+    assert store.device_tag("NVIDIA GeForce RTX 4090") == "GeForce_RTX_4090"
+    assert store.device_tag("") == "unknown"
+
+
+def test_card_entries_win_over_the_arch_in_every_directory() -> None:
+    h100, h200 = dict(WINNER, warps_per_cta=2), dict(WINNER, warps_per_cta=1)
+    store.save(BASE, "sm_90a", SHAPE, entry(h100), directory=store.SHIPPED_DIR, device="H100_80GB_HBM3")
+    data = json.loads(store.file_path(BASE, store.SHIPPED_DIR).read_text())
+    version = store.compiler_version()
+    assert set(data["entries"]) == {f"sm_90a/nvrtc{version}/rows256/L8192",
+                                    f"sm_90a/H100_80GB_HBM3/nvrtc{version}/rows256/L8192"}  # fmt: skip
+    assert store.lookup(BASE, "sm_90a", SHAPE, device="H100_80GB_HBM3") == h100
+    assert store.lookup(BASE, "sm_90a", SHAPE, device="H200") == h100  # another card: the arch's entry
+    assert store.lookup(BASE, "sm_90a", SHAPE) == h100
+    # A local tuning run on an H200 writes its card's key and the arch's: the H200 takes its own, the H100
+    # still its own shipped entry (card before directory), a third card the local arch entry.
+    store.save(BASE, "sm_90a", SHAPE, entry(h200), device="H200")
+    assert store.lookup(BASE, "sm_90a", SHAPE, device="H200") == h200
+    assert store.lookup(BASE, "sm_90a", SHAPE, device="H100_80GB_HBM3") == h100
+    assert store.lookup(BASE, "sm_90a", SHAPE, device="H800") == h200
+
+
 def test_lookup_filters_targets_the_spec_rejects() -> None:
     store.save(BASE, "sm_90a", SHAPE, entry(dict(WINNER, cluster_size=2)))
     assert store.lookup(BASE, "sm_90a", SHAPE)["cluster_size"] == 2

@@ -53,7 +53,8 @@ def resolve(program: Program, device: torch.device, shape: tuple[int, int, int, 
     """
     if not program.from_templates:
         return program
-    over = store.lookup(program.spec, program.arch_for(device), shape, direction)
+    card = store.device_tag_of(device.index) if device.index is not None else None  # a tensor's device has one
+    over = store.lookup(program.spec, program.arch_for(device), shape, direction, card)
     if not over:
         return program
     key = (program, tuple(sorted(over.items())))

@@ -539,7 +539,7 @@ def tune(spec: Spec, shapes: Iterable[Iterable[int]], *, device: str | torch.dev
                 split = _direction_targets(passed, best, min_gain)
                 entry_out.update(split)
                 if save:
-                    path = str(store.save(spec, arch, shape, entry_out, directory))
+                    path = str(store.save(spec, arch, shape, entry_out, directory, store.device_tag(device_name)))
                 gain = f", {base['score_ms'] / best['score_ms']:.2f}x vs the spec's own target" if base else ""
                 say(f"bucket {name}: best {space.describe(best['target'])}  fwd {best['fwd_ms']:.4f} ms  "
                     f"bwd {best['bwd_ms']:.4f} ms{gain}; {len(rows) - len(passed)} failed"
@@ -557,11 +557,12 @@ def tune(spec: Spec, shapes: Iterable[Iterable[int]], *, device: str | torch.dev
     return result
 
 
-def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int], direction: str | None = None
-           ) -> dict[str, Any] | None:  # fmt: skip
+def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int], direction: str | None = None,
+           device: str | None = None) -> dict[str, Any] | None:  # fmt: skip
     """Tuned target overrides for x.shape = [B, H, DH, L] (see :func:`swrgen.tune.store.lookup`).
 
     For a fused spec's Phalanx kernels: (B, H, 16, L) for P [B, L, N] of H heads. direction: "fwd" or
-    "bwd" for the knobs of that kernel alone, where the tuner stored them.
+    "bwd" for the knobs of that kernel alone, where the tuner stored them. device: a card's
+    :func:`swrgen.tune.store.device_tag`, whose own entries win.
     """
-    return store.lookup(spec, arch, shape, direction)
+    return store.lookup(spec, arch, shape, direction, device)

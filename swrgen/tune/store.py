@@ -1,4 +1,5 @@
-"""Tuned configs on disk: one JSON file per recurrence, entries per (arch, NVRTC version, shape bucket).
+"""Tuned configs on disk: one JSON file per recurrence, entries per (arch, NVRTC version, shape bucket), and
+per card where the tuner knew it (``sm_90a/H200/nvrtc13.0/rows256/L8192``: cards of one arch differ).
 
 Files live in ``default_cache_dir()/tuned/`` (``$SWRGEN_CACHE_DIR`` overrides, like the cubin cache),
 then in the package's ``swrgen/tune/tuned/`` (configs shipped with the source; consulted second, so a
@@ -30,6 +31,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,8 +92,30 @@ def recurrence_hash(recurrence: Any) -> str:
     return hashlib.sha256(json.dumps(recurrence.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def entry_key(arch: str, bucket: tuple[int, int], nvrtc: str | None = None) -> str:
-    return f"{arch}/nvrtc{nvrtc or compiler_version()}/{bucket_name(bucket)}"
+def entry_key(arch: str, bucket: tuple[int, int], nvrtc: str | None = None, device: str | None = None) -> str:
+    """``sm_90a/nvrtc13.0/rows256/L8192``; with ``device`` (a :func:`device_tag`) ``sm_90a/H200/nvrtc13.0/...``."""
+    where = f"{arch}/{device}" if device else arch
+    return f"{where}/nvrtc{nvrtc or compiler_version()}/{bucket_name(bucket)}"
+
+
+def device_tag(name: str) -> str:
+    """A card's name as a key part: ``NVIDIA H100 80GB HBM3`` -> ``H100_80GB_HBM3``.
+
+    Cards of one arch differ in bandwidth (an H100 and an H200 are both sm_90a), so the tuner stores its
+    winner under the card's own key as well as the arch's; a lookup prefers the card's.
+    """
+    return re.sub(r"[^A-Za-z0-9]+", "_", name.removeprefix("NVIDIA ")).strip("_") or "unknown"
+
+
+@functools.cache
+def device_tag_of(index: int) -> str | None:
+    """:func:`device_tag` of CUDA device ``index`` (asked once per device); None where torch cannot name it."""
+    import torch
+
+    try:
+        return device_tag(torch.cuda.get_device_name(index))
+    except (AssertionError, RuntimeError):  # no CUDA build or driver: only the arch's entries apply
+        return None
 
 
 def file_path(spec: Spec, directory: Path | None = None) -> Path:
@@ -126,8 +150,11 @@ def _entries(directory: Path, rec_hash: str) -> dict[str, Any]:
 
 
 def save(spec: Spec, arch: str, shape: tuple[int, int, int, int], entry: dict[str, Any],
-         directory: Path | None = None) -> Path:  # fmt: skip
-    """Record ``entry`` (must hold ``target``) for the bucket of ``shape``; returns the file written."""
+         directory: Path | None = None, device: str | None = None) -> Path:  # fmt: skip
+    """Record ``entry`` (must hold ``target``) for the bucket of ``shape``; returns the file written.
+
+    With ``device`` (a :func:`device_tag`) it goes under that card's key and under the arch's (the fallback
+    for other cards of the arch)."""
     if not valid_target(entry.get("target")):
         raise ValueError(f"entry target {entry.get('target')!r} is not a dict of {', '.join(TUNABLE)}")
     directory = Path(directory) if directory is not None else tuned_dir()
@@ -135,6 +162,8 @@ def save(spec: Spec, arch: str, shape: tuple[int, int, int, int], entry: dict[st
     path = directory / f"{rec_hash[:32]}.json"
     entries = read_file(path, rec_hash)  # a corrupt file starts over
     entries[entry_key(arch, bucket_of(shape))] = entry
+    if device:
+        entries[entry_key(arch, bucket_of(shape), device=device)] = entry
     data = {"version": VERSION, "recurrence_hash": rec_hash, "recurrence": spec.recurrence.to_dict(),
             "entries": dict(sorted(entries.items()))}  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
@@ -153,14 +182,16 @@ def save(spec: Spec, arch: str, shape: tuple[int, int, int, int], entry: dict[st
 DIRECTIONS = ("fwd", "bwd")
 
 
-def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int], direction: str | None = None
-           ) -> dict[str, Any] | None:  # fmt: skip
+def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int], direction: str | None = None,
+           device: str | None = None) -> dict[str, Any] | None:  # fmt: skip
     """Tuned target overrides for x.shape = [B, H, DH, L] on ``arch``, or None when none is stored.
 
     direction: "fwd" or "bwd" asks for the knobs of that kernel alone. The forward and backward are
     separate launches, so where one config is clearly best for the forward and another for the
     backward, the tuner stores ``fwd_target`` / ``bwd_target`` beside the joint ``target``; without
     one (or with direction None) the joint target answers.
+    device: the card's :func:`device_tag`; its own entries win over the arch's, in every directory
+    (a config tuned on this card, even shipped, beats one tuned locally on another card of the arch).
     Only overrides that the spec accepts are returned (e.g. no cluster for a spec that also lists
     sm_80), so ``spec.replace_target(**lookup(...))`` never raises. Memoized in-process. None inside
     :func:`disabled` (while tuning) and when ``$SWRGEN_TUNED`` is ``0``.
@@ -169,31 +200,32 @@ def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int], direction: s
         return None
     if (_ENV or _read_env())[0]:  # $SWRGEN_TUNED=0
         return None
-    key = (spec.recurrence, spec.target.archs, arch, bucket_of(tuple(shape)), direction)  # type: ignore[arg-type]
+    key = (spec.recurrence, spec.target.archs, arch, bucket_of(tuple(shape)), direction, device)  # type: ignore[arg-type]
     try:
         result = _MEMO[key]
     except KeyError:
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"direction {direction!r}; allowed: None, {', '.join(DIRECTIONS)}") from None
-        result = _MEMO[key] = _lookup_uncached(spec, arch, key[3], search_dirs(), direction)
+        result = _MEMO[key] = _lookup_uncached(spec, arch, key[3], search_dirs(), direction, device)
     return dict(result) if result is not None else None  # a copy: callers may change it
 
 
 def _lookup_uncached(spec: Spec, arch: str, bucket: tuple[int, int], dirs: tuple[Path, ...],
-                     direction: str | None = None) -> dict[str, Any] | None:  # fmt: skip
+                     direction: str | None = None, device: str | None = None) -> dict[str, Any] | None:  # fmt: skip
     from swrgen.tune.space import is_valid
 
     rec_hash = recurrence_hash(spec.recurrence)
-    name = entry_key(arch, bucket)
-    for directory in dirs:
-        entry = _entries(directory, rec_hash).get(name)
-        if entry is None:
-            continue
-        own = entry.get(f"{direction}_target") if direction else None
-        if valid_target(own) and is_valid(spec, arch, own):
-            return dict(own)
-        if is_valid(spec, arch, entry["target"]):
-            return dict(entry["target"])
+    names = ([entry_key(arch, bucket, device=device)] if device else []) + [entry_key(arch, bucket)]
+    for name in names:
+        for directory in dirs:
+            entry = _entries(directory, rec_hash).get(name)
+            if entry is None:
+                continue
+            own = entry.get(f"{direction}_target") if direction else None
+            if valid_target(own) and is_valid(spec, arch, own):
+                return dict(own)
+            if is_valid(spec, arch, entry["target"]):
+                return dict(entry["target"])
     return None
 
 
