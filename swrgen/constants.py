@@ -46,6 +46,9 @@ CLUSTER_ARCHS = ("sm_90", "sm_90a", "sm_100a", "sm_120")  # thread-block cluster
 WARPS_PER_CTA = (1, 2, 4, 8, 16, 32)
 TILES_IN_FLIGHT = (1, 2, 4, 8, 16)  # 16: staging 'shared' only (the register budget below)
 CLUSTER_SIZES = (1, 2, 4, 8)  # 8 is the portable maximum
+# target.min_warps_per_sm: asks ptxas (__launch_bounds__ minimum CTAs) to fit this many warps of the
+# vector kernels on one SM, capping their registers (0: no request). Spills can cost more than it gains.
+MIN_WARPS_PER_SM = (0, 8, 12, 16, 24, 32)
 MAX_TILES_PER_WARP = 1 << 16
 # How a carrier (a tile's last local state and gate product) crosses each level.
 # registers: kept in a rolling register window inside one warp's chunk of tiles.

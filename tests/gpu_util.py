@@ -35,6 +35,7 @@ TUNING = [
     dict(persistent=True, tiles_per_warp=5, warps_per_cta=8),
     dict(staging="shared"),
     dict(staging="shared", tiles_in_flight=2, warps_per_cta=8, tiles_per_warp=5),
+    dict(staging="shared", tiles_in_flight=2, warps_per_cta=1, min_warps_per_sm=16),
 ]
 
 # Knobs around a shared-staging ring (tests/test_gpu_staging.py): one tile per stage, a chunk shorter than
@@ -47,6 +48,7 @@ SHARED_KNOBS = [
     dict(tiles_in_flight=4, tiles_per_warp=1024),
     dict(tiles_in_flight=8, tiles_per_warp=15, warps_per_cta=2),
     dict(cluster_size=2, tiles_in_flight=4, tiles_per_warp=9),
+    dict(tiles_in_flight=2, stages=3, min_warps_per_sm=16, warps_per_cta=1),
 ]
 
 

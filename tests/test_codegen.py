@@ -222,6 +222,7 @@ VARIANTS: list[tuple[str, dict, dict]] = [
     *[(f"in_flight{n}", {}, {"tiles_in_flight": n, **({"staging": "shared"} if n > 8 else {})})
       for n in constants.TILES_IN_FLIGHT if n != 2],
     ("shared", {}, {"staging": "shared"}),
+    ("shared_min_warps16", {}, {"staging": "shared", "tiles_in_flight": 2, "min_warps_per_sm": 16}),
     ("shared_stages3_w2", {}, {"staging": "shared", "stages": 3, "warps_per_cta": 2}),
     ("shared_fp32_per_channel_k3", {"input_dtype": "fp32", "gate_dtype": "fp32", "gate_layout": "per_channel",
                                     "window_blocks": 3}, {"staging": "shared", "warps_per_cta": 2}),

@@ -257,6 +257,7 @@ class Target:
     persistent: bool = False
     staging: str = "registers"  # where loads wait: registers, or a cp.async shared-memory ring (staging.py)
     stages: int = 2  # batches of tiles_in_flight in the shared ring (registers: double-buffered, 2)
+    min_warps_per_sm: int = 0  # register cap for the vector kernels via __launch_bounds__ (0: none)
     carriers: Carriers = field(default_factory=Carriers)
 
     def __post_init__(self) -> None:
@@ -299,6 +300,11 @@ class Target:
         check_bool(self.persistent, "target.persistent")
         check_str_choice(self.staging, "target.staging", C.STAGINGS)
         _set(self, "stages", check_int_choice(self.stages, "target.stages", C.STAGE_COUNTS))
+        _set(
+            self,
+            "min_warps_per_sm",
+            check_int_choice(self.min_warps_per_sm, "target.min_warps_per_sm", C.MIN_WARPS_PER_SM),
+        )
         if self.staging == "registers" and self.stages != 2:
             raise SpecError(
                 f"got {self.stages}, but staging 'registers' double-buffers (2 stages); more need staging 'shared'",

@@ -25,6 +25,7 @@ DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "persistent": (False, True),
     "staging": constants.STAGINGS,
     "stages": (2, 3),
+    "min_warps_per_sm": (0,),  # searched on request (--grid "min_warps_per_sm=0,16")
 }
 TUNABLE = tuple(DEFAULT_GRID)
 
@@ -107,4 +108,6 @@ def describe(cand: Mapping[str, Any]) -> str:
              f"C={cand['cluster_size']} P={int(cand['persistent'])}")  # fmt: skip
     if cand.get("staging", "registers") == "shared":
         label += f" S=shared/{cand.get('stages', 2)}"
+    if cand.get("min_warps_per_sm", 0):
+        label += f" M={cand['min_warps_per_sm']}"
     return label

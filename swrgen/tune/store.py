@@ -46,7 +46,7 @@ VERSION = 1
 ENV_DISABLE = "SWRGEN_TUNED"  # "0": lookup() always answers None (time the untuned defaults)
 SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
 _KNOB_TYPES = {"warps_per_cta": int, "tiles_per_warp": int, "tiles_in_flight": int, "cluster_size": int,
-               "persistent": bool, "staging": str, "stages": int}  # fmt: skip
+               "persistent": bool, "staging": str, "stages": int, "min_warps_per_sm": int}  # fmt: skip
 
 # (directory, recurrence hash) -> parsed entries; (recurrence, archs, arch, bucket) -> overrides.
 _FILES: dict[tuple[str, str], dict[str, Any]] = {}
