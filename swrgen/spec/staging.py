@@ -10,8 +10,9 @@ registers. A stage holds ``tiles_in_flight`` tiles of each stream:
   step finishes, besides the tiles it looks ahead at), the gates one 16-byte chunk longer (the first
   gate of the next tile).
 
-The outputs of a batch (the forward's y, the backward's dx) go the same way back: lanes write their
-half-tiles into one output buffer per warp, then the warp stores whole runs of each row.
+Where ``constants.STAGE_OUTPUTS`` says so (the forward's y; the backward's dx measured slower), the
+outputs of a batch go the same way back: lanes write their half-tiles into one output buffer per warp,
+then the warp stores whole runs of each row. Without it the buffer has no rows.
 
 Row strides are padded to 32 bytes past a multiple of 128, so the four rows that one quarter-warp
 reads from shared memory fall in different banks. The templates receive these numbers and
