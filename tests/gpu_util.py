@@ -126,4 +126,7 @@ def all_gpu_test_specs():
     specs += [shared(spec_for(**kw)) for kw in FWD_VARIANTS + BWD_VARIANTS]
     specs += [shared(b, **kw) for b in base for kw in SHARED_KNOBS]
     specs += [shared(b, tiles_per_warp=t) for b in base for t in (3, 5)]
+    bf16 = [spec_for(k=k, out="bf16") for k in (1, 2, 3)]
+    specs += bf16 + [shared(b, **kw) for b in bf16 for kw in (dict(), dict(warps_per_cta=1, min_warps_per_sm=24),
+                                                              dict(tiles_in_flight=2, stages=3))]  # fmt: skip
     return specs

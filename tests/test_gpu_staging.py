@@ -88,6 +88,18 @@ def test_shared_staging_edges(k, knobs, length):
     check_equal_and_reference(base, shared(base, **knobs), a, x, dy)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("knobs", [dict(), dict(warps_per_cta=1, tiles_per_warp=3, min_warps_per_sm=24),
+                                   dict(tiles_in_flight=2, stages=3, tiles_per_warp=7)], ids=str)  # fmt: skip
+@pytest.mark.parametrize("length", [24, 1000, 8200])
+def test_shared_staging_y_in_place(k, knobs, length):
+    """bf16 in and out: the forward writes y over x in the stage (no output buffer)."""
+    base = spec_for(k=k, out="bf16")
+    a, x = inputs(base, 2, 3, length, seed=length + 5 * k)
+    dy = torch.randn(x.shape, device=x.device).bfloat16()
+    check_equal_and_reference(base, shared(base, **knobs), a, x, dy, fwd_tol=8e-3)
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_shared_staging_long(k):
     base = spec_for(k=k)

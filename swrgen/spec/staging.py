@@ -12,7 +12,8 @@ registers. A stage holds ``tiles_in_flight`` tiles of each stream:
 
 Where ``constants.STAGE_OUTPUTS`` says so (the forward's y; the backward's dx measured slower), the
 outputs of a batch go the same way back: lanes write their half-tiles into one output buffer per warp,
-then the warp stores whole runs of each row. Without it the buffer has no rows.
+then the warp stores whole runs of each row. Without it the buffer has no rows. Where y is as wide as x
+(bf16 in, bf16 out) there is no buffer: a lane writes its y over the x it has just read, in the stage.
 
 Row strides are padded to 32 bytes past a multiple of 128, so the four rows that one quarter-warp
 reads from shared memory fall in different banks. The templates receive these numbers and
@@ -21,6 +22,7 @@ reads from shared memory fall in different banks. The templates receive these nu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from swrgen import constants as C
@@ -54,14 +56,15 @@ class Layout:
     direction; ``cta_bytes`` is the launch's dynamic shared memory."""
 
     streams: dict[str, Rows]  # inside each stage
-    out: Rows  # after the ring, once per warp
+    out: Rows  # after the ring, once per warp; or, with out_in_stage, x's place in the stage
     stage_bytes: int
     stages: int
     warps: int
+    out_in_stage: bool = False
 
     @property
     def warp_bytes(self) -> int:
-        return self.stage_bytes * self.stages + self.out.count * self.out.stride
+        return self.stage_bytes * self.stages + (0 if self.out_in_stage else self.out.count * self.out.stride)
 
     @property
     def cta_bytes(self) -> int:
@@ -102,6 +105,11 @@ def layout(direction: str, recurrence, tiles_in_flight: int, warps_per_cta: int,
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     streams, stage_bytes = _stack(parts)
+    if direction == "fwd" and C.STAGE_OUTPUTS["fwd"] and out[2] == parts[0][2]:
+        # y as wide as x: each lane writes its y vector over the x vector it has just read, in the stage.
+        out_rows = dataclasses.replace(streams["x"], count=out[1])
+        return Layout(streams=streams, out=out_rows, stage_bytes=stage_bytes, stages=stages, warps=warps_per_cta,
+                      out_in_stage=True)  # fmt: skip
     out_count = out[1] if C.STAGE_OUTPUTS[direction] else 0
     out_rows = Rows(count=out_count, copy=out[2], stride=padded_stride(out[2]), offset=stage_bytes * stages)
     return Layout(streams=streams, out=out_rows, stage_bytes=stage_bytes, stages=stages, warps=warps_per_cta)
