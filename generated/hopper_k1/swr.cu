@@ -510,6 +510,8 @@ using FwdStageA = StagedRows<gate_t, 1, 256, 288, 4608>;
 using FwdOutY = StagedRows<out_t, 16, 512, 544, 9792>;
 constexpr int kFwdStageBytes = 4896;
 constexpr int kFwdWarpBytes = 18496;
+// y as wide as x: the y buffer is x's place in the stage being computed (each lane overwrites what it read).
+constexpr bool kFwdOutInStage = false;
 static_assert(FwdStageX::kBytes == kTilesInFlight * kBlockLen * static_cast<int>(sizeof(in_t)), "x stage: one batch");
 
 template <bool kVec>
@@ -626,7 +628,8 @@ __device__ __forceinline__ void fwd(const Params& p) {
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) out[e] = fmaf(gl[e], carry, wl[e]);
           if constexpr (kShared && kStageFwdOutputs) {
-            FwdOutY::write(ring, lane / kLanesPerTile, f * kBlockLen + half_off, out);
+            FwdOutY::write(kFwdOutInStage ? ring + slot * kFwdStageBytes : ring, lane / kLanesPerTile,
+                           f * kBlockLen + half_off, out);
           } else {
             store_pair<kVec>(y, t0, w.lo, w.hi, out, odd);
           }
@@ -637,7 +640,8 @@ __device__ __forceinline__ void fwd(const Params& p) {
         __syncwarp();  // the batch's outputs are written, and every lane is done with its stage
         if constexpr (kStageFwdOutputs) {
           const long long out_lo = max(w.lo, w.first * kBlockLen), out_hi = min(w.hi, w.last * kBlockLen);
-          FwdOutY::store(ring, yg, p.syc, tile * kBlockLen, out_lo, out_hi, lane);  // halo tiles are not outputs
+          FwdOutY::store(kFwdOutInStage ? ring + slot * kFwdStageBytes : ring, yg, p.syc, tile * kBlockLen, out_lo,
+                         out_hi, lane);  // halo tiles are not outputs
           __syncwarp();  // the output buffer is read before the next batch writes it
         }
         slot = (slot + 1) % kStages;
