@@ -252,7 +252,7 @@ class Target:
     archs: tuple[str, ...] = ("sm_90a",)
     warps_per_cta: int = 4
     tiles_per_warp: int = 64  # measured best on H100 at L 2K-128K (bench/RESULTS.md)
-    tiles_in_flight: int = 8  # forward loads in flight (double-buffered); the backward caps at 2 (RESULTS.md)
+    tiles_in_flight: int = 8  # tiles per load batch; with registers staging the backward caps at 2 (RESULTS.md)
     cluster_size: int = 1
     persistent: bool = False
     staging: str = "registers"  # where loads wait: registers, or a cp.async shared-memory ring (staging.py)
