@@ -34,6 +34,7 @@ SHIPPED = {
     "hopper_k1": (1, ("sm_90a", "sm_100a"), 1, "fp32"),
     "hopper_k3": (3, ("sm_90a", "sm_100a"), 1, "fp32"),
     "hopper_k2_bf16out": (2, ("sm_90a", "sm_100a"), 1, "bf16"),
+    "hopper_k3_bf16out": (3, ("sm_90a", "sm_100a"), 1, "bf16"),
     "hopper_k2_cluster": (2, ("sm_90a",), 2, "fp32"),
     "hopper_k2_fused": (2, ("sm_90a", "sm_100a"), 1, "bf16"),
 }
