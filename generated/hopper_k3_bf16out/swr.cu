@@ -154,6 +154,39 @@ __device__ __forceinline__ uint4 load16(const uint4* p) {
   return v;
 }
 
+// A vector lane holding `fill` in every element.
+template <typename T>
+__device__ __forceinline__ Lane<true, T> filled_lane(float fill) {
+  const float two[2] = {fill, fill};
+  const unsigned word = pack(two, static_cast<const T*>(nullptr));
+  Lane<true, T> l;
+#pragma unroll
+  for (int i = 0; i < Lane<true, T>::kChunks; ++i) l.q[i] = make_uint4(word, word, word, word);
+  return l;
+}
+
+// The 16 / sizeof(T) values from v as one 16-byte chunk of T.
+template <typename T>
+__device__ __forceinline__ uint4 pack16(const float* v) {
+  constexpr int kElemsPerWord = 4 / sizeof(T);
+  uint4 q;
+  q.x = pack(v + 0 * kElemsPerWord, static_cast<const T*>(nullptr));
+  q.y = pack(v + 1 * kElemsPerWord, static_cast<const T*>(nullptr));
+  q.z = pack(v + 2 * kElemsPerWord, static_cast<const T*>(nullptr));
+  q.w = pack(v + 3 * kElemsPerWord, static_cast<const T*>(nullptr));
+  return q;
+}
+
+// A lane's vector v in T, as 16-byte chunks.
+template <typename T>
+__device__ __forceinline__ Lane<true, T> packed_lane(const float (&v)[kTokensPerLane]) {
+  constexpr int kQ = 16 / sizeof(T);  // elements per chunk
+  Lane<true, T> l;
+#pragma unroll
+  for (int i = 0; i < Lane<true, T>::kChunks; ++i) l.q[i] = pack16<T>(v + i * kQ);
+  return l;
+}
+
 // Elements outside [lo, hi) read as `fill`.
 template <bool kVec, typename T, Reuse kReuse = Reuse::kDefault>
 __device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, long long t0, long long lo, long long hi,
@@ -165,10 +198,7 @@ __device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, lon
 #pragma unroll
       for (int i = 0; i < Lane<kVec, T>::kChunks; ++i) l.q[i] = load16<kReuse>(src + i);
     } else {
-      const float two[2] = {fill, fill};
-      const unsigned word = pack(two, static_cast<const T*>(nullptr));
-#pragma unroll
-      for (int i = 0; i < Lane<kVec, T>::kChunks; ++i) l.q[i] = make_uint4(word, word, word, word);
+      l = filled_lane<T>(fill);
     }
   } else {
 #pragma unroll
@@ -204,19 +234,11 @@ template <bool kVec, typename T>
 __device__ __forceinline__ void store_lane(T* __restrict__ row, long long t0, long long lo, long long hi,
                                            const float (&v)[kTokensPerLane]) {
   if constexpr (kVec) {
-    constexpr int kElemsPerWord = 4 / sizeof(T);
-    constexpr int kChunks = kTokensPerLane * sizeof(T) / 16;
     if (t0 >= lo && t0 < hi) {
+      const Lane<true, T> l = packed_lane<T>(v);
       uint4* dst = reinterpret_cast<uint4*>(row + t0);
 #pragma unroll
-      for (int i = 0; i < kChunks; ++i) {
-        uint4 q;
-        q.x = pack(v + (4 * i + 0) * kElemsPerWord, static_cast<const T*>(nullptr));
-        q.y = pack(v + (4 * i + 1) * kElemsPerWord, static_cast<const T*>(nullptr));
-        q.z = pack(v + (4 * i + 2) * kElemsPerWord, static_cast<const T*>(nullptr));
-        q.w = pack(v + (4 * i + 3) * kElemsPerWord, static_cast<const T*>(nullptr));
-        dst[i] = q;
-      }
+      for (int i = 0; i < Lane<true, T>::kChunks; ++i) dst[i] = l.q[i];
     }
   } else {
 #pragma unroll
@@ -235,7 +257,6 @@ __device__ __forceinline__ void store_pair(T* __restrict__ row, long long t0, lo
                                            const float (&v)[kTokensPerLane], bool odd) {
   if constexpr (kVec && sizeof(T) * kTokensPerLane == 32) {
     constexpr int kQ = 16 / sizeof(T);  // elements per 16-byte chunk
-    constexpr int kElemsPerWord = 4 / sizeof(T);
     float recv[kQ];
 #pragma unroll
     for (int i = 0; i < kQ; ++i) recv[i] = __shfl_xor_sync(kFullMask, odd ? v[i] : v[kQ + i], 1);
@@ -248,18 +269,9 @@ __device__ __forceinline__ void store_pair(T* __restrict__ row, long long t0, lo
       c0[i] = odd ? recv[i] : v[i];
       c1[i] = odd ? v[kQ + i] : recv[i];
     }
-    uint4 q0, q1;
-    q0.x = pack(c0 + 0 * kElemsPerWord, static_cast<const T*>(nullptr));
-    q0.y = pack(c0 + 1 * kElemsPerWord, static_cast<const T*>(nullptr));
-    q0.z = pack(c0 + 2 * kElemsPerWord, static_cast<const T*>(nullptr));
-    q0.w = pack(c0 + 3 * kElemsPerWord, static_cast<const T*>(nullptr));
-    q1.x = pack(c1 + 0 * kElemsPerWord, static_cast<const T*>(nullptr));
-    q1.y = pack(c1 + 1 * kElemsPerWord, static_cast<const T*>(nullptr));
-    q1.z = pack(c1 + 2 * kElemsPerWord, static_cast<const T*>(nullptr));
-    q1.w = pack(c1 + 3 * kElemsPerWord, static_cast<const T*>(nullptr));
     uint4* dst = reinterpret_cast<uint4*>(row + pair);
-    if (even_ok) dst[odd ? 1 : 0] = q0;
-    if (odd_ok) dst[odd ? 3 : 2] = q1;
+    if (even_ok) dst[odd ? 1 : 0] = pack16<T>(c0);
+    if (odd_ok) dst[odd ? 3 : 2] = pack16<T>(c1);
   } else {
     store_lane<kVec>(row, t0, lo, hi, v);
   }
@@ -295,22 +307,28 @@ struct StagedRows {
   static constexpr int kTokensPerChunk = 16 / static_cast<int>(sizeof(T));
   static_assert(kChunksPerRow * 16 == kCopyBytes && kStride % 16 == 0 && kOffset % 16 == 0, "16-byte chunks");
 
+  // Calls f(row, col) for each 16-byte chunk of the rows, consecutive lanes on consecutive chunks of a row
+  // (so one warp instruction covers whole runs of a row).
+  template <typename F>
+  static __device__ __forceinline__ void each_chunk(int lane, F f) {
+    constexpr int kTotal = kRows * kChunksPerRow;
+#pragma unroll
+    for (int i0 = 0; i0 < kTotal; i0 += kWarpSize) {
+      const int i = i0 + lane;
+      if (kTotal % kWarpSize == 0 || i < kTotal) f(i / kChunksPerRow, i % kChunksPerRow);
+    }
+  }
+
   // Tokens [t_start, t_start + kCopyBytes / sizeof(T)) of rows 0..kRows-1 (row r at g + r * row_stride)
   // into the stage at shared address `stage`. Chunks outside [lo, hi) are zero-filled without a read
   // (the vector path's alignment puts each chunk wholly inside or outside).
   static __device__ __forceinline__ void copy(unsigned stage, const T* __restrict__ g, long long row_stride,
                                               long long t_start, long long lo, long long hi, int lane) {
-    constexpr int kTotal = kRows * kChunksPerRow;
-#pragma unroll
-    for (int i0 = 0; i0 < kTotal; i0 += kWarpSize) {
-      const int i = i0 + lane;
-      if (kTotal % kWarpSize == 0 || i < kTotal) {
-        const int row = i / kChunksPerRow, col = i % kChunksPerRow;
-        const long long t = t_start + col * kTokensPerChunk;
-        const bool ok = t >= lo && t < hi;
-        cp_async16(stage + kOffset + row * kStride + col * 16, g + row * row_stride + (ok ? t : lo), ok);
-      }
-    }
+    each_chunk(lane, [&](int row, int col) {
+      const long long t = t_start + col * kTokensPerChunk;
+      const bool ok = t >= lo && t < hi;
+      cp_async16(stage + kOffset + row * kStride + col * 16, g + row * row_stride + (ok ? t : lo), ok);
+    });
   }
 
   // A lane's vector of `row` at token `t` of the stage (t counted from the stage's first token).
@@ -322,27 +340,24 @@ struct StagedRows {
     return l;
   }
 
-  // A lane's vector v into `row` at token `t` (an output buffer; converted to T as store_lane does).
+  // A lane's vector v into `row` at token `t` (an output buffer), converted to T.
   static __device__ __forceinline__ void write(unsigned char* buf, int row, int t, const float (&v)[kTokensPerLane]) {
-    store_lane<true>(reinterpret_cast<T*>(buf + kOffset + row * kStride), t, 0, kTokensPerLane + t, v);
+    const Lane<true, T> l = packed_lane<T>(v);
+    uint4* dst = reinterpret_cast<uint4*>(buf + kOffset + row * kStride + t * static_cast<int>(sizeof(T)));
+#pragma unroll
+    for (int i = 0; i < Lane<true, T>::kChunks; ++i) dst[i] = l.q[i];
   }
 
   // The buffer's rows back to global memory as whole runs: chunk c of row r goes to g + r * row_stride +
   // t_start + c * kTokensPerChunk when that token is inside [lo, hi).
   static __device__ __forceinline__ void store(const unsigned char* buf, T* __restrict__ g, long long row_stride,
                                                long long t_start, long long lo, long long hi, int lane) {
-    constexpr int kTotal = kRows * kChunksPerRow;
-#pragma unroll
-    for (int i0 = 0; i0 < kTotal; i0 += kWarpSize) {
-      const int i = i0 + lane;
-      if (kTotal % kWarpSize == 0 || i < kTotal) {
-        const int row = i / kChunksPerRow, col = i % kChunksPerRow;
-        const long long t = t_start + col * kTokensPerChunk;
-        if (t >= lo && t < hi)
-          *reinterpret_cast<uint4*>(g + row * row_stride + t) =
-              *reinterpret_cast<const uint4*>(buf + kOffset + row * kStride + col * 16);
-      }
-    }
+    each_chunk(lane, [&](int row, int col) {
+      const long long t = t_start + col * kTokensPerChunk;
+      if (t >= lo && t < hi)
+        *reinterpret_cast<uint4*>(g + row * row_stride + t) =
+            *reinterpret_cast<const uint4*>(buf + kOffset + row * kStride + col * 16);
+    });
   }
 
   // One element of `row` at token `t` of the stage.
@@ -354,12 +369,7 @@ struct StagedRows {
 // A lane vector outside [lo, hi) reads as `fill` (the stage holds zeros there).
 template <typename T>
 __device__ __forceinline__ void fill_outside(Lane<true, T>& l, long long t0, long long lo, long long hi, float fill) {
-  if (t0 < lo || t0 >= hi) {
-    const float two[2] = {fill, fill};
-    const unsigned word = pack(two, static_cast<const T*>(nullptr));
-#pragma unroll
-    for (int i = 0; i < Lane<true, T>::kChunks; ++i) l.q[i] = make_uint4(word, word, word, word);
-  }
+  if (t0 < lo || t0 >= hi) l = filled_lane<T>(fill);
 }
 
 // This warp's stage ring in the CTA's dynamic shared memory.
@@ -585,9 +595,12 @@ __device__ __forceinline__ void fwd(const Params& p) {
       load_batch(start, xb, ab);
     }
     int slot = 0;  // stage of the batch being computed
+    const int row = lane / kLanesPerTile, arow = kPerChannelGate ? row : 0;  // this lane's rows in a stage
     for (long long tile = start; tile < w.last; tile += kFlight) {
       XLane xn[kFlight];
       ALane an[kFlight];
+      unsigned char* const st = kShared ? ring + slot * kFwdStageBytes : nullptr;
+      unsigned char* const ybuf = kFwdOutInStage ? st : ring;  // y's buffer: the stage itself, or after the ring
       if constexpr (kShared) {
         stage_batch(tile + (kStages - 1) * kFlight, (slot + kStages - 1) % kStages);
         cp_async_wait<kStages - 1>();
@@ -601,10 +614,9 @@ __device__ __forceinline__ void fwd(const Params& p) {
         const long long t0 = (tile + f) * kBlockLen + half_off;
         float u[kTokensPerLane], g8[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
         if constexpr (kShared) {
-          const unsigned char* st = ring + slot * kFwdStageBytes;
           const int ts = f * kBlockLen + half_off;  // token within the stage
-          auto xl = FwdStageX::read(st, lane / kLanesPerTile, ts);
-          auto al = FwdStageA::read(st, kPerChannelGate ? lane / kLanesPerTile : 0, ts);
+          auto xl = FwdStageX::read(st, row, ts);
+          auto al = FwdStageA::read(st, arow, ts);
           fill_outside(al, t0, w.lo, w.hi, 1.f);  // x outside reads the stage's zeros
           unpack_lane(xl, u);
           unpack_lane(al, g8);
@@ -628,8 +640,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) out[e] = fmaf(gl[e], carry, wl[e]);
           if constexpr (kShared && kStageFwdOutputs) {
-            FwdOutY::write(kFwdOutInStage ? ring + slot * kFwdStageBytes : ring, lane / kLanesPerTile,
-                           f * kBlockLen + half_off, out);
+            FwdOutY::write(ybuf, row, f * kBlockLen + half_off, out);
           } else {
             store_pair<kVec>(y, t0, w.lo, w.hi, out, odd);
           }
@@ -640,8 +651,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
         __syncwarp();  // the batch's outputs are written, and every lane is done with its stage
         if constexpr (kStageFwdOutputs) {
           const long long out_lo = max(w.lo, w.first * kBlockLen), out_hi = min(w.hi, w.last * kBlockLen);
-          FwdOutY::store(kFwdOutInStage ? ring + slot * kFwdStageBytes : ring, yg, p.syc, tile * kBlockLen, out_lo,
-                         out_hi, lane);  // halo tiles are not outputs
+          FwdOutY::store(ybuf, yg, p.syc, tile * kBlockLen, out_lo, out_hi, lane);  // halo tiles are not outputs
           __syncwarp();  // the output buffer is read before the next batch writes it
         }
         slot = (slot + 1) % kStages;
@@ -871,8 +881,8 @@ __device__ __forceinline__ void bwd(const Params& p) {
       ALane an[kFlight], aj[kFlight];
       XLane xj[kFlight];
       float anext[kFlight];
-      const unsigned char* st = ring + slot * kBwdStageBytes;
-      const int row = lane / kLanesPerTile, arow = kPerChannelGate ? row : 0;
+      const unsigned char* const st = kShared ? ring + slot * kBwdStageBytes : nullptr;
+      const int row = lane / kLanesPerTile, arow = kPerChannelGate ? row : 0;  // this lane's rows in a stage
       if constexpr (kShared) {
         stage_batch(n0 + (kStages - 1) * kFlight, (slot + kStages - 1) % kStages);
         cp_async_wait<kStages - 1>();

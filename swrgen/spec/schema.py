@@ -403,8 +403,8 @@ class Spec:
                 if lay.cta_bytes > limit:
                     raise SpecError(
                         f"got 'shared', but the {direction} kernel needs {t.warps_per_cta} warps x "
-                        f"({lay.stages} stages x {lay.stage_bytes} + {lay.warp_bytes - lay.stages * lay.stage_bytes}"
-                        f" output) bytes = {lay.cta_bytes} bytes of shared memory per CTA, over the {limit} bytes "
+                        f"({lay.stages} stages x {lay.stage_bytes} + {lay.out_bytes} output) bytes = "
+                        f"{lay.cta_bytes} bytes of shared memory per CTA, over the {limit} bytes "
                         f"of {', '.join(t.archs)}",
                         field="target.staging",
                         allowed="'registers', or 'shared' with fewer warps_per_cta, tiles_in_flight or stages",

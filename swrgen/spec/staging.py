@@ -22,7 +22,6 @@ reads from shared memory fall in different banks. The templates receive these nu
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from swrgen import constants as C
@@ -63,8 +62,13 @@ class Layout:
     out_in_stage: bool = False
 
     @property
+    def out_bytes(self) -> int:
+        """Shared memory of the output buffer (none when it is the stage itself)."""
+        return 0 if self.out_in_stage else self.out.count * self.out.stride
+
+    @property
     def warp_bytes(self) -> int:
-        return self.stage_bytes * self.stages + (0 if self.out_in_stage else self.out.count * self.out.stride)
+        return self.stage_bytes * self.stages + self.out_bytes
 
     @property
     def cta_bytes(self) -> int:
@@ -105,14 +109,15 @@ def layout(direction: str, recurrence, tiles_in_flight: int, warps_per_cta: int,
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     streams, stage_bytes = _stack(parts)
-    if direction == "fwd" and C.STAGE_OUTPUTS["fwd"] and out[2] == parts[0][2]:
-        # y as wide as x: each lane writes its y vector over the x vector it has just read, in the stage.
-        out_rows = dataclasses.replace(streams["x"], count=out[1])
-        return Layout(streams=streams, out=out_rows, stage_bytes=stage_bytes, stages=stages, warps=warps_per_cta,
-                      out_in_stage=True)  # fmt: skip
-    out_count = out[1] if C.STAGE_OUTPUTS[direction] else 0
-    out_rows = Rows(count=out_count, copy=out[2], stride=padded_stride(out[2]), offset=stage_bytes * stages)
-    return Layout(streams=streams, out=out_rows, stage_bytes=stage_bytes, stages=stages, warps=warps_per_cta)
+    # y as wide as x: each lane writes its y vector over the x vector it has just read, in the stage.
+    in_stage = direction == "fwd" and C.STAGE_OUTPUTS["fwd"] and out[2] == parts[0][2]
+    if in_stage:
+        out_rows = streams["x"]
+    else:
+        out_count = out[1] if C.STAGE_OUTPUTS[direction] else 0
+        out_rows = Rows(count=out_count, copy=out[2], stride=padded_stride(out[2]), offset=stage_bytes * stages)
+    return Layout(streams=streams, out=out_rows, stage_bytes=stage_bytes, stages=stages, warps=warps_per_cta,
+                  out_in_stage=in_stage)  # fmt: skip
 
 
 def spec_layouts(recurrence, target) -> dict[str, Layout]:
