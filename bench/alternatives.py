@@ -55,7 +55,7 @@ def _shift_tiles(t: torch.Tensor, p: int, dim: int) -> torch.Tensor:
 
 
 def swr_torch_fp32(a: torch.Tensor, x: torch.Tensor, k: int, bl: int = 16) -> torch.Tensor:
-    """The SWR (DESIGN.md section 1) in fp32 torch ops: y [B, H, DH, L] fp32 from a [B, H, L] or [B, H, DH, L].
+    """The SWR (docs/semantics.md) in fp32 torch ops: y [B, H, DH, L] fp32 from a [B, H, L] or [B, H, DH, L].
 
     Per tile: the transfer matrix ``T[r, c] = prod_{q=c+1..r} a_q`` (r >= c) is a column-wise cumprod of
     ``M[r, c] = a_r if r > c else 1``, masked to the lower triangle: exact for any real gate (no logs,

@@ -25,7 +25,7 @@ def inputs(B, L, D, seed=1, dtype=F64) -> torch.Tensor:
 
 
 def by_hand(m: Phalanx, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md section 2 written out with explicit weights and the float64 reference."""
+    """docs/semantics.md ("The Phalanx layer") written out with explicit weights and the float64 reference."""
     H, DH, KVH = m.heads, m.head_dim, m.kv_heads
     W = m.in_proj.weight.double()
     Wa, Wb, Wc, Wv = torch.split(W, [H, KVH * DH, KVH * DH, H * DH], dim=0)

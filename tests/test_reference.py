@@ -1,5 +1,5 @@
 """swr_reference (O(L*k) ground truth) against swr_direct (explicit masked transfer operator) and the
-defining properties of the jagged window (DESIGN.md section 1)."""
+defining properties of the jagged window (docs/semantics.md)."""
 
 from __future__ import annotations
 

@@ -22,8 +22,6 @@ constexpr int kTokensPerLane = kBlockLen / kLanesPerTile;
 constexpr int kGroups = kHeadDim / kChannelsPerWarp;  // warps that share one head's gates
 constexpr int kWarpsPerCta = 4;
 constexpr int kTilesInFlight = 8;
-// target.min_warps_per_sm as CTAs for __launch_bounds__ (vector kernels; 0: no request).
-constexpr int kMinCtasPerSm = 0;
 constexpr bool kPerChannelGate = false;
 constexpr int kCarry = kWindow > 1 ? kWindow - 1 : 1;  // carriers kept per direction (array size >= 1)
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -1,4 +1,4 @@
-"""The Phalanx layer (DESIGN.md section 2): a gated Sliding Window Recurrence in place of local attention.
+"""The Phalanx layer (docs/semantics.md, "The Phalanx layer"): a gated Sliding Window Recurrence in place of local attention.
 
 For ``x`` ``[B, L, D]``, one fused input projection gives, per token::
 

@@ -156,7 +156,7 @@ def _set(obj: Any, name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class Recurrence:
-    """What is computed (DESIGN.md section 1): the result depends only on these fields and the data."""
+    """What is computed (docs/semantics.md): the result depends only on these fields and the data."""
 
     head_dim: int = 16
     block_len: int = 16

@@ -1,6 +1,6 @@
 """The tuning space: target knobs a spec leaves open, filtered to what spec validation accepts.
 
-Every knob here changes only the speed, never the result (DESIGN.md section 1), so any candidate that
+Every knob here changes only the speed, never the result (docs/semantics.md), so any candidate that
 validates is a legal replacement for the spec's own target. A spec's fixed choices that are not in the
 grid (archs, carriers) are kept as they are.
 """

@@ -1,4 +1,4 @@
-"""Float64 ground truth for the Sliding Window Recurrence (DESIGN.md section 1).
+"""Float64 ground truth for the Sliding Window Recurrence (docs/semantics.md).
 
 Per head, with gates ``a_t`` and inputs ``u_t`` (a column of ``x``), tile ``i = t // block_len`` and
 ``k = window_blocks``::

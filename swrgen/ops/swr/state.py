@@ -1,6 +1,6 @@
 """Streaming state of the SWR: prefill a chunk, continue with another, decode one token at a time.
 
-Semantics (DESIGN.md section 1), ``k = window_blocks``, ``BL = block_len``, tile ``i = t // BL``::
+Semantics (docs/semantics.md), ``k = window_blocks``, ``BL = block_len``, tile ``i = t // BL``::
 
     y_t = sum_{s = max(0, (i-k+1)*BL) .. t} ( prod_{q=s+1..t} a_q ) * u_s
 

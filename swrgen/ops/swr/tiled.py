@@ -1,7 +1,7 @@
 """Torch mirror of the GPU kernels' tile algorithm: forward and closed-form backward, in float64.
 
 Used to check the kernels' math on the CPU against :func:`swrgen.ops.swr.reference.swr_reference`.
-Semantics (DESIGN.md section 1), ``k = window_blocks``, ``BL = block_len``, ``i = t // BL``::
+Semantics (docs/semantics.md), ``k = window_blocks``, ``BL = block_len``, ``i = t // BL``::
 
     y_t = sum_{s = max(0, (i-k+1)*BL) .. t} ( prod_{q=s+1..t} a_q ) * u_s
 

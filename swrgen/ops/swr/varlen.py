@@ -3,7 +3,7 @@
 Sequences are concatenated along L in one buffer: ``x`` ``[1, H, DH, T]``, gates ``[1, H, T]`` (per head)
 or ``[1, H, DH, T]`` (per channel), and ``cu_seqlens`` = ``[0, L_0, L_0+L_1, ..., T]`` (int32/int64,
 ``S + 1`` entries for S sequences). Tiles are aligned to each sequence's own start and no window crosses
-a sequence boundary, so the result equals running every sequence alone (DESIGN.md section 1). Empty
+a sequence boundary, so the result equals running every sequence alone (docs/semantics.md). Empty
 sequences (two equal consecutive offsets) are allowed and contribute nothing.
 """
 
