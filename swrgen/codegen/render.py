@@ -19,11 +19,14 @@ from swrgen.spec.staging import spec_layouts
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
 MAIN_TEMPLATE = "swr.cu.j2"
 # Entry points every rendered module defines: "vec" needs 16-byte aligned rows and
-# L % (block_len / 2) == 0; "scalar" takes any L and any strides.
-KERNEL_NAMES = ("swr_fwd_vec", "swr_fwd_scalar", "swr_bwd_vec", "swr_bwd_scalar")
+# L % (block_len / 2) == 0; "scalar" takes any L and any strides. The "_state" ones also continue from a
+# state and write the new one (forward), or hand back the gradients of both (backward).
+KERNEL_NAMES = ("swr_fwd_vec", "swr_fwd_scalar", "swr_bwd_vec", "swr_bwd_scalar",
+                "swr_fwd_state_vec", "swr_fwd_state_scalar", "swr_bwd_state_vec", "swr_bwd_state_scalar")  # fmt: skip
 # Added by fused_gating: the Phalanx layer's gating fused around the SWR, on its [B, L, N] projections.
 # "vec" needs 16-bit types and 16-byte aligned rows and column blocks; "scalar" takes any layout.
-FUSED_KERNEL_NAMES = ("phalanx_fwd_vec", "phalanx_fwd_scalar", "phalanx_bwd_vec", "phalanx_bwd_scalar")
+FUSED_KERNEL_NAMES = (*(f"phalanx_{d}{s}_{k}" for d in ("fwd", "bwd") for s in ("", "_state") for k in ("vec", "scalar")),
+                      "phalanx_decode")  # one token per sequence, state in place in a pool of slots
 
 
 def kernel_names(spec: Spec) -> tuple[str, ...]:
@@ -36,7 +39,8 @@ def kernel_shared_bytes(spec: Spec) -> dict[str, int]:
     if spec.target.staging != "shared":
         return {}
     layouts = spec_layouts(spec.recurrence, spec.target)
-    return {"swr_fwd_vec": layouts["fwd"].cta_bytes, "swr_bwd_vec": layouts["bwd"].cta_bytes}
+    fwd, bwd = layouts["fwd"].cta_bytes, layouts["bwd"].cta_bytes
+    return {"swr_fwd_vec": fwd, "swr_fwd_state_vec": fwd, "swr_bwd_vec": bwd, "swr_bwd_state_vec": bwd}
 
 
 def _environment() -> jinja2.Environment:

@@ -1,4 +1,5 @@
-"""The Phalanx layer (docs/semantics.md, "The Phalanx layer"): a gated Sliding Window Recurrence in place of local attention.
+"""The Phalanx layer (docs/semantics.md, "The Phalanx layer"): a gated Sliding Window Recurrence in place of
+local attention.
 
 For ``x`` ``[B, L, D]``, one fused input projection gives, per token::
 
@@ -12,44 +13,29 @@ Head ``h`` uses kv-head ``h // (H // KVH)`` (``repeat_interleave`` order).
 
 Two paths give the same result. The fused one (CUDA, head_dim 16, the default there) hands the input
 projection ``[B, L, N]`` to ``swrgen.phalanx_gating``: one generated kernel applies the gates, runs the
-SWR and writes Z ``[B, L, H*DH]`` (and one the backward), with no transposes or separate gating passes.
-The unfused one (CPU, streaming, packed sequences, ``fused=False``) gates in torch and runs
+SWR and writes Z ``[B, L, H*DH]`` (and one the backward), with no transposes or separate gating passes:
+plain batches, packed sequences (``cu_seqlens``), a state to continue from and the new state all run
+there. The unfused one (CPU by default, head_dim 32/64, ``fused=False``) gates in torch and runs
 ``swrgen.swr`` on ``[B, H, DH, L]`` / ``[B, H, L]``, in the dtype of the projections' outputs.
 
 Streaming: ``forward(x, state=..., return_state=True)`` continues from / returns a
-:class:`~swrgen.ops.swr.state.SwrState`, and ``step(x_t, state)`` decodes one token in O(1). Packed
-sequences: ``forward(x, cu_seqlens=...)`` with ``x`` ``[1, T, D]`` (the window restarts at every start).
+:class:`~swrgen.ops.swr.state.SwrState` (differentiable: chunked training hands it over), ``step(x_t, state)``
+decodes one token, and :meth:`Phalanx.decode_` updates a pool of state slots in place (serving).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
-from functools import cache
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-import swrgen
 from swrgen import constants
-from swrgen.ops.phalanx import GatingLayout
-from swrgen.ops.swr.state import SwrState, decode_step, final_state, swr_with_state
-from swrgen.ops.swr.varlen import cu_seqlens_list
+from swrgen.ops.phalanx import GatingLayout, phalanx_decode, phalanx_gating
+from swrgen.ops.swr.op import swr
+from swrgen.ops.swr.state import SwrState, decode_step
 
 __all__ = ["Phalanx"]
-
-
-@cache
-def _accepts(fn: Callable, keyword: str) -> bool:
-    try:
-        return keyword in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _swr_accepts(keyword: str) -> bool:
-    """Whether ``swrgen.swr`` (looked up at call time) takes ``keyword``: the GPU kernels' state/varlen path."""
-    return _accepts(swrgen.swr, keyword)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -70,24 +56,14 @@ class Phalanx(nn.Module):
         block_len: tile length BL (the kernels take 16, 32 or 64).
         decay_max: gates are ``decay_max * sigmoid(.)``, in ``[0, decay_max]``; ``0 < decay_max <= 1``.
         bias: biases in the input and output projections.
-        fused: the fused kernels (``swrgen.phalanx_gating``) for plain forward calls: None = on CUDA when
-            head_dim is 16 (they need it), True = always (CPU runs their reference), False = never.
+        fused: the fused kernels (``swrgen.phalanx_gating``): None = on CUDA when head_dim is 16 (they need
+            it), True = always (CPU runs their reference), False = never.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int | None = None,
-        head_dim: int = 16,
-        kv_heads: int | None = None,
-        window_blocks: int = 2,
-        block_len: int = 16,
-        decay_max: float = 0.8,
-        bias: bool = False,
-        fused: bool | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, dim: int, heads: int | None = None, head_dim: int = 16, kv_heads: int | None = None,
+                 window_blocks: int = 2, block_len: int = 16, decay_max: float = 0.8, bias: bool = False,
+                 fused: bool | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
         super().__init__()
         dim = _positive_int("dim", dim)
         head_dim = _positive_int("head_dim", head_dim)
@@ -153,15 +129,15 @@ class Phalanx(nn.Module):
         return SwrState.zeros(batch, self.heads, self.head_dim, self.window_blocks, device,
                               block_len=self.block_len, dtype=dtype)  # fmt: skip
 
-    def _check_state(self, state: object, batch: int, device: torch.device) -> SwrState:
+    def _check_state(self, state: object, n: int, device: torch.device) -> SwrState:
         if not isinstance(state, SwrState):
             raise TypeError(f"state must be a SwrState (from Phalanx.init_state or forward(return_state=True)); "
                             f"got {type(state).__name__}")  # fmt: skip
         try:
-            state.check(batch, self.heads, self.head_dim, self.window_blocks, self.block_len)
+            state.check(n, self.heads, self.head_dim, self.window_blocks, self.block_len)
         except ValueError as e:
             raise ValueError(
-                f"state does not fit this Phalanx (batch={batch}, heads={self.heads}, head_dim={self.head_dim}, "
+                f"state does not fit this Phalanx (sequences={n}, heads={self.heads}, head_dim={self.head_dim}, "
                 f"window_blocks={self.window_blocks}, block_len={self.block_len}): {e}"
             ) from None
         if state.device != device:
@@ -174,87 +150,52 @@ class Phalanx(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def _swr(self, A: torch.Tensor, X: torch.Tensor, state: SwrState | None, return_state: bool,
-             cu_seqlens: torch.Tensor | Sequence[int] | None) -> tuple[torch.Tensor, SwrState | None]:  # fmt: skip
-        """A [B, H, L], X [B, H, DH, L] -> (Y [B, H, DH, L] floating, new state or None)."""
-        k, bl = self.window_blocks, self.block_len
-        if cu_seqlens is not None:
-            if X.is_cuda and _swr_accepts("cu_seqlens"):
-                return swrgen.swr(A, X, window_blocks=k, block_len=bl, cu_seqlens=cu_seqlens), None
-            spans = cu_seqlens_list(cu_seqlens, X.shape[-1])
-            ys = [swrgen.swr(A[..., s:e], X[..., s:e], window_blocks=k, block_len=bl) for s, e in spans]
-            return torch.cat(ys, dim=-1), None
-        if state is None and not return_state:
-            return swrgen.swr(A, X, window_blocks=k, block_len=bl), None
-        needs_grad = torch.is_grad_enabled() and (A.requires_grad or X.requires_grad)
-        streaming_op = X.is_cuda and _swr_accepts("initial_state") and _swr_accepts("return_state")
-        if streaming_op and not needs_grad:
-            # GPU kernels with state: the op returns (y, new SwrState). Its streaming path has no backward and
-            # returns a detached state, so training through a carried state takes the differentiable path below.
-            y, new_state = swrgen.swr(A, X, window_blocks=k, block_len=bl, initial_state=state, return_state=True)
-            return y, new_state
-        if state is None:
-            y = swrgen.swr(A, X, window_blocks=k, block_len=bl)
-            start = self.init_state(X.shape[0], X.device, self._state_dtype(X))
-            return y, final_state(A, X, k, bl, start)
-        y, new_state = swr_with_state(A, X, k, bl, state)
-        return y, new_state
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: SwrState | None = None,
-        return_state: bool = False,
-        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, SwrState]:
-        """``x`` ``[B, L, dim]`` -> ``[B, L, dim]`` (and the state after it when ``return_state``).
-
-        ``state``: continue after the tokens that state has seen (``pos`` tokens, the same for the batch).
-        ``cu_seqlens``: ``x`` is ``[1, T, dim]`` holding packed sequences ``[cu[i], cu[i+1])``, each run
-        alone (not combinable with ``state``/``return_state``).
-        """
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [B, L, dim={self.dim}]; got shape {list(x.shape)}")
-        batch, length = x.shape[:2]
-        if length < 1:
-            raise ValueError("x must hold at least one token (L >= 1)")
-        if cu_seqlens is not None:
-            if state is not None or return_state:
-                raise ValueError("cu_seqlens cannot be combined with state/return_state: packed sequences have "
-                                 "different lengths, a SwrState one position for the batch")  # fmt: skip
-            if batch != 1:
-                raise ValueError(
-                    f"with cu_seqlens, x must be [1, T, dim] (sequences packed along T); got {list(x.shape)}"
-                )
-        if state is not None:
-            state = self._check_state(state, batch, x.device)
-        elif not return_state and cu_seqlens is None and self._use_fused(x):
-            Z = swrgen.phalanx_gating(self.in_proj(x), heads=self.heads, kv_heads=self.kv_heads,
-                                      head_dim=self.head_dim, window_blocks=self.window_blocks,
-                                      block_len=self.block_len, decay_max=self.decay_max)  # fmt: skip
-            return self.out_proj(Z)
-        A, B, C, V = self.project(x)
-        X = B * V
-        a_t = A.transpose(1, 2).contiguous()  # [B, H, L]
-        x_t = X.permute(0, 2, 3, 1).contiguous()  # [B, H, DH, L]
-        y, new_state = self._swr(a_t, x_t, state, return_state, cu_seqlens)
-        Y = y.permute(0, 3, 1, 2).to(V.dtype)  # [B, L, H, DH]
-        Z = Y * C + V
-        out = self.out_proj(Z.reshape(batch, length, self.inner))
-        if return_state:
-            return out, new_state
-        return out
-
     def _use_fused(self, x: torch.Tensor) -> bool:
         if self.fused is None:
             return x.is_cuda and self.head_dim == constants.CHANNELS_PER_WARP
         return self.fused
 
+    def forward(self, x: torch.Tensor, state: SwrState | None = None, return_state: bool = False,
+                cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, SwrState]:  # fmt: skip
+        """``x`` ``[B, L, dim]`` -> ``[B, L, dim]`` (and the state after it when ``return_state``).
+
+        ``state``: continue every sequence after the tokens it has seen (each at its own position).
+        ``cu_seqlens``: ``x`` is ``[1, T, dim]`` holding packed sequences ``[cu[i], cu[i+1])``, each run alone;
+        with a state, the state has one row per packed sequence (chunked prefill of several prompts).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, L, dim={self.dim}]; got {list(getattr(x, 'shape', []))}")
+        batch, length = x.shape[:2]
+        if cu_seqlens is None and length < 1:
+            raise ValueError("x must hold at least one token (L >= 1)")
+        k, bl = self.window_blocks, self.block_len
+        if self._use_fused(x):
+            out = phalanx_gating(self.in_proj(x), heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                                 window_blocks=k, block_len=bl, decay_max=self.decay_max, cu_seqlens=cu_seqlens,
+                                 initial_state=state, return_state=return_state)  # fmt: skip
+            Z, new_state = out if return_state else (out, None)
+            y = self.out_proj(Z)
+            return (y, new_state) if return_state else y
+        A, B, C, V = self.project(x)
+        X = B * V
+        a_t = A.transpose(1, 2).contiguous()  # [B, H, L]
+        x_t = X.permute(0, 2, 3, 1).contiguous()  # [B, H, DH, L]
+        out = swr(a_t, x_t, window_blocks=k, block_len=bl, cu_seqlens=cu_seqlens, initial_state=state,
+                  return_state=return_state)  # fmt: skip
+        y, new_state = out if return_state else (out, None)
+        Y = y.permute(0, 3, 1, 2).to(V.dtype)  # [B, L, H, DH]
+        Z = Y * C + V
+        out = self.out_proj(Z.reshape(batch, length, self.inner))
+        return (out, new_state) if return_state else out
+
+    # ------------------------------------------------------------ decoding
+
     def step(self, x_t: torch.Tensor, state: SwrState | None = None) -> tuple[torch.Tensor, SwrState]:
         """Decode one token per sequence: ``x_t`` ``[B, dim]`` -> ``(out_t [B, dim], new state)``.
 
-        O(window_blocks * heads * head_dim) elementwise work besides the projections; no host sync.
-        ``state=None`` starts a new sequence.
+        Each sequence at its own position; no host sync. On CUDA with head_dim 16 the generated decode
+        kernel does the gating and the state update in one launch (on a copy of the state: ``step`` never
+        changes its argument; :meth:`decode_` updates a pool in place). ``state=None`` starts new sequences.
         """
         if x_t.dim() != 2 or x_t.shape[-1] != self.dim:
             raise ValueError(f"x_t must be [B, dim={self.dim}] (one token per sequence); got shape {list(x_t.shape)}")
@@ -263,7 +204,25 @@ class Phalanx(nn.Module):
             state = self.init_state(batch, x_t.device, self._state_dtype(x_t))
         else:
             state = self._check_state(state, batch, x_t.device)
+        if self._use_fused(x_t) and x_t.is_cuda:
+            data = state.packed().clone()
+            Z = self.decode_(x_t, data, state.pos)
+            host = None if state.host_pos is None else tuple(p + 1 for p in state.host_pos)
+            return self.out_proj(Z), SwrState(data, state.pos + 1, self.block_len, host)
         A, B, C, V = self.project(x_t)
         y, new_state = decode_step(A, B * V, state, self.window_blocks, self.block_len)
         Z = y.to(V.dtype) * C + V
         return self.out_proj(Z.reshape(batch, self.inner)), new_state
+
+    @torch.no_grad()
+    def decode_(self, x_t: torch.Tensor, data: torch.Tensor, pos: torch.Tensor,
+                state_indices: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """One token per sequence against a pool of state slots, in place: returns Z ``[B, H*DH]`` (before the
+        output projection) and updates rows ``state_indices`` (int64 [B]; default 0..B-1) of ``data``
+        (float32 ``[S, H, DH, 2 + 2(k-1)]``). ``pos`` (int64 [S], each slot's tokens so far) is read, not
+        advanced: a model's layers share one position per slot, which the caller advances once per step.
+        Fixed addresses and no host sync, so one captured CUDA graph replays at every position."""
+        P = self.in_proj(x_t)
+        return phalanx_decode(P, data, pos, state_indices, heads=self.heads, kv_heads=self.kv_heads,
+                              head_dim=self.head_dim, window_blocks=self.window_blocks, block_len=self.block_len,
+                              decay_max=self.decay_max)  # fmt: skip

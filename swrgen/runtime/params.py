@@ -23,11 +23,17 @@ PARAM_FIELDS: tuple[tuple[str, str], ...] = (
     ("tiles_per_warp", "i64"),  # chunk of tiles one warp owns (a tuning knob)
     ("chunks", "i64"),  # chunks per row (dense) or over all packed sequences (seq_start set)
     ("work", "i64"),  # warp work items: rows * chunks
-    ("phase", "i64"),  # tokens of the first tile already consumed (streaming state), 0..BL-1
     ("num_seqs", "i64"),  # packed sequences (seq_start set), else 0
     ("seq_start", "ptr"),  # int64 [S+1] token offset of each packed sequence, or null (dense batch)
     ("seq_chunk", "ptr"),  # int64 [S+1] cumulative chunk count of the packed sequences
-    ("state", "ptr"),  # float32 [S, H, DH, 2 + 2(k-1)] = (w, g, v.., P..) per sequence, or null
+    # Streaming state, per sequence s (batch entry, or packed sequence); N = B or S rows.
+    ("pos", "ptr"),  # int64 [N'] tokens each sequence has seen (its phase: pos % BL), or null (all 0)
+    ("state_index", "ptr"),  # int64 [N] row of sequence s in state and pos (slots of a pool), or null (s)
+    ("state", "ptr"),  # float32 [N', H, DH, 2 + 2(k-1)] = (w, g, v.., P..) to continue from, or null
+    ("state_out", "ptr"),  # float32 [N, H, DH, 2 + 2(k-1)]: the forward writes each new state, or null
+    ("pos_out", "ptr"),  # int64 [N]: the forward writes pos + length, or null
+    ("dstate", "ptr"),  # float32 like state_out: the backward writes the old state's gradient, or null
+    ("dstate_out", "ptr"),  # float32 like state_out: the gradient of the new state (backward input), or null
     ("sxb", "i64"), ("sxh", "i64"), ("sxc", "i64"),
     ("sab", "i64"), ("sah", "i64"), ("sac", "i64"),
     ("syb", "i64"), ("syh", "i64"), ("syc", "i64"),

@@ -2,7 +2,8 @@
 
 Small calls are launch-bound (a few microseconds of host time each), so the work that depends only on
 shapes, strides and alignment (kernel choice, grid, occupancy, the params struct) is done once per
-geometry and kept here; a launch then writes the data pointers and calls the driver.
+geometry and kept on the kernel set's device entry (``DeviceKernels.plans``); a launch then writes the
+data pointers and calls the driver.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from cuda.bindings import driver as cu
 
+from swrgen import constants
 from swrgen.runtime.driver import SUCCESS, Kernel
 from swrgen.runtime.params import KernelParams
 
@@ -28,19 +30,22 @@ current_stream: Callable[[int], int] = getattr(torch._C, "_cuda_getCurrentRawStr
 
 
 class LaunchPlan:
-    """One kernel, grid, block and cluster, and the params struct (data pointers unset) with the
+    """One kernel, block and cluster, the grid, and the params struct (data pointers unset) with the
     ``void*[1]`` the driver reads it through, both built once.
 
     ``launch`` writes every data pointer (none is left over from an earlier call) and launches on the
-    device's current stream. A lock covers write + launch, so threads may share a plan: the driver
-    copies the struct during the call (cuda-bindings releases the GIL inside it).
+    device's current stream. ``launch_fields`` also sets other fields (the size of a packed batch) and
+    the grid. A lock covers write + launch, so threads may share a plan: the driver copies the struct
+    during the call (cuda-bindings releases the GIL inside it).
     """
 
-    __slots__ = ("_address", "_args", "_config", "_function", "_index", "_lock", "_shared", "cluster", "grid", "kernel",
-                 "params", "threads")  # fmt: skip
+    __slots__ = ("_address", "_args", "_config", "_function", "_index", "_lock", "_shared", "cluster", "grid",
+                 "grid_cap", "kernel", "params", "threads")  # fmt: skip
 
-    def __init__(self, kernel: Kernel, grid: int, threads: int, cluster: int, params: KernelParams) -> None:
+    def __init__(self, kernel: Kernel, grid: int, threads: int, cluster: int, params: KernelParams,
+                 grid_cap: int | None = None) -> None:  # fmt: skip
         self.kernel, self.grid, self.threads, self.cluster = kernel, grid, threads, cluster
+        self.grid_cap = grid_cap  # persistent grids: at most one wave
         self.params = params
         self._args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         self._address = ctypes.addressof(self._args)
@@ -61,15 +66,47 @@ class LaunchPlan:
         self._lock.acquire()
         try:
             p.x, p.a, p.y, p.dy, p.dx, p.da, p.state, p.dbc = x, a, y, dy, dx, da, state, dbc
-            if self._config is None:  # the common case inline: one Python frame less per launch
-                (err,) = cu.cuLaunchKernel(self._function, self.grid, 1, 1, self.threads, 1, 1, self._shared, stream,
-                                           self._address, 0)  # fmt: skip
-                if err != SUCCESS:
-                    self.kernel.relaunch(err, self.grid, self.threads, self._address, stream)
-            else:
-                self.kernel.launch_args(self.grid, self.threads, self._address, stream, self._config)
+            self._launch(self.grid, stream)
         finally:
             self._lock.release()
+
+    def launch_fields(self, fields: dict[str, Any], work: int | None = None) -> None:
+        """Launch with these ``KernelParams`` fields set (every pointer field not named is null); ``work``:
+        the call's work items, which size the grid (packed batches), else the plan's own."""
+        stream = current_stream(self._index)
+        p = self.params
+        with self._lock:
+            for name in _POINTERS:
+                setattr(p, name, 0)
+            for name, value in fields.items():
+                setattr(p, name, value)
+            grid = self.grid
+            if work is not None:
+                p.work = work
+                grid = grid_for(work, self.threads // constants.WARP_SIZE, self.cluster, self.grid_cap)
+            if grid:
+                self._launch(grid, stream)
+
+    def _launch(self, grid: int, stream: int) -> None:
+        if self._config is None:  # the common case inline: one Python frame less per launch
+            (err,) = cu.cuLaunchKernel(self._function, grid, 1, 1, self.threads, 1, 1, self._shared, stream,
+                                       self._address, 0)  # fmt: skip
+            if err != SUCCESS:
+                self.kernel.relaunch(err, grid, self.threads, self._address, stream)
+        else:
+            self._config.gridDimX = grid
+            self.kernel.launch_args(grid, self.threads, self._address, stream, self._config)
+
+
+_POINTERS = tuple(name for name, kind in KernelParams._fields_ if kind is ctypes.c_void_p)
+
+
+def grid_for(work: int, warps_per_cta: int, cluster: int, cap: int | None) -> int:
+    """CTAs for ``work`` warp items: whole clusters, at most ``cap`` (a persistent grid's one wave)."""
+    ctas = -(-work // warps_per_cta)
+    if cap is not None:
+        ctas = min(ctas, cap)
+    return -(-ctas // cluster) * cluster  # whole clusters; spare warps find no work
 
 
 K = TypeVar("K", bound=Hashable)

@@ -1,18 +1,16 @@
-"""Program (spec + source) -> cubin per architecture -> module per device.
+"""Program (a spec's CUDA source) -> ObjectCode (one cubin per architecture).
 
-The flow mirrors cuda.core: a Program compiles to ObjectCode (a cubin, from the
-disk cache or NVRTC), which is loaded once per device into a Module of Kernels.
+The flow mirrors cuda.core: a :class:`Program` compiles to :class:`ObjectCode` (from the disk cache or
+NVRTC); :class:`swrgen.runtime.kernels.KernelSet` loads it per device into a module of kernels.
 """
 
 from __future__ import annotations
 
 import threading
-
-import torch
+from dataclasses import dataclass
 
 from swrgen.codegen import kernel_names, kernel_shared_bytes, render_source
-from swrgen.compiler import CompileCache, CompileResult
-from swrgen.runtime.driver import Module, ensure_context
+from swrgen.compiler import CompileCache
 from swrgen.spec import Spec
 
 
@@ -44,48 +42,47 @@ def pick_arch(archs: tuple[str, ...], capability: tuple[int, int]) -> str | None
     return best
 
 
+@dataclass(frozen=True)
+class ObjectCode:
+    """A cubin for one architecture."""
+
+    arch: str
+    cubin: bytes
+
+
 class Program:
+    """A spec's CUDA source and its cubins per architecture (compiled on first use, through the disk cache).
+
+    ``source=None`` renders the spec's templates (``from_templates``: the tuner may swap its knobs);
+    a ``swrgen build`` folder passes its own source, cubins and shared-memory layout
+    (:meth:`from_generated`), which are used as they are.
+    """
+
     def __init__(self, spec: Spec, source: str | None = None, cubins: dict[str, bytes] | None = None,
-                 cache: CompileCache | None = None, shared_bytes: dict[str, int] | None = None) -> None:  # fmt: skip
+                 shared_bytes: dict[str, int] | None = None, cache: CompileCache | None = None) -> None:  # fmt: skip
         self.spec = spec
-        self.from_templates = source is None  # a generated/ folder's source may be hand-edited
+        self.from_templates = source is None
         self.source = source if source is not None else render_source(spec)
-        # Dynamic shared memory per entry point: the source's layout (a generated folder's manifest says it).
+        # Dynamic shared memory per entry point: the source's own layout (a generated folder's manifest says it).
         self.shared_bytes = dict(shared_bytes) if shared_bytes is not None else kernel_shared_bytes(spec)
-        self._cubins = dict(cubins or {})
+        self.kernel_names = kernel_names(spec)
+        self._objects = {arch: ObjectCode(arch, cubin) for arch, cubin in (cubins or {}).items()}
         self._cache = cache
-        self._modules: dict[int, Module] = {}
-        self._archs: dict[int, str] = {}
         self._lock = threading.Lock()
 
-    @property
-    def cache(self) -> CompileCache:
-        if self._cache is None:
-            self._cache = CompileCache()
-        return self._cache
+    @classmethod
+    def from_generated(cls, folder) -> Program:
+        """From what ``swrgen.build.load_generated`` read (spec, source, cubins, shared_bytes)."""
+        return cls(folder.spec, source=folder.source, cubins=folder.cubins, shared_bytes=folder.shared_bytes)
 
-    def compile(self, arch: str) -> CompileResult:
-        """Cubin for ``arch`` through the disk cache (NVRTC on a miss)."""
-        return self.cache.compile(self.source, arch)
+    def arch_for(self, capability: tuple[int, int]) -> str:
+        """The arch whose cubin serves a device of ``capability``: the spec's best match, else the device's own."""
+        return pick_arch(self.spec.target.archs, capability) or native_arch(capability)
 
-    def cubin(self, arch: str) -> bytes:
-        if arch not in self._cubins:
-            self._cubins[arch] = self.compile(arch).cubin
-        return self._cubins[arch]
-
-    def arch_for(self, device: torch.device) -> str:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in self._archs:  # asked on every tuned launch: keep it off the hot path
-            cap = torch.cuda.get_device_capability(index)
-            self._archs[index] = pick_arch(self.spec.target.archs, cap) or native_arch(cap)
-        return self._archs[index]
-
-    def module(self, device: torch.device) -> Module:
-        index = device.index if device.index is not None else torch.cuda.current_device()
+    def compile(self, arch: str) -> ObjectCode:
+        """The cubin for ``arch`` (memoized; the disk cache or NVRTC on first use)."""
         with self._lock:
-            if index not in self._modules:
-                ensure_context(torch.device("cuda", index))
-                with torch.cuda.device(index):
-                    self._modules[index] = Module(self.cubin(self.arch_for(device)), kernel_names(self.spec), index,
-                                                  self.shared_bytes)  # fmt: skip
-            return self._modules[index]
+            if arch not in self._objects:
+                cache = self._cache if self._cache is not None else CompileCache()
+                self._objects[arch] = ObjectCode(arch, cache.compile(self.source, arch).cubin)
+            return self._objects[arch]

@@ -174,35 +174,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def _forward(program, a, x):
-    from swrgen.ops.swr import launch
-
-    try:
-        return launch.forward(program, a, x, poison=float("nan"))
-    except TypeError:  # a launch.forward without the poison keyword
-        return launch.forward(program, a, x)
-
-
-def _backward(program, a, x, dy):
-    from swrgen.ops.swr import launch
-
-    try:
-        return launch.backward(program, a, x, dy, poison=float("nan"))
-    except TypeError:
-        return launch.backward(program, a, x, dy)
-
-
 def check_program(program, spec: Spec, shape: tuple[int, int, int, int], seed: int,
                   device: torch.device) -> tuple[float, float]:  # fmt: skip
     """(forward rel err, worst of dx/da rel err) against float64 on fresh inputs of ``shape``."""
+    from swrgen.ops.swr import launch
     from swrgen.ops.swr.reference import swr_reference
 
     r = spec.recurrence
     a, x = random_inputs(spec, shape, seed, device)
-    y = _forward(program, a, x)
+    y, _, _ = launch.forward(program, a, x, poison=float("nan"))
     dy = torch.randn(y.shape, device=device, generator=torch.Generator(device=device).manual_seed(seed + 1))
     dy = dy.to(y.dtype)
-    dx, da = _backward(program, a, x, dy)
+    dx, da, _ = launch.backward(program, a, x, dy, poison=float("nan"))
     a64 = a.double().requires_grad_()
     x64 = x.double().requires_grad_()
     ref = swr_reference(a64, x64, r.window_blocks, r.block_len)
@@ -224,10 +207,10 @@ def check_fused_program(program, spec: Spec, shape: tuple[int, int, int, int], s
     r = spec.recurrence
     layout = fused_layout(shape)
     P = random_projections(spec, shape, seed, device)
-    Z = launch.forward(program, P, layout, FUSED_DECAY_MAX, poison=float("nan"))
+    Z, _, _ = launch.forward(program, P, layout, FUSED_DECAY_MAX, poison=float("nan"))
     dZ = torch.randn(Z.shape, device=device, generator=torch.Generator(device=device).manual_seed(seed + 1))
     dZ = dZ.to(Z.dtype)
-    dP = launch.backward(program, P, dZ, layout, FUSED_DECAY_MAX, poison=float("nan"))
+    dP, _ = launch.backward(program, P, dZ, layout, FUSED_DECAY_MAX, poison=float("nan"))
     P64 = P.double().requires_grad_()
     ref = phalanx_gating_reference(P64, layout, r.window_blocks, r.block_len, FUSED_DECAY_MAX)
     (gP,) = torch.autograd.grad(ref, P64, dZ.double())
@@ -373,10 +356,11 @@ def family_for(spec: Spec) -> KernelFamily:
 
 
 def build_program(spec: Spec, cand: Mapping[str, Any]):
-    """The compiled program of ``spec`` with the candidate's knobs."""
-    import swrgen
+    """The kernel set of ``spec`` with the candidate's knobs (pinned: timed as built, plans kept)."""
+    from swrgen.runtime.kernels import KernelSet
+    from swrgen.runtime.program import Program
 
-    return swrgen.load(spec.replace_target(**cand)).program
+    return KernelSet(Program(spec.replace_target(**cand)), pinned=True)
 
 
 def make_timer(warmup_ms: float, rep_ms: float) -> tuple[Callable[[Callable[[], Any]], float], str]:

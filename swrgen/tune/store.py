@@ -19,9 +19,8 @@ Writes go to a temporary file renamed into place (readers see the old file or th
 file that does not parse or has the wrong shape is ignored on read and replaced by the next save; an
 entry whose target is malformed is ignored alone. Two tuners saving at once: the last rename wins.
 
-:func:`lookup` is on the launch path, so it is memoized in-process: the first call for a recurrence
-reads its file(s); later calls are a dict lookup (~1 us). The environment ($SWRGEN_CACHE_DIR,
-$SWRGEN_TUNED) is read on the first call too; :func:`save` and :func:`clear_memo` forget all of it.
+The in-process state (what was read, the environment, the tuner's ``disabled()``) belongs to one
+:class:`TunedStore`, ``STORE``; ``lookup``, ``save``, ``disabled`` and ``clear_memo`` are its methods.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +46,6 @@ ENV_DISABLE = "SWRGEN_TUNED"  # "0": lookup() always answers None (time the untu
 SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
 _KNOB_TYPES = {"warps_per_cta": int, "tiles_per_warp": int, "tiles_in_flight": int, "cluster_size": int,
                "persistent": bool, "staging": str, "stages": int, "min_warps_per_sm": int}  # fmt: skip
-
-# (directory, recurrence hash) -> parsed entries; (recurrence, archs, arch, bucket) -> overrides.
-_FILES: dict[tuple[str, str], dict[str, Any]] = {}
-_MEMO: dict[tuple[Any, ...], dict[str, Any] | None] = {}
-_DISABLED = 0  # > 0 inside disabled(): the tuner times each candidate as built, never a stored choice
-# The environment as lookup() last read it (reading os.environ costs ~0.7 us a variable, too much for
-# every launch): ($SWRGEN_TUNED == "0", $SWRGEN_CACHE_DIR, $XDG_CACHE_HOME). clear_memo() re-reads it.
-_ENV: tuple[bool, str | None, str | None] | None = None
-# Bumped by clear_memo() (and so by save()): launch plans that embed a tuned program compare it to know
-# they are still current (swrgen/ops/fastpath.py).
-GENERATION = 0
-
-
-def _read_env() -> tuple[bool, str | None, str | None]:
-    global _ENV
-    _ENV = (os.environ.get(ENV_DISABLE) == "0", os.environ.get(ENV_CACHE_DIR), os.environ.get("XDG_CACHE_HOME"))
-    return _ENV
-
 
 def tuned_dir() -> Path:
     """Where tuning runs write (and lookups look first)."""
@@ -142,108 +123,143 @@ def read_file(path: Path, rec_hash: str | None = None) -> dict[str, Any]:
     return {k: e for k, e in data["entries"].items() if isinstance(e, dict) and valid_target(e.get("target"))}
 
 
-def _entries(directory: Path, rec_hash: str) -> dict[str, Any]:
-    key = (str(directory), rec_hash)
-    if key not in _FILES:
-        _FILES[key] = read_file(directory / f"{rec_hash[:32]}.json", rec_hash)
-    return _FILES[key]
+class TunedStore:
+    """The in-process view of the tuned-config files: the one owner of what was read, the environment as
+    it was read, the tuner's ``disabled()`` depth and the listeners told when the stored configs change.
 
+    :meth:`lookup` is on the launch path, so it is memoized: the first call for a recurrence reads its
+    file(s); later calls are a dict lookup. The environment ($SWRGEN_TUNED, $SWRGEN_CACHE_DIR,
+    $XDG_CACHE_HOME) is read on the first lookup too (reading ``os.environ`` costs ~0.7 us a variable);
+    :meth:`save` and :meth:`reload` forget all of it and tell the listeners (the runtime's kernel sets,
+    which drop the launch plans that embed a tuned choice).
+    """
 
-def save(spec: Spec, arch: str, shape: tuple[int, int, int, int], entry: dict[str, Any],
-         directory: Path | None = None, device: str | None = None) -> Path:  # fmt: skip
-    """Record ``entry`` (must hold ``target``) for the bucket of ``shape``; returns the file written.
+    def __init__(self) -> None:
+        self._files: dict[tuple[str, str], dict[str, Any]] = {}  # (directory, recurrence hash) -> entries
+        self._memo: dict[tuple[Any, ...], dict[str, Any] | None] = {}  # lookup key -> overrides
+        self._env: tuple[bool, str | None, str | None] | None = None
+        self._disabled = 0  # > 0 inside disabled(): the tuner times each candidate as built
+        self._listeners: list[Callable[[], None]] = []
 
-    With ``device`` (a :func:`device_tag`) it goes under that card's key and under the arch's (the fallback
-    for other cards of the arch)."""
-    if not valid_target(entry.get("target")):
-        raise ValueError(f"entry target {entry.get('target')!r} is not a dict of {', '.join(TUNABLE)}")
-    directory = Path(directory) if directory is not None else tuned_dir()
-    rec_hash = recurrence_hash(spec.recurrence)
-    path = directory / f"{rec_hash[:32]}.json"
-    entries = read_file(path, rec_hash)  # a corrupt file starts over
-    entries[entry_key(arch, bucket_of(shape))] = entry
-    if device:
-        entries[entry_key(arch, bucket_of(shape), device=device)] = entry
-    data = {"version": VERSION, "recurrence_hash": rec_hash, "recurrence": spec.recurrence.to_dict(),
-            "entries": dict(sorted(entries.items()))}  # fmt: skip
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    clear_memo()
-    return path
+    @property
+    def is_disabled(self) -> bool:
+        """True inside :meth:`disabled` (nothing made then may be cached as a tuned choice)."""
+        return self._disabled > 0
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever the stored configs may have changed (save, reload, disabled)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def _entries(self, directory: Path, rec_hash: str) -> dict[str, Any]:
+        key = (str(directory), rec_hash)
+        if key not in self._files:
+            self._files[key] = read_file(directory / f"{rec_hash[:32]}.json", rec_hash)
+        return self._files[key]
+
+    def save(self, spec: Spec, arch: str, shape: tuple[int, int, int, int], entry: dict[str, Any],
+             directory: Path | None = None, device: str | None = None) -> Path:  # fmt: skip
+        """Record ``entry`` (must hold ``target``) for the bucket of ``shape``; returns the file written.
+
+        With ``device`` (a :func:`device_tag`) it goes under that card's key and under the arch's (the
+        fallback for other cards of the arch)."""
+        if not valid_target(entry.get("target")):
+            raise ValueError(f"entry target {entry.get('target')!r} is not a dict of {', '.join(TUNABLE)}")
+        directory = Path(directory) if directory is not None else tuned_dir()
+        rec_hash = recurrence_hash(spec.recurrence)
+        path = directory / f"{rec_hash[:32]}.json"
+        entries = read_file(path, rec_hash)  # a corrupt file starts over
+        entries[entry_key(arch, bucket_of(shape))] = entry
+        if device:
+            entries[entry_key(arch, bucket_of(shape), device=device)] = entry
+        data = {"version": VERSION, "recurrence_hash": rec_hash, "recurrence": spec.recurrence.to_dict(),
+                "entries": dict(sorted(entries.items()))}  # fmt: skip
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.reload()
+        return path
+
+    def lookup(self, spec: Spec, arch: str, shape: tuple[int, int, int, int], direction: str | None = None,
+               device: str | None = None) -> dict[str, Any] | None:  # fmt: skip
+        """Tuned target overrides for x.shape = [B, H, DH, L] on ``arch``, or None when none is stored.
+
+        direction: "fwd" or "bwd" asks for the knobs of that kernel alone. The forward and backward are
+        separate launches, so where one config is clearly best for the forward and another for the
+        backward, the tuner stores ``fwd_target`` / ``bwd_target`` beside the joint ``target``; without
+        one (or with direction None) the joint target answers.
+        device: the card's :func:`device_tag`; its own entries win over the arch's, in every directory
+        (a config tuned on this card, even shipped, beats one tuned locally on another card of the arch).
+        Only overrides that the spec accepts are returned (e.g. no cluster for a spec that also lists
+        sm_80), so ``spec.replace_target(**lookup(...))`` never raises. None inside :meth:`disabled`
+        (while tuning) and when ``$SWRGEN_TUNED`` is ``0``.
+        """
+        if self._disabled:
+            return None
+        if self._env is None:
+            self._env = (os.environ.get(ENV_DISABLE) == "0", os.environ.get(ENV_CACHE_DIR),
+                         os.environ.get("XDG_CACHE_HOME"))  # fmt: skip
+        if self._env[0]:  # $SWRGEN_TUNED=0
+            return None
+        key = (spec.recurrence, spec.target.archs, arch, bucket_of(tuple(shape)), direction, device)  # type: ignore[arg-type]
+        try:
+            result = self._memo[key]
+        except KeyError:
+            if direction is not None and direction not in DIRECTIONS:
+                raise ValueError(f"direction {direction!r}; allowed: None, {', '.join(DIRECTIONS)}") from None
+            result = self._memo[key] = self._lookup_uncached(spec, arch, key[3], search_dirs(), direction, device)
+        return dict(result) if result is not None else None  # a copy: callers may change it
+
+    def _lookup_uncached(self, spec: Spec, arch: str, bucket: tuple[int, int], dirs: tuple[Path, ...],
+                         direction: str | None, device: str | None) -> dict[str, Any] | None:  # fmt: skip
+        from swrgen.tune.space import is_valid
+
+        rec_hash = recurrence_hash(spec.recurrence)
+        names = ([entry_key(arch, bucket, device=device)] if device else []) + [entry_key(arch, bucket)]
+        for name in names:
+            for directory in dirs:
+                entry = self._entries(directory, rec_hash).get(name)
+                if entry is None:
+                    continue
+                own = entry.get(f"{direction}_target") if direction else None
+                if valid_target(own) and is_valid(spec, arch, own):
+                    return dict(own)
+                if is_valid(spec, arch, entry["target"]):
+                    return dict(entry["target"])
+        return None
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside: lookup() answers None (the tuner uses this so a stored choice never replaces a candidate)."""
+        self._disabled += 1
+        self._changed()
+        try:
+            yield
+        finally:
+            self._disabled -= 1
+            self._changed()
+
+    def reload(self) -> None:
+        """Forget everything read, the environment included (after a save; tests)."""
+        self._files.clear()
+        self._memo.clear()
+        self._env = None
+        self._changed()
 
 
 DIRECTIONS = ("fwd", "bwd")
-
-
-def lookup(spec: Spec, arch: str, shape: tuple[int, int, int, int], direction: str | None = None,
-           device: str | None = None) -> dict[str, Any] | None:  # fmt: skip
-    """Tuned target overrides for x.shape = [B, H, DH, L] on ``arch``, or None when none is stored.
-
-    direction: "fwd" or "bwd" asks for the knobs of that kernel alone. The forward and backward are
-    separate launches, so where one config is clearly best for the forward and another for the
-    backward, the tuner stores ``fwd_target`` / ``bwd_target`` beside the joint ``target``; without
-    one (or with direction None) the joint target answers.
-    device: the card's :func:`device_tag`; its own entries win over the arch's, in every directory
-    (a config tuned on this card, even shipped, beats one tuned locally on another card of the arch).
-    Only overrides that the spec accepts are returned (e.g. no cluster for a spec that also lists
-    sm_80), so ``spec.replace_target(**lookup(...))`` never raises. Memoized in-process. None inside
-    :func:`disabled` (while tuning) and when ``$SWRGEN_TUNED`` is ``0``.
-    """
-    if _DISABLED:
-        return None
-    if (_ENV or _read_env())[0]:  # $SWRGEN_TUNED=0
-        return None
-    key = (spec.recurrence, spec.target.archs, arch, bucket_of(tuple(shape)), direction, device)  # type: ignore[arg-type]
-    try:
-        result = _MEMO[key]
-    except KeyError:
-        if direction is not None and direction not in DIRECTIONS:
-            raise ValueError(f"direction {direction!r}; allowed: None, {', '.join(DIRECTIONS)}") from None
-        result = _MEMO[key] = _lookup_uncached(spec, arch, key[3], search_dirs(), direction, device)
-    return dict(result) if result is not None else None  # a copy: callers may change it
-
-
-def _lookup_uncached(spec: Spec, arch: str, bucket: tuple[int, int], dirs: tuple[Path, ...],
-                     direction: str | None = None, device: str | None = None) -> dict[str, Any] | None:  # fmt: skip
-    from swrgen.tune.space import is_valid
-
-    rec_hash = recurrence_hash(spec.recurrence)
-    names = ([entry_key(arch, bucket, device=device)] if device else []) + [entry_key(arch, bucket)]
-    for name in names:
-        for directory in dirs:
-            entry = _entries(directory, rec_hash).get(name)
-            if entry is None:
-                continue
-            own = entry.get(f"{direction}_target") if direction else None
-            if valid_target(own) and is_valid(spec, arch, own):
-                return dict(own)
-            if is_valid(spec, arch, entry["target"]):
-                return dict(entry["target"])
-    return None
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Inside: lookup() answers None (the tuner uses this so a stored choice never replaces a candidate)."""
-    global _DISABLED
-    _DISABLED += 1
-    try:
-        yield
-    finally:
-        _DISABLED -= 1
-
-
-def clear_memo() -> None:
-    """Forget everything read, the environment included (tests; after a save)."""
-    global _ENV, GENERATION
-    _FILES.clear()
-    _MEMO.clear()
-    _ENV = None
-    GENERATION += 1
+STORE = TunedStore()
+# Module-level spellings of the one store's methods (the tuner, the CLI and tests use these).
+save = STORE.save
+lookup = STORE.lookup
+disabled = STORE.disabled
+clear_memo = STORE.reload

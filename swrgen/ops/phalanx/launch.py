@@ -1,6 +1,8 @@
-"""Launch the fused Phalanx kernels (``phalanx_fwd_*`` / ``phalanx_bwd_*``) on torch tensors.
+"""Launch the fused Phalanx kernels (``phalanx_fwd*`` / ``phalanx_bwd*`` / ``phalanx_decode``) on torch tensors.
 
-P needs unit stride along its last dim (dZ is copied if it lacks it); Z and dP are fresh contiguous tensors.
+P needs unit stride along its last dim (dZ is copied if it lacks it); Z and dP are fresh contiguous
+tensors. Packed sequences and states as in :mod:`swrgen.ops.swr.launch`; the fused kernels address every
+token row on its own, so any phase keeps the 16-byte kernels.
 """
 
 from __future__ import annotations
@@ -9,29 +11,36 @@ import torch
 
 from swrgen import constants
 from swrgen.ops.phalanx.layout import GatingLayout
-from swrgen.ops.swr.launch import aligned, ceil_div, cuda_device, fresh_rows_aligned, launch_plan, rows_aligned
+from swrgen.ops.swr.launch import Sequences, StateArgs, _geometry, _packed_fields, _plan, _state_fields, ceil_div
+from swrgen.ops.swr.launch import fresh_rows_aligned, make_plan, rows_aligned
+from swrgen.runtime.kernels import DeviceKernels, KernelSet
 from swrgen.runtime.params import KernelParams
-from swrgen.runtime.plan import LaunchPlan, PlanCache
-from swrgen.runtime.program import Program
+from swrgen.runtime.plan import LaunchPlan
 
 
-def _params(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: float) -> KernelParams:
+def _params(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: float, stateful: bool,
+            packed: bool) -> KernelParams:  # fmt: skip
     if P.stride(-1) != 1:  # the kernels index columns by pointer offsets
         raise ValueError(f"P must have unit stride along its last dim; got strides {P.stride()}")
     batch, length, _ = P.shape
-    t, r = program.spec.target, program.spec.recurrence
+    t, r = ks.spec.target, ks.spec.recurrence
     p = KernelParams()
-    p.x = P.data_ptr()
     p.len, p.heads = length, layout.heads
     p.rows = batch * layout.heads  # one warp per head (head_dim 16)
     p.tiles_per_warp = t.tiles_per_warp
-    p.chunks = ceil_div(ceil_div(length, r.block_len), t.tiles_per_warp)
+    extra = r.block_len - 1 if stateful else 0  # a phase may add a tile (warps past it find no work)
+    p.chunks = 0 if packed else max(1, ceil_div(ceil_div(length + extra, r.block_len), t.tiles_per_warp))
     p.work = p.rows * p.chunks
     p.decay_max = decay_max
     p.kv_group = layout.kv_group
     p.col_a, p.col_b, p.col_c, p.col_v = layout.col_a, layout.col_b, layout.col_c, layout.col_v
     p.spb, p.spt = P.stride(0), P.stride(1)
     return p
+
+
+def tuning_shape(P: torch.Tensor, layout: GatingLayout) -> tuple[int, int, int, int]:
+    """What the tuned store buckets for the fused kernels: (B, H, 16, L), one warp row per head."""
+    return (P.shape[0], layout.heads, layout.head_dim, P.shape[1])
 
 
 def use_vector_kernel(layout: GatingLayout, *tensors: torch.Tensor) -> bool:
@@ -44,114 +53,136 @@ def use_vector_kernel(layout: GatingLayout, *tensors: torch.Tensor) -> bool:
     return all((c * 2) % vb == 0 for c in cols) and all(rows_aligned(t) for t in tensors)
 
 
-class ForwardPlan:
-    """A fused forward call for one geometry of P: Z's shape (dtype and device: P's) and the launch."""
-
-    __slots__ = ("launch", "shape")
-
-    def __init__(self, launch: LaunchPlan | None, shape: tuple[int, int, int]) -> None:
-        self.launch, self.shape = launch, shape
-
-    def run(self, P: torch.Tensor, poison: float | None = None) -> torch.Tensor:
-        Z = P.new_empty(self.shape)  # P's dtype and device; a tuple shape parses faster than a torch.Size
-        if poison is not None:
-            Z.fill_(poison)
-        if self.launch is not None:
-            self.launch.launch(P.data_ptr(), 0, Z.data_ptr())
-        return Z
-
-
-def _build_forward(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: float) -> ForwardPlan:
+def forward_plan(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: float, seqs: Sequences | None = None,
+                 state: StateArgs | None = None, want_state: bool = False) -> LaunchPlan:  # fmt: skip
+    """The fused forward's launch plan for P (cached on ``ks``; the tuned variant's kernels)."""
     batch, length, _ = P.shape
-    shape = (batch, length, layout.inner)
-    p = _params(program, P, layout, decay_max)
-    p.szb, p.szt = length * layout.inner, layout.inner  # Z is a fresh contiguous tensor (aligned base)
-    vec = use_vector_kernel(layout, P) and fresh_rows_aligned(shape, P.element_size())
-    device = cuda_device(P)
-    plan = launch_plan(program, "phalanx_fwd_vec" if vec else "phalanx_fwd_scalar", device, p)
-    return ForwardPlan(plan, shape)
+    stateful = state is not None or want_state
+    key = ("fwd", seqs is None, state is not None, want_state, _geometry(P), layout, decay_max)
+
+    def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
+        p = _params(variant, P, layout, decay_max, stateful, seqs is not None)
+        p.szb, p.szt = length * layout.inner, layout.inner  # Z is a fresh contiguous tensor (aligned base)
+        vec = use_vector_kernel(layout, P) and fresh_rows_aligned((batch, length, layout.inner), P.element_size())
+        name = f"phalanx_fwd{'_state' if want_state else ''}_{'vec' if vec else 'scalar'}"
+        return make_plan(variant, dev, name, p)
+
+    return _plan(ks, P, key, "fwd", build, tuning_shape(P, layout))
 
 
-_FORWARD_PLANS: PlanCache[tuple, ForwardPlan] = PlanCache(4096)
+def forward(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: float, *,
+            seqs: Sequences | None = None, state: StateArgs | None = None, want_state: bool = False,
+            poison: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """(Z [B, L, H*DH] in P's dtype, new state data, new positions; the last two only with ``want_state``).
+
+    seqs: packed sequences of a [1, T, N] P. state: states to continue from. poison (tests): prefill outputs.
+    """
+    batch, length, _ = P.shape
+    Z = P.new_empty((batch, length, layout.inner))
+    n = batch if seqs is None else seqs.count
+    state_out = pos_out = None
+    if want_state:
+        width = 2 * ks.spec.recurrence.window_blocks
+        state_out = P.new_empty((n, layout.heads, layout.head_dim, width), dtype=torch.float32)
+        pos_out = torch.empty(n, dtype=torch.int64, device=P.device)
+    if poison is not None:
+        Z.fill_(poison)
+        if state_out is not None:
+            state_out.fill_(poison)
+    stateful = state is not None or want_state
+    plan = forward_plan(ks, P, layout, decay_max, seqs, state, want_state)
+    if not stateful and seqs is None:
+        plan.launch(P.data_ptr(), 0, Z.data_ptr())
+        return Z, None, None
+    fields = {"x": P.data_ptr(), "y": Z.data_ptr(), **_state_fields(state)}
+    if want_state:
+        fields["state_out"], fields["pos_out"] = state_out.data_ptr(), pos_out.data_ptr()
+    work = None
+    if seqs is not None:
+        packed, work = _packed_fields(ks, P, seqs, state, plan)
+        fields.update(packed)
+    plan.launch_fields(fields, work)
+    return Z, state_out, pos_out
 
 
-def forward_plan(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: float) -> ForwardPlan:
-    """The cached plan: keyed by program, P's device, shape, strides, dtype and alignment, layout and decay_max."""
-    key = (program, P.get_device(), P.shape, P.stride(), P.dtype, aligned(P), layout, decay_max)
-    plan = _FORWARD_PLANS.get(key)
-    if plan is None:
-        plan = _FORWARD_PLANS.put(key, _build_forward(program, P, layout, decay_max))
-    return plan
-
-
-def forward(program: Program, P: torch.Tensor, layout: GatingLayout, decay_max: float,
-            poison: float | None = None) -> torch.Tensor:  # fmt: skip
-    """Z [B, L, H*DH] in P's dtype; inputs already validated. poison (tests): prefill Z."""
-    return forward_plan(program, P, layout, decay_max).run(P, poison)
-
-
-class BackwardPlan:
-    """A fused backward call for one geometry of P and dZ: dP (and the fp32 dB, dC of shared kv-heads), the launch."""
-
-    __slots__ = ("dbc_shape", "launch", "layout", "shape")
-
-    def __init__(self, launch: LaunchPlan | None, shape: tuple[int, int, int], dbc_shape: tuple[int, ...] | None,
-                 layout: GatingLayout) -> None:  # fmt: skip
-        self.launch, self.shape, self.dbc_shape, self.layout = launch, shape, dbc_shape, layout
-
-    def run(self, P: torch.Tensor, dZ: torch.Tensor, poison: float | None = None) -> torch.Tensor:
-        """dZ: unit stride along its last dim (``backward`` makes it so)."""
-        dP = P.new_empty(self.shape)
-        dbc = None if self.dbc_shape is None else P.new_empty(self.dbc_shape, dtype=torch.float32)
-        if poison is not None:
-            dP.fill_(poison)
-            if dbc is not None:
-                dbc.fill_(poison)
-        if self.launch is None:
-            return dP
-        self.launch.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=0 if dbc is None else dbc.data_ptr())
-        if dbc is not None:  # per-head dB, dC summed over each kv-group in a fixed order (deterministic)
-            layout = self.layout
-            batch, length, _ = self.shape
-            kv = layout.kv_heads * layout.head_dim
-            sums = dbc.view(batch, length, 2, layout.kv_heads, layout.kv_group, layout.head_dim).sum(4)
-            dP[..., layout.col_b : layout.col_b + kv] = sums[:, :, 0].reshape(batch, length, kv)
-            dP[..., layout.col_c : layout.col_c + kv] = sums[:, :, 1].reshape(batch, length, kv)
-        return dP
-
-
-def _build_backward(program: Program, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout,
-                    decay_max: float) -> BackwardPlan:  # fmt: skip
-    batch, length, width = P.shape
-    shape = (batch, length, width)
-    dbc_shape = (batch, length, 2, layout.heads, layout.head_dim) if layout.kv_group > 1 else None
-    p = _params(program, P, layout, decay_max)
-    p.sdzb, p.sdzt = dZ.stride(0), dZ.stride(1)
-    p.sdpb, p.sdpt = length * width, width  # dP is a fresh contiguous tensor (aligned base)
-    vec = use_vector_kernel(layout, P, dZ) and fresh_rows_aligned(shape, P.element_size())
-    device = cuda_device(P)
-    plan = launch_plan(program, "phalanx_bwd_vec" if vec else "phalanx_bwd_scalar", device, p)
-    return BackwardPlan(plan, shape, dbc_shape, layout)
-
-
-_BACKWARD_PLANS: PlanCache[tuple, BackwardPlan] = PlanCache(4096)
-
-
-def backward_plan(program: Program, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout,
-                  decay_max: float) -> BackwardPlan:  # fmt: skip
-    """The cached plan (keyed like ``forward_plan``, dZ's geometry included); dZ needs unit stride along L."""
-    key = (program, P.get_device(), P.shape, P.stride(), P.dtype, dZ.shape, dZ.stride(), aligned(P, dZ), layout,
-           decay_max)  # fmt: skip
-    plan = _BACKWARD_PLANS.get(key)
-    if plan is None:
-        plan = _BACKWARD_PLANS.put(key, _build_backward(program, P, dZ, layout, decay_max))
-    return plan
-
-
-def backward(program: Program, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout, decay_max: float,
-             poison: float | None = None) -> torch.Tensor:  # fmt: skip
-    """dP [B, L, N] in P's dtype. Shared kv-heads: the kernel writes per-head dB, dC in fp32 and they are
-    summed here over each group in a fixed order (deterministic)."""
+def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout, decay_max: float, *,
+             seqs: Sequences | None = None, state: StateArgs | None = None, d_state_out: torch.Tensor | None = None,
+             want_d_state: bool = False, poison: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(dP [B, L, N] in P's dtype, the old state's gradient or None). Shared kv-heads: the kernel writes
+    per-head dB, dC in fp32 and they are summed here over each group in a fixed order (deterministic)."""
     if dZ.stride(-1) != 1:
         dZ = dZ.contiguous()
-    return backward_plan(program, P, dZ, layout, decay_max).run(P, dZ, poison)
+    batch, length, width = P.shape
+    dP = P.new_empty((batch, length, width))
+    dbc = None
+    if layout.kv_group > 1:
+        dbc = P.new_empty((batch, length, 2, layout.heads, layout.head_dim), dtype=torch.float32)
+    n = batch if seqs is None else seqs.count
+    d_state = None
+    if want_d_state:
+        d_state = P.new_empty((n, layout.heads, layout.head_dim, 2 * ks.spec.recurrence.window_blocks),
+                              dtype=torch.float32)  # fmt: skip
+    if poison is not None:
+        for t in (dP, dbc, d_state):
+            if t is not None:
+                t.fill_(poison)
+    stateful = state is not None or d_state_out is not None
+    key = ("bwd", seqs is None, stateful, _geometry(P, dZ), layout, decay_max)
+
+    def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
+        p = _params(variant, P, layout, decay_max, stateful, seqs is not None)
+        p.sdzb, p.sdzt = dZ.stride(0), dZ.stride(1)
+        p.sdpb, p.sdpt = length * width, width  # dP is a fresh contiguous tensor (aligned base)
+        vec = use_vector_kernel(layout, P, dZ) and fresh_rows_aligned((batch, length, width), P.element_size())
+        name = f"phalanx_bwd{'_state' if stateful else ''}_{'vec' if vec else 'scalar'}"
+        return make_plan(variant, dev, name, p)
+
+    plan = _plan(ks, P, key, "bwd", build, tuning_shape(P, layout))
+    dbc_ptr = 0 if dbc is None else dbc.data_ptr()
+    if not stateful and seqs is None:
+        plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=dbc_ptr)
+    else:
+        fields = {"x": P.data_ptr(), "dy": dZ.data_ptr(), "dx": dP.data_ptr(), "dbc": dbc_ptr,
+                  **_state_fields(state)}  # fmt: skip
+        if d_state_out is not None:
+            fields["dstate_out"] = d_state_out.data_ptr()
+        if d_state is not None:
+            fields["dstate"] = d_state.data_ptr()
+        work = None
+        if seqs is not None:
+            packed, work = _packed_fields(ks, P, seqs, state, plan)
+            fields.update(packed)
+        plan.launch_fields(fields, work)
+    if dbc is not None:  # per-head dB, dC summed over each kv-group in a fixed order (deterministic)
+        kv = layout.kv_heads * layout.head_dim
+        sums = dbc.view(batch, length, 2, layout.kv_heads, layout.kv_group, layout.head_dim).sum(4)
+        dP[..., layout.col_b : layout.col_b + kv] = sums[:, :, 0].reshape(batch, length, kv)
+        dP[..., layout.col_c : layout.col_c + kv] = sums[:, :, 1].reshape(batch, length, kv)
+    return dP, d_state
+
+
+def decode(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: float, data: torch.Tensor,
+           pos: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """One token per sequence: Z [B, H*DH] from P [B, N]; ``data`` (float32 [S, H, DH, 2 + 2(k-1)]) is
+    updated in place at rows ``index`` (int64 [B], or 0..B-1); ``pos`` (int64 [S]) is read, not advanced."""
+    batch = P.shape[0]
+    Z = P.new_empty((batch, layout.inner))
+    key = ("decode", _geometry(P), layout, decay_max)
+
+    def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
+        p = KernelParams()
+        p.heads, p.rows, p.decay_max, p.kv_group = layout.heads, batch * layout.heads, decay_max, layout.kv_group
+        p.col_a, p.col_b, p.col_c, p.col_v = layout.col_a, layout.col_b, layout.col_c, layout.col_v
+        p.spb, p.szb = P.stride(0), layout.inner
+        p.work = p.rows * layout.head_dim  # one thread per (sequence, head, channel)
+        kernel = dev.kernels["phalanx_decode"]
+        grid = ceil_div(p.work, constants.DECODE_THREADS)
+        return LaunchPlan(kernel, grid, constants.DECODE_THREADS, 1, p)
+
+    plan = _plan(ks, P, key, "fwd", build, (batch, layout.heads, layout.head_dim, 1))
+    if batch:
+        fields = {"x": P.data_ptr(), "y": Z.data_ptr(), "state": data.data_ptr(), "pos": pos.data_ptr()}
+        if index is not None:
+            fields["state_index"] = index.data_ptr()
+        plan.launch_fields(fields)
+    return Z

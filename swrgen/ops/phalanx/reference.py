@@ -5,8 +5,7 @@
     y = SWR(a, u)                     the jagged window of window_blocks tiles of block_len tokens
     Z = y * P_C + P_V                 [B, L, H * DH]  (C shared like B)
 
-``phalanx_gating_reference`` is differentiable by autograd (float64 ground truth);
-``phalanx_gating_backward`` is the closed form the CPU op uses (a custom op runs below autograd).
+``phalanx_gating_reference`` is differentiable by autograd (float64 ground truth).
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ import torch
 
 from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.swr.reference import swr_reference
-from swrgen.ops.swr.tiled import swr_tiled_backward
 
-__all__ = ["phalanx_gating_backward", "phalanx_gating_reference", "split_projections"]
+__all__ = ["phalanx_gating_reference", "split_projections"]
 
 
 def split_projections(P: torch.Tensor, layout: GatingLayout):
@@ -48,27 +46,3 @@ def phalanx_gating_reference(P: torch.Tensor, layout: GatingLayout, window_block
     y = swr_reference(a, u, window_blocks, block_len).permute(0, 3, 1, 2)  # [B, L, H, DH]
     Z = y * pc + pv
     return Z.reshape(*P.shape[:-1], layout.inner)
-
-
-def phalanx_gating_backward(P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout, window_blocks: int,
-                            block_len: int, decay_max: float) -> torch.Tensor:  # fmt: skip
-    """dP [B, L, N] in float64 by the chain rule around the SWR's closed-form backward."""
-    P, dZ = P.to(torch.float64), dZ.to(torch.float64)
-    batch, length = P.shape[:2]
-    sa, sb, pc, pv = _gates(P, layout)
-    a = (decay_max * sa).transpose(1, 2)
-    u = (sb * pv).permute(0, 2, 3, 1)
-    y = swr_reference(a, u, window_blocks, block_len).permute(0, 3, 1, 2)
-    dz = dZ.reshape(batch, length, layout.heads, layout.head_dim)
-    dy = (dz * pc).permute(0, 2, 3, 1)
-    du, da = swr_tiled_backward(a, u, dy, window_blocks, block_len)
-    du = du.permute(0, 3, 1, 2)  # [B, L, H, DH]
-    dpa = da.transpose(1, 2) * decay_max * sa * (1 - sa)
-    dpb = du * pv * sb * (1 - sb)
-    dpc = dz * y
-    dpv = dz + du * sb
-
-    def reduce_groups(t: torch.Tensor) -> torch.Tensor:  # per head -> per kv-head
-        return t.reshape(batch, length, layout.kv_heads, layout.kv_group, layout.head_dim).sum(3).flatten(2)
-
-    return torch.cat([dpa, reduce_groups(dpb), reduce_groups(dpc), dpv.flatten(2)], dim=-1)

@@ -1,8 +1,15 @@
-"""Launch the generated forward/backward kernels on torch tensors.
+"""Launch the generated SWR kernels on torch tensors (inputs already validated).
 
-Chooses the 16-byte vector kernel when every row is aligned and all sequence starts and
-lengths are multiples of the lane's token count, the element-wise kernel otherwise; sizes
-the grid from the spec's tuning knobs (tiles per warp, warps per CTA, cluster, persistence).
+Chooses the 16-byte vector kernel when every row is aligned and every sequence start, length and phase is
+a multiple of the lane's token count, the element-wise kernel otherwise; sizes the grid from the kernel
+set's tuning knobs (tiles per warp, warps per CTA, cluster, persistence). Plans (kernel, grid, the
+params struct) are kept per geometry on the kernel set's device entry (``DeviceKernels.plans``); the
+plan of a kernel set that resolves tuned knobs embeds the tuned variant's kernels.
+
+Streaming state: ``StateArgs`` carries a state's data (float32 ``[N', H, DH, 2 + 2(k-1)]``), positions
+(int64 ``[N']``), an optional row index (slots of a pool) and the phases when the host knows them. The
+``*_state`` kernels continue from it and write the new state (forward), or hand back the gradient of the
+old state given that of the new one (backward).
 """
 
 from __future__ import annotations
@@ -13,39 +20,76 @@ from dataclasses import dataclass
 import torch
 
 from swrgen import constants
-from swrgen.runtime.driver import multiprocessor_count
+from swrgen.runtime.kernels import DeviceKernels, KernelSet
 from swrgen.runtime.params import KernelParams
-from swrgen.runtime.plan import LaunchPlan, PlanCache
-from swrgen.runtime.program import Program
-
-
-@dataclass(frozen=True)
-class Packed:
-    """Packed sequences of one buffer (cu_seqlens): starts and cumulative chunk counts, on device."""
-
-    starts: list[int]  # S+1 token offsets, host copy
-    seq_start: torch.Tensor  # int64 [S+1]
-    seq_chunk: torch.Tensor  # int64 [S+1]
-    chunks: int  # total chunks over all sequences
+from swrgen.runtime.plan import LaunchPlan, grid_for
 
 
 def ceil_div(n: int, d: int) -> int:
     return -(-n // d)
 
 
-def pack_sequences(program: Program, cu_seqlens: list[int], device: torch.device) -> Packed:
-    t = program.spec.target
-    bl = program.spec.recurrence.block_len
-    counts = [ceil_div(ceil_div(e - s, bl), t.tiles_per_warp) for s, e in itertools.pairwise(cu_seqlens)]
-    cum = [0]
-    for c in counts:
-        cum.append(cum[-1] + c)
-    return Packed(
-        starts=list(cu_seqlens),
-        seq_start=torch.tensor(cu_seqlens, dtype=torch.int64, device=device),
-        seq_chunk=torch.tensor(cum, dtype=torch.int64, device=device),
-        chunks=cum[-1],
-    )
+class Sequences:
+    """Packed sequences of one buffer (``cu_seqlens``, checked): host offsets and their device copies.
+
+    Made once per call; the device copies (one pinned, asynchronous upload each) are memoized on it, so a
+    backward that reuses the forward's object uploads nothing.
+    """
+
+    __slots__ = ("_chunks", "_device_starts", "starts")
+
+    def __init__(self, starts: list[int]) -> None:
+        self.starts = tuple(starts)
+        self._device_starts: dict[torch.device, torch.Tensor] = {}
+        self._chunks: dict[tuple, tuple[int, torch.Tensor]] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.starts) - 1
+
+    @property
+    def lengths(self) -> list[int]:
+        return [e - s for s, e in itertools.pairwise(self.starts)]
+
+    def device_starts(self, device: torch.device) -> torch.Tensor:
+        t = self._device_starts.get(device)
+        if t is None:
+            t = self._device_starts[device] = upload(list(self.starts), device)
+        return t
+
+    def chunk_offsets(self, device: torch.device, block_len: int, tiles_per_warp: int,
+                      phases: tuple[int, ...] | None) -> tuple[int, torch.Tensor]:  # fmt: skip
+        """(total chunks, int64 [S+1] cumulative chunk counts): each sequence's tiles in chunks of
+        ``tiles_per_warp``, at least one (its state goes through even when it is empty). Unknown phases
+        (None) count one more tile per sequence: enough for any phase."""
+        key = (device, block_len, tiles_per_warp, phases)
+        hit = self._chunks.get(key)
+        if hit is None:
+            cum = [0]
+            for i, n in enumerate(self.lengths):
+                extra = phases[i] if phases is not None else block_len - 1
+                cum.append(cum[-1] + max(1, ceil_div(ceil_div(n + extra, block_len), tiles_per_warp)))
+            hit = self._chunks[key] = (cum[-1], upload(cum, device))
+        return hit
+
+
+def upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 values on ``device`` through pinned memory: no synchronisation with the device's queue."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+@dataclass(frozen=True)
+class StateArgs:
+    """A state for the kernels: data float32 contiguous [N', H, DH, 2 + 2(k-1)], pos int64 [N'], rows of the
+    N sequences in them (``index`` int64 [N], or None: row n), and the N phases (pos % BL) when known."""
+
+    data: torch.Tensor
+    pos: torch.Tensor
+    index: torch.Tensor | None = None
+    phases: tuple[int, ...] | None = None
 
 
 def rows_aligned(t: torch.Tensor) -> bool:
@@ -66,12 +110,21 @@ def fresh_rows_aligned(shape: tuple[int, ...], element_size: int) -> bool:
     return True
 
 
-def use_vector_kernel(program: Program, length: int, tensors: list[torch.Tensor], phase: int = 0,
-                      starts: list[int] | None = None) -> bool:  # fmt: skip
-    v = constants.tokens_per_lane(program.spec.recurrence.block_len)
-    if length % v or phase % v or any(s % v for s in starts or ()):
+def aligned(*tensors: torch.Tensor) -> bool:
+    """Every base address 16-byte aligned: with the shapes and strides, all that the kernel choice reads."""
+    ptr = 0
+    for t in tensors:
+        ptr |= t.data_ptr()
+    return ptr % constants.VECTOR_BYTES == 0
+
+
+def offsets_fit_vectors(block_len: int, length: int, seqs: Sequences | None, state: StateArgs | None) -> bool:
+    """Whether every sequence start, length and phase is a multiple of a lane's token count (the vector
+    kernels move whole lane vectors); unknown phases do not fit."""
+    v = constants.tokens_per_lane(block_len)
+    if length % v or (seqs is not None and any(s % v for s in seqs.starts)):
         return False
-    return all(rows_aligned(t) for t in tensors)
+    return state is None or (state.phases is not None and not any(ph % v for ph in state.phases))
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -83,180 +136,193 @@ def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (t.stride(0), t.stride(1), t.stride(2))
 
 
-def _grid(program: Program, kernel, work: int, device: torch.device) -> int:
-    t = program.spec.target
+def make_plan(ks: KernelSet, dev: DeviceKernels, name: str, params: KernelParams) -> LaunchPlan:
+    """A plan for entry point ``name`` of ``ks`` on ``dev`` with these params (grid from the spec's knobs)."""
+    t = ks.spec.target
+    kernel = dev.kernels[name]
     threads = t.warps_per_cta * constants.WARP_SIZE
-    ctas = -(-work // t.warps_per_cta)
+    cap = None
     if t.persistent:
-        per_sm = max(1, kernel.max_active_ctas_per_sm(threads))
-        ctas = min(ctas, per_sm * multiprocessor_count(device.index or 0))
-    return -(-ctas // t.cluster_size) * t.cluster_size  # whole clusters; spare warps find no work
+        cap = max(1, kernel.max_active_ctas_per_sm(threads)) * dev.multiprocessors
+    grid = grid_for(params.work, t.warps_per_cta, t.cluster_size, cap)
+    return LaunchPlan(kernel, grid, threads, t.cluster_size, params, grid_cap=cap)
 
 
-def _params(program: Program, a: torch.Tensor, x: torch.Tensor, packed: Packed | None, phase: int) -> KernelParams:
+def _params(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, seqs: Sequences | None,
+            state: StateArgs | None) -> KernelParams:  # fmt: skip
     batch, heads, head_dim, length = x.shape
-    t, r = program.spec.target, program.spec.recurrence
+    t, r = ks.spec.target, ks.spec.recurrence
     p = KernelParams()
-    p.x, p.a = x.data_ptr(), a.data_ptr()
     p.len, p.heads = length, heads
     p.rows = batch * heads * (head_dim // constants.CHANNELS_PER_WARP)
     p.tiles_per_warp = t.tiles_per_warp
-    p.phase = phase
-    if packed is None:
-        p.chunks = ceil_div(ceil_div(length + phase, r.block_len), t.tiles_per_warp)
+    if seqs is None:  # dense: every row the same length; a phase may add a tile (warps past it find no work)
+        extra = r.block_len - 1 if state is not None else 0
+        p.chunks = max(1, ceil_div(ceil_div(length + extra, r.block_len), t.tiles_per_warp))
     else:
-        p.chunks = packed.chunks
-        p.num_seqs = len(packed.starts) - 1
-        p.seq_start, p.seq_chunk = packed.seq_start.data_ptr(), packed.seq_chunk.data_ptr()
+        p.chunks = 0  # set per call (packed: chunks over all sequences)
     p.work = p.rows * p.chunks
     p.sxb, p.sxh, p.sxc = _strides3(x)
     p.sab, p.sah, p.sac = _strides3(a)
     return p
 
 
-def aligned(*tensors: torch.Tensor) -> bool:
-    """Every base address 16-byte aligned: with the shapes and strides, all that the kernel choice reads."""
-    ptr = 0
-    for t in tensors:
-        ptr |= t.data_ptr()
-    return ptr % constants.VECTOR_BYTES == 0
+def _state_fields(state: StateArgs | None) -> dict[str, int]:
+    if state is None:
+        return {}
+    out = {"state": state.data.data_ptr(), "pos": state.pos.data_ptr()}
+    if state.index is not None:
+        out["state_index"] = state.index.data_ptr()
+    return out
 
 
-def launch_plan(program: Program, name: str, device: torch.device, params: KernelParams) -> LaunchPlan | None:
-    """A plan for entry point ``name`` with these params (grid from the spec); None when there is no work."""
-    if params.work == 0:
-        return None
-    t = program.spec.target
-    kernel = program.module(device).kernels[name]
-    grid = _grid(program, kernel, params.work, device)
-    return LaunchPlan(kernel, grid, t.warps_per_cta * constants.WARP_SIZE, t.cluster_size, params)
+def _packed_fields(ks: KernelSet, x: torch.Tensor, seqs: Sequences, state: StateArgs | None,
+                   plan: LaunchPlan) -> tuple[dict[str, int], int]:  # fmt: skip
+    """The packed batch's fields and work items for ``plan``."""
+    t, r = ks.spec.target, ks.spec.recurrence
+    total, offsets = seqs.chunk_offsets(x.device, r.block_len, t.tiles_per_warp, None if state is None else state.phases)
+    p = plan.params
+    fields = {"seq_start": seqs.device_starts(x.device).data_ptr(), "seq_chunk": offsets.data_ptr(),
+              "num_seqs": seqs.count, "chunks": total}  # fmt: skip
+    return fields, p.rows * total
 
 
-def cuda_device(t: torch.Tensor) -> torch.device:
-    return torch.device("cuda", t.get_device())
-
-
-class ForwardPlan:
-    """A forward call for one input geometry: the output dtype (y is shaped like x) and the launch (None: empty)."""
-
-    __slots__ = ("dtype", "launch")
-
-    def __init__(self, launch: LaunchPlan | None, dtype: torch.dtype) -> None:
-        self.launch, self.dtype = launch, dtype
-
-    def run(self, a: torch.Tensor, x: torch.Tensor, poison: float | None = None, state: int = 0) -> torch.Tensor:
-        # empty_like: about half the host time of torch.empty(shape, ...) (no shape argument to parse).
-        y = torch.empty_like(x, dtype=self.dtype, memory_format=torch.contiguous_format)
-        if poison is not None:
-            y.fill_(poison)
-        if self.launch is not None:
-            self.launch.launch(x.data_ptr(), a.data_ptr(), y.data_ptr(), 0, 0, 0, state)
-        return y
-
-
-def _build_forward(program: Program, a: torch.Tensor, x: torch.Tensor, packed: Packed | None,
-                   phase: int) -> ForwardPlan:  # fmt: skip
-    out_dtype = constants.torch_dtype(program.spec.recurrence.output_dtype)
-    device = cuda_device(x)
-    p = _params(program, a, x, packed, phase)
-    _, heads, head_dim, length = x.shape
-    p.syb, p.syh, p.syc = heads * head_dim * length, head_dim * length, length  # the output is contiguous
-    if x.numel() == 0:
-        return ForwardPlan(None, out_dtype)
-    # The output is a fresh allocation (aligned); only the inputs decide vector vs element-wise.
-    vec = use_vector_kernel(program, x.shape[-1], [x, a], phase, packed.starts if packed else None)
-    plan = launch_plan(program, "swr_fwd_vec" if vec else "swr_fwd_scalar", device, p)
-    return ForwardPlan(plan, out_dtype)
-
-
-_FORWARD_PLANS: PlanCache[tuple, ForwardPlan] = PlanCache(4096)
-
-
-def forward_plan(program: Program, a: torch.Tensor, x: torch.Tensor, phase: int = 0) -> ForwardPlan:
-    """The cached plan of an unpacked forward call: keyed by program, device, shapes, strides, dtypes, alignment."""
-    key = (program, x.get_device(), x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype, aligned(x, a), phase)
-    plan = _FORWARD_PLANS.get(key)
+def _plan(ks: KernelSet, x: torch.Tensor, key: tuple, direction: str, build,
+          shape: tuple[int, int, int, int] | None = None) -> LaunchPlan:  # fmt: skip
+    """The cached plan of ``ks`` for ``key`` on x's device, made by ``build(variant, dev)`` on a miss from
+    the variant tuned for ``shape`` (what the tuned store buckets; x's shape by default)."""
+    dev = ks.on(x.get_device())
+    plan = dev.plans.get(key)
     if plan is None:
-        plan = _FORWARD_PLANS.put(key, _build_forward(program, a, x, None, phase))
+        variant = ks.for_shape(dev.index, shape or tuple(x.shape), direction)
+        plan = build(variant, variant.on(dev.index))
+        if ks.caching:
+            dev.plans.put(key, plan)
     return plan
 
 
-def forward(program: Program, a: torch.Tensor, x: torch.Tensor, poison: float | None = None,
-            packed: Packed | None = None, state: torch.Tensor | None = None,
-            phase: int = 0) -> torch.Tensor:  # fmt: skip
-    """y [B, H, DH, L] in the spec's output dtype; inputs already validated.
+def _geometry(*tensors: torch.Tensor) -> tuple:
+    """What the checks and a plan read from tensors: shapes, strides, dtypes, whether all bases are aligned."""
+    out: list = [aligned(*tensors)]
+    for t in tensors:
+        out += [t.shape, t.stride(), t.dtype]
+    return tuple(out)
 
-    packed: sequences of a [1, H, DH, T] buffer (cu_seqlens). state: float32
-    [S, H, DH, 2 + 2(k-1)] (w, g, carriers) to resume each sequence from, `phase` tokens into
-    its current tile. poison (tests): fill the output first, so an unwritten element shows.
-    Launch plans of unpacked calls are cached (small calls are launch-bound).
+
+# ---------------------------------------------------------------- forward
+
+
+def forward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, seqs: Sequences | None = None,
+                 state: StateArgs | None = None, want_state: bool = False) -> LaunchPlan:  # fmt: skip
+    """The forward's launch plan for these inputs (cached on ``ks``; the tuned variant's kernels)."""
+    vec = offsets_fit_vectors(ks.spec.recurrence.block_len, x.shape[-1], seqs, state)
+    key = ("fwd", seqs is None, state is not None, want_state, vec, _geometry(x, a))
+
+    def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
+        p = _params(variant, a, x, seqs, state)
+        _, heads, head_dim, length = x.shape
+        p.syb, p.syh, p.syc = heads * head_dim * length, head_dim * length, length  # y is contiguous
+        use_vec = vec and rows_aligned(x) and rows_aligned(a)  # y is fresh: aligned
+        name = f"swr_fwd{'_state' if want_state else ''}_{'vec' if use_vec else 'scalar'}"
+        return make_plan(variant, dev, name, p)
+
+    return _plan(ks, x, key, "fwd", build)
+
+
+def forward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, *, seqs: Sequences | None = None,
+            state: StateArgs | None = None, want_state: bool = False,
+            poison: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """(y [B, H, DH, L] in the spec's output dtype, new state data, new positions) — the last two only with
+    ``want_state`` (float32 [N, H, DH, 2 + 2(k-1)], int64 [N]; N = B, or the packed sequences).
+
+    seqs: the packed sequences of a [1, H, DH, T] buffer. state: the states to continue from. poison
+    (tests): fill the outputs first, so an unwritten element shows.
     """
-    plan = forward_plan(program, a, x, phase) if packed is None else _build_forward(program, a, x, packed, phase)
-    return plan.run(a, x, poison, 0 if state is None else state.data_ptr())
+    r = ks.spec.recurrence
+    out_dtype = constants.torch_dtype(r.output_dtype)
+    y = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+    n = x.shape[0] if seqs is None else seqs.count
+    state_out = pos_out = None
+    if want_state:
+        state_out = x.new_empty((n, x.shape[1], x.shape[2], 2 * r.window_blocks), dtype=torch.float32)
+        pos_out = torch.empty(n, dtype=torch.int64, device=x.device)
+    if poison is not None:
+        y.fill_(poison)
+        if state_out is not None:
+            state_out.fill_(poison)
+    if x.numel() == 0 and not want_state:
+        return y, state_out, pos_out
+    stateful = state is not None or want_state
+    plan = forward_plan(ks, a, x, seqs, state, want_state)
+    if not stateful and seqs is None:
+        plan.launch(x.data_ptr(), a.data_ptr(), y.data_ptr())
+        return y, None, None
+    fields = {"x": x.data_ptr(), "a": a.data_ptr(), "y": y.data_ptr(), **_state_fields(state)}
+    if want_state:
+        fields["state_out"], fields["pos_out"] = state_out.data_ptr(), pos_out.data_ptr()
+    work = None
+    if seqs is not None:
+        packed, work = _packed_fields(ks, x, seqs, state, plan)
+        fields.update(packed)
+    plan.launch_fields(fields, work)
+    return y, state_out, pos_out
 
 
-class BackwardPlan:
-    """A backward call for one geometry: the da buffer (shape, dtype, how it reduces to da; dx is shaped like x)
-    and the launch (None: empty input)."""
-
-    __slots__ = ("da_dtype", "da_shape", "launch", "reduce")
-
-    def __init__(self, launch: LaunchPlan | None, da_shape: tuple[int, int, int, int], da_dtype: torch.dtype,
-                 reduce: str) -> None:  # fmt: skip
-        self.launch, self.da_shape, self.da_dtype, self.reduce = launch, da_shape, da_dtype, reduce
-
-    def run(self, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
-            poison: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        da_buf = x.new_empty(self.da_shape, dtype=self.da_dtype)
-        if poison is not None:
-            dx.fill_(poison)
-            da_buf.fill_(poison)
-        if self.launch is None:  # empty input
-            return dx, torch.zeros_like(a)
-        self.launch.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da_buf.data_ptr())
-        if self.reduce == "sum":  # fp32 partials per 16-channel group, summed in a fixed order
-            return dx, da_buf.sum(dim=2).to(a.dtype)
-        return dx, (da_buf.squeeze(2) if self.reduce == "squeeze" else da_buf)
+# ---------------------------------------------------------------- backward
 
 
-def _build_backward(program: Program, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
-                    packed: Packed | None) -> BackwardPlan:  # fmt: skip
+def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, *, seqs: Sequences | None = None,
+             state: StateArgs | None = None, d_state_out: torch.Tensor | None = None, want_d_state: bool = False,
+             poison: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(dx, da, d_state) for upstream gradient dy (the spec's output dtype, unit stride along L).
+
+    d_state_out: the gradient of the new state (float32 [N, H, DH, 2 + 2(k-1)], or None: zero);
+    want_d_state: also hand back the old state's gradient (needs ``state``). Args as in :func:`forward`.
+    """
     batch, heads, head_dim, length = x.shape
-    device = cuda_device(x)
     groups = head_dim // constants.CHANNELS_PER_WARP
     per_channel = a.dim() == 4
-    partial = not per_channel and groups > 1  # fp32 partial per 16-channel group, summed by run()
+    partial = not per_channel and groups > 1  # fp32 partial per 16-channel group, summed below
     da_shape = (batch, heads, head_dim if per_channel else groups, length)
-    da_dtype = torch.float32 if partial else a.dtype
-    reduce = "none" if per_channel else ("sum" if partial else "squeeze")
-    if x.numel() == 0:
-        return BackwardPlan(None, da_shape, da_dtype, reduce)
-    p = _params(program, a, x, packed, 0)
-    p.sdyb, p.sdyh, p.sdyc = _strides3(dy)
-    p.sdxb, p.sdxh, p.sdxc = heads * head_dim * length, head_dim * length, length  # dx is contiguous
-    vec = use_vector_kernel(program, length, [x, a, dy], 0, packed.starts if packed else None)
-    vec = vec and fresh_rows_aligned(x.shape, x.element_size())  # dx: a fresh contiguous allocation
-    plan = launch_plan(program, "swr_bwd_vec" if vec else "swr_bwd_scalar", device, p)
-    return BackwardPlan(plan, da_shape, da_dtype, reduce)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    da_buf = x.new_empty(da_shape, dtype=torch.float32 if partial else a.dtype)
+    n = batch if seqs is None else seqs.count
+    d_state = None
+    if want_d_state:
+        d_state = x.new_empty((n, heads, head_dim, 2 * ks.spec.recurrence.window_blocks), dtype=torch.float32)
+    if poison is not None:
+        for t in (dx, da_buf, d_state):
+            if t is not None:
+                t.fill_(poison)
+    stateful = state is not None or d_state_out is not None
+    if x.numel() == 0 and not want_d_state:
+        return dx, torch.zeros_like(a), d_state
+    vec = offsets_fit_vectors(ks.spec.recurrence.block_len, length, seqs, state)
+    key = ("bwd", seqs is None, stateful, vec, _geometry(x, a, dy))
 
+    def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
+        p = _params(variant, a, x, seqs, state)
+        p.sdyb, p.sdyh, p.sdyc = _strides3(dy)
+        p.sdxb, p.sdxh, p.sdxc = heads * head_dim * length, head_dim * length, length  # dx is contiguous
+        use_vec = vec and rows_aligned(x) and rows_aligned(a) and rows_aligned(dy)
+        name = f"swr_bwd{'_state' if stateful else ''}_{'vec' if use_vec else 'scalar'}"
+        return make_plan(variant, dev, name, p)
 
-_BACKWARD_PLANS: PlanCache[tuple, BackwardPlan] = PlanCache(4096)
-
-
-def backward_plan(program: Program, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> BackwardPlan:
-    """The cached plan of an unpacked backward call (keyed like ``forward_plan``, dy's geometry included)."""
-    key = (program, x.get_device(), x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype, dy.shape,
-           dy.stride(), dy.dtype, aligned(x, a, dy))  # fmt: skip
-    plan = _BACKWARD_PLANS.get(key)
-    if plan is None:
-        plan = _BACKWARD_PLANS.put(key, _build_backward(program, a, x, dy, None))
-    return plan
-
-
-def backward(program: Program, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, poison: float | None = None,
-             packed: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dx, da) for upstream gradient dy (spec output dtype, unit stride along L); args as in forward.
-    Launch plans of unpacked calls are cached like the forward's."""
-    plan = backward_plan(program, a, x, dy) if packed is None else _build_backward(program, a, x, dy, packed)
-    return plan.run(a, x, dy, poison)
+    plan = _plan(ks, x, key, "bwd", build)
+    if not stateful and seqs is None:
+        plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da_buf.data_ptr())
+    else:
+        fields = {"x": x.data_ptr(), "a": a.data_ptr(), "dy": dy.data_ptr(), "dx": dx.data_ptr(),
+                  "da": da_buf.data_ptr(), **_state_fields(state)}  # fmt: skip
+        if d_state_out is not None:
+            fields["dstate_out"] = d_state_out.data_ptr()
+        if d_state is not None:
+            fields["dstate"] = d_state.data_ptr()
+        work = None
+        if seqs is not None:
+            packed, work = _packed_fields(ks, x, seqs, state, plan)
+            fields.update(packed)
+        plan.launch_fields(fields, work)
+    if partial:  # fp32 partials per 16-channel group, summed in a fixed order
+        return dx, da_buf.sum(dim=2).to(a.dtype), d_state
+    return dx, (da_buf if per_channel else da_buf.squeeze(2)), d_state

@@ -1,190 +1,287 @@
-"""``swrgen.swr``: the SWR as a torch custom op with autograd.
+"""``swrgen.swr``: the SWR as a differentiable torch op, with packed sequences and a streaming state.
 
-CUDA tensors run the generated kernels; CPU tensors run the float64 reference (same
-semantics, any floating dtype). Both ops are registered through ``torch.library``
-with fake implementations, so ``torch.compile(fullgraph=True)`` traces through them
-and CUDA graphs capture them.
+CUDA tensors run the generated kernels; CPU tensors run the kernels' algorithm in float64 torch (the
+tile scans and carriers of ``tiled.py``: same semantics, any floating dtype, the same arithmetic as the
+streaming and decode paths). Gradients reach ``a``, ``x`` and the initial state, and flow back from the
+returned state, so chunked training with a state handed over trains exactly like one pass.
 
-Inference calls (no gradient to record, not tracing) skip the dispatcher: ``swr`` and
-``SwrOp`` look the call up in a plan cache keyed by everything their checks read, and a
-hit allocates y and launches (small calls are launch-bound). A miss runs the checks and
-fills the cache. The custom ops' CUDA bodies use plan caches too.
+Three ways in, one computation (``_forward`` / ``_backward``):
 
-Saved for backward: the inputs ``a`` and ``x`` only (the backward kernel recomputes
-every intermediate), so training needs no memory beyond the op's inputs and outputs.
+- inference calls (no gradient to record, not tracing, no torch mode) launch directly; one that repeats
+  a geometry and arguments hits ``REGISTRY.calls`` and skips every check (small calls are launch-bound);
+- eager training goes through a ``torch.autograd.Function`` (a few microseconds cheaper per call than
+  the dispatcher);
+- ``torch.compile``, and any torch function or dispatch mode, see the ``swrgen::swr_fwd`` /
+  ``swrgen::swr_bwd`` custom ops (fake implementations for tracing, the same autograd formula).
+
+Saved for backward: the inputs and the initial state only (the backward kernel recomputes the rest).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-from collections.abc import Hashable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from swrgen import constants
-from swrgen.ops import fastpath
-from swrgen.ops.fastpath import direct_ok as _direct_ok
 from swrgen.ops.swr import launch
-from swrgen.ops.swr.reference import swr_reference
-from swrgen.ops.swr.tiled import swr_tiled_backward
+from swrgen.ops.swr.state import SwrState, state_width
+from swrgen.ops.swr.tiled import swr_tiled_backward, swr_tiled_backward_state, swr_tiled_forward
+from swrgen.ops.swr.tiled import swr_tiled_forward_state
+from swrgen.ops.swr.varlen import check_cu_seqlens
+from swrgen.runtime.kernels import KernelSet
 from swrgen.runtime.program import Program
-from swrgen.spec import Spec, default_spec, load_spec
+from swrgen.runtime.registry import REGISTRY
+from swrgen.spec import Spec, load_spec
 
 DEFAULT_WINDOW_BLOCKS = 2
 DEFAULT_BLOCK_LEN = 16
-_PROGRAMS: dict[str, Program] = {}  # op key -> compiled program (keys are plain strings for torch.library)
 
 
-def _register(program: Program) -> str:
-    key = hashlib.sha256((program.spec.digest() + program.source).encode()).hexdigest()[:32]
-    _PROGRAMS.setdefault(key, program)
-    return key
+# ---------------------------------------------------------------- when to bypass autograd / the dispatcher
 
 
-def program_for(key: str) -> Program:
-    """The compiled program behind an op key (keys are what the custom ops carry)."""
-    return _PROGRAMS[key]
+def direct_ok(*tensors: torch.Tensor) -> bool:
+    """True when calling the launcher directly is indistinguishable from the custom op: not tracing
+    (checked first: dynamo folds it to a constant), plain CUDA tensors, no gradient to record, and no torch
+    function or dispatch mode that expects to see the op."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(type(t) is torch.Tensor and t.is_cuda for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
 
 
-# Plans of unpacked calls (the fast path of swr() and SwrOp, and the custom ops' CUDA bodies), keyed by
-# _plan_key: the inputs' geometry plus the op key (SwrOp, custom ops) or swr()'s own arguments.
-_PLANS: fastpath.Plans[tuple, launch.ForwardPlan] = fastpath.Plans(1024)
-_BACKWARD_PLANS: fastpath.Plans[tuple, launch.BackwardPlan] = fastpath.Plans(1024)
+def eager_ok() -> bool:
+    """True when an autograd.Function may stand in for the custom ops (not tracing, no torch mode)."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
 
 
-def _plan_key(a: torch.Tensor, x: torch.Tensor, extra: Hashable) -> tuple:
-    """Everything the input checks and a forward plan read from a and x (shapes, strides, dtypes, devices,
-    whether both bases are 16-byte aligned), plus ``extra``: what else the call's result depends on."""
-    return (x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype, x.device, a.device,
-            launch.aligned(x, a), extra)  # fmt: skip
+# ---------------------------------------------------------------- one call's computation
 
 
-def _forward_plan(plan_key: tuple, key: str, a: torch.Tensor, x: torch.Tensor) -> launch.ForwardPlan:
-    """The cached plan of an unpacked forward call of op ``key``, made (tuned program included) on a miss."""
-    plan = _PLANS.get(plan_key)
-    if plan is None:
-        generation = fastpath.token()
-        program = fastpath.resolve(_PROGRAMS[key], x.device, tuple(x.shape), "fwd")
-        plan = _PLANS.put(plan_key, launch.forward_plan(program, a, x), generation)
-    return plan
+@dataclass(frozen=True)
+class Call:
+    """What a call computes besides its tensors: the kernel set (None on the CPU), the window, the output
+    dtype, packed sequences, the initial state's positions (and phases, when the host knows them)."""
+
+    ks: KernelSet | None
+    window_blocks: int
+    block_len: int
+    out_dtype: torch.dtype
+    seqs: launch.Sequences | None = None
+    pos: torch.Tensor | None = None
+    phases: tuple[int, ...] | None = None
+    want_state: bool = False
+
+    def state_args(self, data: torch.Tensor | None) -> launch.StateArgs | None:
+        if data is None:
+            return None
+        return launch.StateArgs(data=data, pos=self.pos, phases=self.phases)
+
+    def host_positions(self, n: int) -> list[int]:
+        """The initial positions on the host (CPU paths; zeros without a state)."""
+        return [0] * n if self.pos is None else self.pos.tolist()
 
 
-def _cuda_forward(a: torch.Tensor, x: torch.Tensor, key: str, cu_seqlens: torch.Tensor | None,
-                  state: torch.Tensor | None, phase: int) -> torch.Tensor:  # fmt: skip
-    """The generated forward: the custom op's CUDA body, and the inference path's with cu_seqlens or state."""
-    if cu_seqlens is None and state is None:
-        return _forward_plan(_plan_key(a, x, key), key, a, x).run(a, x)
-    program = fastpath.resolve(_PROGRAMS[key], x.device, tuple(x.shape), "fwd")
-    packed = None if cu_seqlens is None else launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
-    return launch.forward(program, a, x, packed=packed, state=state, phase=phase)
+def _spans(call: Call, length: int) -> list[tuple[int, int]]:
+    return [(0, length)] if call.seqs is None else list(itertools.pairwise(call.seqs.starts))
 
 
-def _cuda_backward(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, key: str,
-                   cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    if cu_seqlens is None:
-        plan_key = (_plan_key(a, x, key), dy.shape, dy.stride(), dy.dtype, launch.aligned(dy))
-        plan = _BACKWARD_PLANS.get(plan_key)
-        if plan is None:
-            generation = fastpath.token()
-            program = fastpath.resolve(_PROGRAMS[key], x.device, tuple(x.shape), "bwd")
-            plan = _BACKWARD_PLANS.put(plan_key, launch.backward_plan(program, a, x, dy), generation)
-        return plan.run(a, x, dy)
-    program = fastpath.resolve(_PROGRAMS[key], x.device, tuple(x.shape), "bwd")
-    packed = launch.pack_sequences(program, cu_seqlens.tolist(), x.device)
-    return launch.backward(program, a, x, dy, packed=packed)
+def _forward(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tensor | None):
+    """(y, new state data or None, new positions or None)."""
+    if x.is_cuda:
+        return launch.forward(call.ks, a, x, seqs=call.seqs, state=call.state_args(data), want_state=call.want_state)
+    k, bl = call.window_blocks, call.block_len
+    if data is None and not call.want_state:
+        if call.seqs is None:
+            return swr_tiled_forward(a, x, k, bl).to(call.out_dtype), None, None
+        ys = [swr_tiled_forward(a[..., s:e], x[..., s:e], k, bl) for s, e in _spans(call, x.shape[-1]) if e > s]
+        return torch.cat(ys or [x.new_empty(x.shape)], dim=-1).to(call.out_dtype), None, None
+    ys, outs = [], []
+    n = x.shape[0] if call.seqs is None else call.seqs.count
+    pos = call.host_positions(n)
+    for i, (s, e) in enumerate(_spans(call, x.shape[-1])):
+        if call.seqs is None:  # the whole dense batch at once
+            y, out = swr_tiled_forward_state(a, x, k, bl, data, pos)
+        else:
+            y, out = swr_tiled_forward_state(a[..., s:e], x[..., s:e], k, bl, None if data is None else data[i : i + 1],
+                                             [pos[i]])  # fmt: skip
+        ys.append(y)
+        outs.append(out)
+    y = torch.cat(ys, dim=-1).to(call.out_dtype)
+    if not call.want_state:
+        return y, None, None
+    lengths = torch.tensor([x.shape[-1]] * n if call.seqs is None else call.seqs.lengths, dtype=torch.int64)
+    base = call.pos if call.pos is not None else torch.zeros(n, dtype=torch.int64)
+    # A new state keeps the old one's dtype; a fresh one of float64 inputs is float64 (exact), else float32.
+    dtype = data.dtype if data is not None else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return y, torch.cat(outs).to(dtype), base + lengths
 
 
-# ---------------------------------------------------------------- custom ops
+def _backward(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tensor | None, dy: torch.Tensor,
+              d_data_out: torch.Tensor | None, want_d_state: bool):  # fmt: skip
+    """(da, dx, d_state or None)."""
+    if x.is_cuda:
+        dx, da, d_state = launch.backward(call.ks, a, x, dy, seqs=call.seqs, state=call.state_args(data),
+                                          d_state_out=d_data_out, want_d_state=want_d_state and data is not None)  # fmt: skip
+        return da, dx, d_state
+    k, bl = call.window_blocks, call.block_len
+    stateful = data is not None or d_data_out is not None
+    dxs, das, dds = [], [], []
+    n = x.shape[0] if call.seqs is None else call.seqs.count
+    pos = call.host_positions(n)
+    for i, (s, e) in enumerate(_spans(call, x.shape[-1])):
+        if call.seqs is None:
+            sl, rows = slice(None), slice(None)
+        else:
+            sl, rows = slice(s, e), slice(i, i + 1)
+        a_, x_, dy_ = a[..., sl], x[..., sl], dy[..., sl]
+        if not stateful:
+            if x_.shape[-1] == 0:  # an empty packed sequence
+                continue
+            dx_, da_ = swr_tiled_backward(a_, x_, dy_, k, bl)
+        else:
+            d = None if data is None else data[rows]
+            do = None if d_data_out is None else d_data_out[rows]
+            dx_, da_, dd = swr_tiled_backward_state(a_, x_, dy_, k, bl, d, pos if call.seqs is None else [pos[i]], do)
+            dds.append(dd)
+        dxs.append(dx_)
+        das.append(da_)
+    dx = torch.cat(dxs or [torch.zeros_like(x)], dim=-1).to(x.dtype)
+    da = torch.cat(das or [torch.zeros_like(a)], dim=-1).to(a.dtype)
+    d_state = torch.cat(dds).to(data.dtype) if (want_d_state and data is not None) else None
+    return da, dx, d_state
+
+
+def _grad_dy(dy: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The upstream gradient as the kernels take it: the output dtype, unit stride along L."""
+    if dy is None:
+        return torch.zeros_like(like, dtype=dtype)
+    dy = dy.to(dtype)
+    return dy if dy.stride(-1) == 1 else dy.contiguous()
+
+
+def _grad_state(d: torch.Tensor | None) -> torch.Tensor | None:
+    return None if d is None else d.to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------- eager autograd
+
+
+class _SwrFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, x, data, call: Call):
+        y, data_out, pos_out = _forward(call, a, x, data)
+        ctx.save_for_backward(a, x, data)
+        ctx.call = call
+        ctx.set_materialize_grads(False)
+        if pos_out is not None:
+            ctx.mark_non_differentiable(pos_out)
+        return y, data_out, pos_out
+
+    @staticmethod
+    def backward(ctx, dy, d_data_out, _d_pos):
+        a, x, data = ctx.saved_tensors
+        call: Call = ctx.call
+        dy = _grad_dy(dy, x, call.out_dtype)
+        d_data_out = _grad_state(d_data_out) if x.is_cuda else d_data_out
+        da, dx, d_state = _backward(call, a, x, data, dy, d_data_out, ctx.needs_input_grad[2])
+        return da, dx, d_state, None
+
+
+# ---------------------------------------------------------------- custom ops (torch.compile, torch modes)
+
+_EMPTY = (0,)
+
+
+def _op_call(key: str, k: int, bl: int, out_dtype: torch.dtype, x: torch.Tensor, pos, cu_seqlens,
+             want_state: bool) -> Call:  # fmt: skip
+    seqs = None if cu_seqlens is None else launch.Sequences(cu_seqlens.tolist())
+    return Call(REGISTRY.get(key) if x.is_cuda else None, k, bl, out_dtype, seqs, pos, None, want_state)
 
 
 @torch.library.custom_op("swrgen::swr_fwd", mutates_args=())
-def _swr_fwd(a: torch.Tensor, x: torch.Tensor, window_blocks: int, block_len: int, key: str, out_dtype: torch.dtype,
-             cu_seqlens: torch.Tensor | None = None, state: torch.Tensor | None = None,
-             phase: int = 0) -> torch.Tensor:  # fmt: skip
-    """cu_seqlens: int64 CPU [S+1] (packed sequences of a [1, H, DH, T] buffer); state: packed SwrState."""
-    if x.is_cuda:
-        return _cuda_forward(a, x, key, cu_seqlens, state, phase)
-    if cu_seqlens is not None:
-        from swrgen.ops.swr.varlen import swr_varlen_reference
-
-        y = swr_varlen_reference(a, x, cu_seqlens, window_blocks, block_len)
-    elif state is not None:
-        from swrgen.ops.swr.state import swr_with_state
-
-        y, _ = swr_with_state(a, x, window_blocks, block_len, _unpack_state(state, phase, window_blocks, block_len))
-    else:
-        y = swr_reference(a, x, window_blocks=window_blocks, block_len=block_len)
-    # Contiguous like the fake below (the reference returns a strided slice when BL does not divide L).
-    return y.to(out_dtype).contiguous()
+def _swr_fwd(a: torch.Tensor, x: torch.Tensor, state: torch.Tensor | None, pos: torch.Tensor | None,
+             cu_seqlens: torch.Tensor | None, window_blocks: int, block_len: int, key: str, out_dtype: torch.dtype,
+             want_state: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """cu_seqlens: int64 CPU [S+1]; state / pos: the initial state's data and positions. Returns (y, new state
+    data, new positions), the last two empty without ``want_state``."""
+    call = _op_call(key, window_blocks, block_len, out_dtype, x, pos, cu_seqlens, want_state)
+    y, data_out, pos_out = _forward(call, a, x, state)
+    if data_out is None:
+        return y, x.new_empty(_EMPTY, dtype=torch.float32), x.new_empty(_EMPTY, dtype=torch.int64)
+    return y, data_out, pos_out
 
 
 @_swr_fwd.register_fake
-def _(a, x, window_blocks, block_len, key, out_dtype, cu_seqlens=None, state=None, phase=0):
-    return x.new_empty(x.shape, dtype=out_dtype)
-
-
-def _unpack_state(packed: torch.Tensor, pos: int, window_blocks: int, block_len: int):
-    """SwrState from the kernel layout [..., 2 + 2(k-1)] = (w, g, v.., P..)."""
-    from swrgen.ops.swr.state import SwrState
-
-    return SwrState.from_packed(packed, pos, block_len)
+def _(a, x, state, pos, cu_seqlens, window_blocks, block_len, key, out_dtype, want_state):
+    y = x.new_empty(x.shape, dtype=out_dtype)
+    if not want_state:
+        return y, x.new_empty(_EMPTY, dtype=torch.float32), x.new_empty(_EMPTY, dtype=torch.int64)
+    n = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if x.is_cuda:
+        dtype = torch.float32
+    else:
+        dtype = state.dtype if state is not None else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    data = x.new_empty((n, x.shape[1], x.shape[2], state_width(window_blocks)), dtype=dtype)
+    return y, data, x.new_empty((n,), dtype=torch.int64)
 
 
 @torch.library.custom_op("swrgen::swr_bwd", mutates_args=())
-def _swr_bwd(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, window_blocks: int, block_len: int, key: str,
-             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    if x.is_cuda:
-        return _cuda_backward(a, x, dy, key, cu_seqlens)
-    # A custom op runs below autograd (enable_grad records nothing here), so the CPU backward is the
-    # closed-form float64 mirror of the kernel's math, per packed sequence.
-    if cu_seqlens is None:
-        dx, da = swr_tiled_backward(a, x, dy, window_blocks, block_len)
-    else:
-        bounds = cu_seqlens.tolist()
-        parts = [swr_tiled_backward(a[..., s:e], x[..., s:e], dy[..., s:e], window_blocks, block_len)
-                 for s, e in itertools.pairwise(bounds)]  # fmt: skip
-        dx, da = torch.cat([p[0] for p in parts], dim=-1), torch.cat([p[1] for p in parts], dim=-1)
-    return dx.to(x.dtype).contiguous(), da.to(a.dtype).contiguous()
+def _swr_bwd(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, state: torch.Tensor | None, pos: torch.Tensor | None,
+             cu_seqlens: torch.Tensor | None, d_state_out: torch.Tensor | None, window_blocks: int, block_len: int,
+             key: str, want_d_state: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    call = _op_call(key, window_blocks, block_len, dy.dtype, x, pos, cu_seqlens, False)
+    da, dx, d_state = _backward(call, a, x, state, dy, d_state_out, want_d_state)
+    return da, dx, (d_state if d_state is not None else x.new_empty(_EMPTY, dtype=torch.float32))
 
 
 @_swr_bwd.register_fake
-def _(a, x, dy, window_blocks, block_len, key, cu_seqlens=None):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(a, memory_format=torch.contiguous_format))  # fmt: skip
+def _(a, x, dy, state, pos, cu_seqlens, d_state_out, window_blocks, block_len, key, want_d_state):
+    d_state = torch.empty_like(state) if (want_d_state and state is not None) else x.new_empty(_EMPTY)
+    return (torch.empty_like(a, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format), d_state)  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    a, x, window_blocks, block_len, key, out_dtype, cu_seqlens, state, _phase = inputs
-    ctx.save_for_backward(a, x, cu_seqlens)
-    ctx.window_blocks, ctx.block_len, ctx.key, ctx.out_dtype = window_blocks, block_len, key, out_dtype
-    ctx.streaming = state is not None
+    a, x, state, pos, cu_seqlens, k, bl, key, out_dtype, want_state = inputs
+    ctx.save_for_backward(a, x, state, pos, cu_seqlens)
+    ctx.k, ctx.bl, ctx.key, ctx.out_dtype, ctx.want_state = k, bl, key, out_dtype, want_state
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy: torch.Tensor):
-    a, x, cu_seqlens = ctx.saved_tensors
-    if ctx.streaming:
-        raise RuntimeError("swrgen.swr with initial_state is for inference and has no backward; detach its inputs")
-    # Upstream gradients may be expanded (stride 0) or of another dtype; the kernel needs unit stride along L.
-    dy = dy.to(ctx.out_dtype)
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
-    dx, da = _swr_bwd(a, x, dy, ctx.window_blocks, ctx.block_len, ctx.key, cu_seqlens)
-    return da, dx, None, None, None, None, None, None, None
+def _op_backward(ctx, dy, d_data_out, _d_pos):
+    a, x, state, pos, cu_seqlens = ctx.saved_tensors
+    dy = _grad_dy(dy, x, ctx.out_dtype)
+    if not ctx.want_state or (d_data_out is not None and d_data_out.numel() == 0):
+        d_data_out = None
+    elif x.is_cuda:
+        d_data_out = _grad_state(d_data_out)
+    want = state is not None and ctx.needs_input_grad[2]
+    da, dx, d_state = _swr_bwd(a, x, dy, state, pos, cu_seqlens, d_data_out, ctx.k, ctx.bl, ctx.key, want)
+    return da, dx, (d_state if want else None), None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("swrgen::swr_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("swrgen::swr_fwd", _op_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- input checks
 
 
-def _check_tensors(a: torch.Tensor, x: torch.Tensor) -> None:
+def check_tensors(a: object, x: object) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(a, torch.Tensor):
         raise TypeError(f"swr(a, x) takes tensors; got a={type(a).__name__}, x={type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"x must be [B, H, DH, L] (4 dims); got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be [B, H, DH, L] (4 dims); got shape {list(x.shape)}")
     batch, heads, head_dim, length = x.shape
     per_head, per_channel = (batch, heads, length), (batch, heads, head_dim, length)
     if tuple(a.shape) not in (per_head, per_channel):
@@ -198,172 +295,226 @@ def _check_tensors(a: torch.Tensor, x: torch.Tensor) -> None:
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
         if t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(
-                f"{name} must have unit stride along L (the last dim); got strides {t.stride()}. "
-                f"Call .contiguous() first."
-            )
+            raise ValueError(f"{name} must have unit stride along L (the last dim); got strides {t.stride()}. "
+                             "Call .contiguous() first.")  # fmt: skip
 
 
-def _check_against_spec(spec: Spec, a: torch.Tensor, x: torch.Tensor) -> None:
+def check_window(window_blocks: object, block_len: object) -> tuple[int, int]:
+    """The window arguments as ints >= 1 (a bool or float is a mistake, not a number of tiles)."""
+    for name, v in (("window_blocks", window_blocks), ("block_len", block_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {v!r} ({type(v).__name__})")
+    return window_blocks, block_len  # type: ignore[return-value]
+
+
+def check_against_spec(spec: Spec, a: torch.Tensor, x: torch.Tensor) -> None:
+    """The tensors fit the spec's recurrence (head_dim and gate layout always; dtypes on CUDA)."""
     r = spec.recurrence
-    want = {"x": (x, r.input_dtype), "a": (a, r.gate_dtype)}
-    for name, (t, dtype) in want.items():
-        if t.dtype != constants.torch_dtype(dtype):
-            raise TypeError(
-                f"{name} has dtype {t.dtype} but spec {spec.name!r} takes {constants.torch_dtype(dtype)} "
-                f"(recurrence.dtypes.{'input' if name == 'x' else 'gate'})"
-            )
     if x.shape[2] != r.head_dim:
         raise ValueError(f"x has head_dim {x.shape[2]} (dim 2) but spec {spec.name!r} has head_dim {r.head_dim}")
     layout = "per_channel" if a.dim() == 4 else "per_head"
     if layout != r.gate_layout:
         raise ValueError(f"a has {layout} gates (shape {list(a.shape)}) but spec {spec.name!r} has {r.gate_layout}")
+    if not x.is_cuda:
+        return
+    for name, t, dtype, field in (("x", x, r.input_dtype, "input"), ("a", a, r.gate_dtype, "gate")):
+        if t.dtype != constants.torch_dtype(dtype):
+            raise TypeError(f"{name} has dtype {t.dtype} but spec {spec.name!r} takes {constants.torch_dtype(dtype)} "
+                            f"(recurrence.dtypes.{field})")  # fmt: skip
+
+
+def check_out_dtype(out_dtype: object, x: torch.Tensor) -> None:
+    if out_dtype is None:
+        return
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating torch dtype; got {out_dtype!r}")
+    if x.is_cuda and out_dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"out_dtype={out_dtype}: the CUDA kernels write torch.float32 or the input dtype ({x.dtype})")
+
+
+def packed_sequences(cu_seqlens: object, shape: tuple[int, ...], total: int, device: torch.device) -> launch.Sequences:
+    """Checked ``cu_seqlens`` of a packed batch (batch 1 of ``shape``, ``total`` tokens) as host offsets: one
+    device read for a tensor on the inputs' device; a CPU tensor or a list costs none."""
+    if shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the sequences are packed along the tokens in batch 1; got shape {list(shape)}")
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}; allowed: the "
+                         "inputs' device or the CPU")  # fmt: skip
+    return launch.Sequences(check_cu_seqlens(cu_seqlens, total).tolist())
+
+
+def check_state(state: object, n: int, x: torch.Tensor, k: int, bl: int, what: str = "initial_state") -> SwrState:
+    if not isinstance(state, SwrState):
+        raise TypeError(f"{what} must be a swrgen SwrState; got {type(state).__name__}")
+    state.check(n, x.shape[1], x.shape[2], k, bl)
+    if state.device != x.device:
+        raise ValueError(f"{what} is on {state.device} but the inputs are on {x.device}")
+    return state
+
+
+# ---------------------------------------------------------------- running a checked call
+
+
+def _state_data(state: SwrState, x: torch.Tensor) -> torch.Tensor:
+    """The state as the computation takes it: float32 contiguous for the kernels, as it is on the CPU."""
+    return state.packed() if x.is_cuda else state.data
+
+
+def run(ks: KernelSet | str | None, a: torch.Tensor, x: torch.Tensor, k: int, bl: int, out_dtype: torch.dtype,
+        seqs: launch.Sequences | None, state: SwrState | None, return_state: bool):  # fmt: skip
+    """A checked call: autograd, the custom ops or a direct launch; ``(y, new state)`` with ``return_state``.
+
+    ks: the kernel set (CUDA), its key only (while torch.compile traces), or None (CPU)."""
+    data = None if state is None else _state_data(state, x)
+    phases = None
+    if state is not None and state.host_pos is not None:
+        phases = tuple(p % bl for p in state.host_pos)
+    call = Call(ks, k, bl, out_dtype, seqs, None if state is None else state.pos, phases, return_state)
+    tensors = (a, x) if data is None else (a, x, data)
+    if eager_ok():
+        if not any(t.requires_grad for t in tensors) or not torch.is_grad_enabled():
+            y, data_out, pos_out = _forward(call, a, x, data)
+        else:
+            y, data_out, pos_out = _SwrFunction.apply(a, x, data, call)
+    else:
+        cu = None if seqs is None else torch.tensor(seqs.starts, dtype=torch.int64)
+        key = ks if isinstance(ks, str) else ("" if ks is None else ks.key)
+        y, data_out, pos_out = _swr_fwd(a, x, data, call.pos, cu, k, bl, key, out_dtype, return_state)
+    if not return_state:
+        return y
+    host = None
+    if state is None or state.host_pos is not None:
+        start = (0,) * (x.shape[0] if seqs is None else seqs.count) if state is None else state.host_pos
+        lengths = [x.shape[-1]] * len(start) if seqs is None else seqs.lengths
+        host = tuple(p + n for p, n in zip(start, lengths, strict=True))
+    return y, SwrState(data_out, pos_out, bl, host)
+
+
+class ForwardCall:
+    """A validated inference call: the plan to launch and the output dtype (``REGISTRY.calls`` keeps these)."""
+
+    __slots__ = ("dtype", "plan")
+
+    def __init__(self, plan, dtype: torch.dtype) -> None:
+        self.plan, self.dtype = plan, dtype
+
+    def run(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # empty_like: about half the host time of torch.empty(shape, ...) (no shape argument to parse).
+        y = torch.empty_like(x, dtype=self.dtype, memory_format=torch.contiguous_format)
+        self.plan.launch(x.data_ptr(), a.data_ptr(), y.data_ptr())
+        return y
+
+
+def _call_key(a: torch.Tensor, x: torch.Tensor, extra: tuple) -> tuple:
+    """Everything the checks and the plan read from a call: geometry, device, alignment, ``extra`` arguments."""
+    return (x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype, x.get_device(), launch.aligned(x, a), *extra)
+
+
+def _remember(key: tuple, ks: KernelSet, a: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Run a checked dense inference call and remember it under ``key`` (while plans may be kept)."""
+    if x.numel() == 0:
+        return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+    call = ForwardCall(launch.forward_plan(ks, a, x), out_dtype)
+    if ks.caching:
+        REGISTRY.calls.put(key, call)
+    return call.run(a, x)
 
 
 # ---------------------------------------------------------------- public API
 
 
 class SwrOp:
-    """The compiled SWR for one spec: ``op(a, x) -> y``, differentiable."""
+    """The compiled SWR of one spec: ``op(a, x) -> y``, differentiable (see :func:`swrgen.swr`)."""
 
-    def __init__(self, program: Program) -> None:
-        self.program = program
-        self.key = _register(program)
+    def __init__(self, kernels: KernelSet) -> None:
+        self.kernels = kernels
 
     @property
     def spec(self) -> Spec:
-        return self.program.spec
+        return self.kernels.spec
 
     @property
     def source(self) -> str:
-        return self.program.source
+        return self.kernels.program.source
 
-    def __call__(self, a: torch.Tensor, x: torch.Tensor, *, cu_seqlens=None, initial_state=None,
+    @property
+    def key(self) -> str:
+        return self.kernels.key
+
+    def __call__(self, a: torch.Tensor, x: torch.Tensor, *, cu_seqlens=None, initial_state: SwrState | None = None,
                  return_state: bool = False):  # fmt: skip
         """y = SWR(a, x); see ``swrgen.swr`` for cu_seqlens, initial_state and return_state."""
-        plan_key = None
-        if cu_seqlens is None and initial_state is None and not return_state and _direct_ok(a, x):
-            plan_key = _plan_key(a, x, self)  # self: only calls checked against this op's spec share its plans
-            plan = _PLANS.get(plan_key)
-            if plan is not None:  # inputs like these passed the checks below
-                return plan.run(a, x)
-        _check_tensors(a, x)
+        key = None
+        if cu_seqlens is None and initial_state is None and not return_state and direct_ok(a, x):
+            key = _call_key(a, x, ("op", self.kernels.key))
+            hit = REGISTRY.calls.get(key)
+            if hit is not None:  # inputs like these passed the checks below
+                return hit.run(a, x)
+        check_tensors(a, x)
         r = self.spec.recurrence
+        check_against_spec(self.spec, a, x)
         if x.is_cuda:
-            _check_against_spec(self.spec, a, x)
             out_dtype = constants.torch_dtype(r.output_dtype)
-        else:  # CPU: the reference, any floating dtype; output as the spec says, float64 stays float64
+        else:  # CPU: any floating dtype; output as the spec says, float64 stays float64
             out_dtype = x.dtype if (x.dtype == torch.float64 or r.output_dtype != "fp32") else torch.float32
-        if plan_key is not None:
-            return _forward_plan(plan_key, self.key, a, x).run(a, x)
-        return _run(a, x, r.window_blocks, r.block_len, self.key, out_dtype, cu_seqlens, initial_state, return_state)
+        if key is not None:
+            return _remember(key, self.kernels, a, x, out_dtype)
+        return _checked(self.kernels if x.is_cuda else None, a, x, r.window_blocks, r.block_len, out_dtype,
+                        cu_seqlens, initial_state, return_state)  # fmt: skip
 
     def __repr__(self) -> str:
         return f"SwrOp(spec={self.spec.name!r}, window_blocks={self.spec.recurrence.window_blocks})"
 
 
-_OPS: dict[str, SwrOp] = {}
+def _checked(ks, a, x, k, bl, out_dtype, cu_seqlens, initial_state, return_state):
+    """Shared tail of ``swr`` and ``SwrOp.__call__``: packed sequences and streaming state, checked."""
+    seqs = None if cu_seqlens is None else packed_sequences(cu_seqlens, tuple(x.shape), x.shape[-1], x.device)
+    state = None
+    if initial_state is not None:
+        n = x.shape[0] if seqs is None else seqs.count
+        state = check_state(initial_state, n, x, k, bl)
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state must be True or False; got {return_state!r}")
+    return run(ks, a, x, k, bl, out_dtype, seqs, state, return_state)
 
 
 def load(path_or_spec: Spec | str | Path) -> SwrOp:
     """The compiled op for a Spec, a spec YAML file, or a ``swrgen build`` output folder."""
     if isinstance(path_or_spec, Spec):
-        spec, program = path_or_spec, None
-    else:
-        path = Path(path_or_spec)
-        if path.is_dir():
-            from swrgen.build import load_generated
+        return SwrOp(REGISTRY.spec(path_or_spec))
+    path = Path(path_or_spec)
+    if path.is_dir():
+        from swrgen.build import load_generated
 
-            program = load_generated(path)
-            spec = program.spec
-        elif path.is_file():
-            spec, program = load_spec(path), None
-        else:
-            raise FileNotFoundError(f"no spec file or generated folder at {path}")
-    digest = spec.digest() if program is None else _register(program)
-    if digest not in _OPS:
-        _OPS[digest] = SwrOp(program or Program(spec))
-    return _OPS[digest]
+        folder = load_generated(path)
+        return SwrOp(REGISTRY.add(folder if isinstance(folder, Program) else Program.from_generated(folder)))
+    if path.is_file():
+        return SwrOp(REGISTRY.spec(load_spec(path)))
+    raise FileNotFoundError(f"no spec file or generated folder at {path}")
 
 
-_DEFAULT_KEYS: dict[tuple, str] = {}
-
-
-@torch.compiler.assume_constant_result
-def _default_key(head_dim: int, per_channel: bool, x_dtype: torch.dtype, a_dtype: torch.dtype, window_blocks: int,
-                 block_len: int, out_dtype: torch.dtype, fused_gating: bool = False) -> str:  # fmt: skip
-    """Op key of the default spec for these inputs: a constant to torch.compile, memoized for eager calls
-    (building and hashing a spec costs more than a small launch). The memo is a plain dict: dynamo
-    would trace into a functools.cache wrapper instead of treating the result as constant.
-    ``fused_gating``: the spec with the fused Phalanx kernels (``swrgen.phalanx_gating``)."""
-    # The types too: window_blocks=True must not be served the key of window_blocks=1 (the spec rejects bools).
-    args = (head_dim, per_channel, x_dtype, a_dtype, window_blocks, block_len, out_dtype, fused_gating,
-            type(window_blocks), type(block_len))  # fmt: skip
-    if (key := _DEFAULT_KEYS.get(args)) is not None:
-        return key
-    spec = default_spec(
-        head_dim=head_dim, block_len=block_len, window_blocks=window_blocks,
-        gate_layout="per_channel" if per_channel else "per_head",
+def default_kernels(head_dim: int, per_channel: bool, x_dtype: torch.dtype, a_dtype: torch.dtype, k: int, bl: int,
+                    out_dtype: torch.dtype, fused_gating: bool = False) -> KernelSet:  # fmt: skip
+    """The kernel set of the default spec for these inputs (``fused_gating``: with the Phalanx kernels)."""
+    return REGISTRY.default(
+        head_dim=head_dim, block_len=bl, window_blocks=k, gate_layout="per_channel" if per_channel else "per_head",
         input_dtype=constants.dtype_name(x_dtype), gate_dtype=constants.dtype_name(a_dtype),
         output_dtype=constants.dtype_name(out_dtype), fused_gating=fused_gating,
     )  # fmt: skip
-    key = _DEFAULT_KEYS[args] = load(spec).key
-    return key
 
 
-def _check_cu_seqlens(cu_seqlens, x: torch.Tensor) -> torch.Tensor:
-    from swrgen.ops.swr.varlen import check_cu_seqlens
-
-    if x.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens, x must be the packed sequences as batch 1, [1, H, DH, T]; got {x.shape}")
-    cu = torch.as_tensor(cu_seqlens).detach().to("cpu", torch.int64)  # host copy: the launch sizes its grid from it
-    check_cu_seqlens(cu, x.shape[-1])
-    return cu
+def default_key(*args) -> str:
+    """:func:`default_kernels`' key: a constant to torch.compile (``_dynamo_marked_constant`` is what
+    ``torch.compiler.assume_constant_result`` sets; set here so importing swrgen imports no dynamo)."""
+    return default_kernels(*args).key
 
 
-def _run(a, x, k: int, bl: int, key: str, out_dtype: torch.dtype, cu_seqlens, initial_state, return_state: bool):
-    """Shared tail of ``swr`` and ``SwrOp.__call__``: packed sequences and streaming state."""
-    cu = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, x)
-    packed_state, phase = None, 0
-    if initial_state is not None:
-        if cu is not None:
-            raise ValueError("initial_state with cu_seqlens is not supported: stream each sequence as a batch entry")
-        _check_state(initial_state, x, k, bl)
-        if not x.is_cuda:  # the reference continuation keeps a float64 state exact
-            from swrgen.ops.swr.state import swr_with_state
-
-            y, new_state = swr_with_state(a, x, k, bl, initial_state)
-            y = y.to(out_dtype).contiguous()
-            return (y, new_state) if return_state else y
-        packed_state = initial_state.packed().to(dtype=torch.float32).contiguous()
-        phase = initial_state.pos % bl
-    if _direct_ok(a, x) and cu is None:  # inference fast path: same kernel, no dispatcher round trip
-        y = _cuda_forward(a, x, key, None, packed_state, phase)
-    else:
-        y = _swr_fwd(a, x, k, bl, key, out_dtype, cu, packed_state, phase)
-    if not return_state:
-        return y
-    if cu is not None:
-        raise ValueError("return_state with cu_seqlens is not supported: stream each sequence as a batch entry")
-    from swrgen.ops.swr.state import final_state
-
-    return y, final_state(a.detach(), x.detach(), k, bl, initial_state)
-
-
-def _check_state(state, x: torch.Tensor, k: int, bl: int) -> None:
-    from swrgen.ops.swr.state import SwrState
-
-    if not isinstance(state, SwrState):
-        raise TypeError(f"initial_state must be a swrgen SwrState; got {type(state).__name__}")
-    batch, heads, head_dim, _ = x.shape
-    state.check(batch, heads, head_dim, k, bl)
-    if state.device != x.device:
-        raise ValueError(f"initial_state is on {state.device} but the inputs are on {x.device}")
+default_key._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, block_len: int | None = None,
         spec: Spec | str | Path | None = None, out_dtype: torch.dtype | None = None, cu_seqlens=None,
-        initial_state=None, return_state: bool = False):  # fmt: skip
+        initial_state: SwrState | None = None, return_state: bool = False):  # fmt: skip
     """Sliding Window Recurrence over the jagged window of ``window_blocks`` tiles of ``block_len`` tokens.
 
     a: gates [B, H, L] (per head) or [B, H, DH, L] (per channel); x: inputs [B, H, DH, L].
@@ -371,44 +522,45 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
     With ``spec`` (a Spec, YAML path or generated folder) the kernel is that spec's; the keyword
     arguments, if given, must agree with it.
 
-    cu_seqlens: int [S+1] offsets of sequences packed in a [1, H, DH, T] buffer; tiles align to each
-    sequence's start and nothing crosses a boundary (forward and backward).
-    initial_state / return_state: streaming inference (``swrgen.ops.swr.state.SwrState``): continue
-    from the state after ``state.pos`` tokens, and return ``(y, new_state)``. No backward.
+    cu_seqlens: int [S+1] offsets (CPU, or on the inputs' device) of sequences packed in a [1, H, DH, T]
+    buffer; tiles align to each sequence's start and nothing crosses a boundary.
+    initial_state: continue every sequence (batch entry, or packed sequence) after its ``pos`` tokens;
+    return_state: also return the state after the call, ``(y, new_state)``. Both are differentiable:
+    ``y1, s = swr(a1, x1, return_state=True); y2 = swr(a2, x2, initial_state=s)`` trains like one pass.
     """
-    plan_key = None
-    if spec is None and cu_seqlens is None and initial_state is None and not return_state and _direct_ok(a, x):
+    key = None
+    if spec is None and cu_seqlens is None and initial_state is None and not return_state and direct_ok(a, x):
         # The scalar arguments' types too: window_blocks=True must not be served the plan of window_blocks=1.
-        args = (window_blocks, block_len, out_dtype, type(window_blocks), type(block_len))
-        plan_key = _plan_key(a, x, args)
-        plan = _PLANS.get(plan_key)
-        if plan is not None:  # inputs and arguments like these passed the checks below
-            return plan.run(a, x)
-    _check_tensors(a, x)
+        key = _call_key(a, x, ("swr", window_blocks, block_len, out_dtype, type(window_blocks), type(block_len)))
+        hit = REGISTRY.calls.get(key)
+        if hit is not None:  # inputs and arguments like these passed the checks below
+            return hit.run(a, x)
+    check_tensors(a, x)
     if spec is not None:
         op = load(spec)
         r = op.spec.recurrence
-        for name, given, have in (
-            ("window_blocks", window_blocks, r.window_blocks),
-            ("block_len", block_len, r.block_len),
-        ):
+        for name, given, have in (("window_blocks", window_blocks, r.window_blocks), ("block_len", block_len,
+                                                                                     r.block_len)):  # fmt: skip
             if given is not None and given != have:
-                raise ValueError(f"{name}={given} disagrees with spec {op.spec.name!r} ({name}={have})")
+                raise ValueError(f"{name}={given!r} disagrees with spec {op.spec.name!r} ({name}={have})")
+        check_out_dtype(out_dtype, x)
         if out_dtype is not None and constants.dtype_name(out_dtype) != r.output_dtype:
             raise ValueError(f"out_dtype={out_dtype} disagrees with spec {op.spec.name!r} (output {r.output_dtype})")
         return op(a, x, cu_seqlens=cu_seqlens, initial_state=initial_state, return_state=return_state)
-    k = DEFAULT_WINDOW_BLOCKS if window_blocks is None else window_blocks
-    bl = DEFAULT_BLOCK_LEN if block_len is None else block_len
+    k, bl = check_window(DEFAULT_WINDOW_BLOCKS if window_blocks is None else window_blocks,
+                         DEFAULT_BLOCK_LEN if block_len is None else block_len)  # fmt: skip
+    check_out_dtype(out_dtype, x)
     if not x.is_cuda:
-        if not (isinstance(k, int) and k >= 1 and isinstance(bl, int) and bl >= 1):
-            raise ValueError(f"window_blocks and block_len must be integers >= 1; got {k}, {bl}")
         if out_dtype is None:
             out_dtype = x.dtype if x.dtype == torch.float64 else torch.float32
-        return _run(a, x, k, bl, "", out_dtype, cu_seqlens, initial_state, return_state)
+        return _checked(None, a, x, k, bl, out_dtype, cu_seqlens, initial_state, return_state)
     if x.dtype == torch.float64:
         raise TypeError("float64 runs on the CPU only; the CUDA kernels take bfloat16, float16 or float32 inputs")
     out_dtype = torch.float32 if out_dtype is None else out_dtype
-    key = _default_key(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
-    if plan_key is not None:  # an inference call that passed the checks: remember its plan
-        return _forward_plan(plan_key, key, a, x).run(a, x)
-    return _run(a, x, k, bl, key, out_dtype, cu_seqlens, initial_state, return_state)
+    if torch.compiler.is_compiling():  # the traced graph needs only the kernel set's key (a constant)
+        ks = default_key(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
+    else:
+        ks = default_kernels(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
+    if key is not None:  # an inference call that passed the checks: remember its plan
+        return _remember(key, ks, a, x, out_dtype)
+    return _checked(ks, a, x, k, bl, out_dtype, cu_seqlens, initial_state, return_state)

@@ -57,9 +57,10 @@ def swr_reference(a: torch.Tensor, x: torch.Tensor, window_blocks: int = 2, bloc
     Returns float64 ``[B, H, DH, L]``.
     """
     check_swr_args(a, x, window_blocks, block_len)
-    k, BL = int(window_blocks), int(block_len)
+    BL = int(block_len)
     L = x.shape[-1]
     nt = -(-L // BL)
+    k = min(int(window_blocks), nt)  # a window longer than the sequence sees all of it
     a4 = gates_as_4d(a).to(torch.float64)
     u = x.to(torch.float64)
     # Left pad (k-1) tiles of u = 0 so windows of the first tiles start from a zero state (the gate value

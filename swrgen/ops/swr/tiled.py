@@ -97,9 +97,10 @@ def swr_tiled_forward(
     Each chunk of tiles [c0, c1) recomputes the carriers of its k-1 halo tiles [c0-k+1, c0) itself.
     """
     check_swr_args(a, x, window_blocks, block_len)
-    k, BL = int(window_blocks), int(block_len)
+    BL = int(block_len)
     L = x.shape[-1]
     nt = -(-L // BL)
+    k = min(int(window_blocks), nt)  # a window longer than the sequence sees all of it
     a_t = _to_tiles(gates_as_4d(a), BL, nt, 1.0)
     u_t = _to_tiles(x, BL, nt, 0.0)
     ys = []
@@ -140,9 +141,10 @@ def swr_tiled_backward(
     check_swr_args(a, x, window_blocks, block_len)
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    k, BL = int(window_blocks), int(block_len)
+    BL = int(block_len)
     L = x.shape[-1]
     nt = -(-L // BL)
+    k = min(int(window_blocks), nt)  # a window longer than the sequence sees all of it
     per_head = a.dim() == 3
     a_t = _to_tiles(gates_as_4d(a), BL, nt, 1.0)
     u_t = _to_tiles(x, BL, nt, 0.0)
@@ -198,3 +200,210 @@ def swr_tiled_backward(
     dx = dx.reshape(*dx.shape[:-2], nt * BL)[..., :L]
     da = da.reshape(*da.shape[:-2], nt * BL)[..., :L]
     return dx, (da.squeeze(2) if per_head else da)
+
+
+# ---------------------------------------------------------------- with a streaming state
+#
+# The kernels continue a sequence from a state (docs/algorithms.md, "State in and out"): in virtual
+# coordinates the chunk's tokens sit at positions [ph, ph + L) of its tiles (ph = pos % BL), the state's
+# partial tile enters as a virtual token at ph - 1 (u = w0, a = g0; earlier positions u = 0, a = 1), and its
+# carriers are those of the k-1 tiles before tile 0. The backward takes the gradient of the new state as
+# *injections* into the tiles it was read from, and returns the gradient of the old one: the virtual token's
+# dx, da, and the carriers' gradients by the reverse carriers of tiles -1 .. -(k-1). These functions mirror
+# that math per sequence, in float64, so the CPU tests check it against autograd of the reference.
+
+
+def _virtual_tiles(t: torch.Tensor, ph: int, nt: int, BL: int, fill: float) -> torch.Tensor:
+    """[..., L] -> float64 [..., nt, BL] with the tokens at virtual positions [ph, ph + L), ``fill`` elsewhere."""
+    t = t.to(torch.float64)
+    t = F.pad(t, (ph, nt * BL - ph - t.shape[-1]), value=fill)
+    return t.reshape(*t.shape[:-1], nt, BL)
+
+
+def _state_parts(data: torch.Tensor, k: int):
+    """(w0, g0, v [.., k-1], P [.., k-1]) newest first, float64."""
+    d = data.to(torch.float64)
+    return d[..., 0], d[..., 1], d[..., 2 : 2 + k - 1], d[..., 2 + k - 1 :]
+
+
+def _extended(a: torch.Tensor, x: torch.Tensor, ph: int, k: int, BL: int, data: torch.Tensor | None):
+    """Virtual-coordinate tiles of one sequence: (a_v [H, DH, nt, BL], u_v, hi, nt), the state's virtual token in."""
+    L = x.shape[-1]
+    hi = ph + L
+    nt = -(-hi // BL)
+    a4 = (a.unsqueeze(-2) if a.dim() == 2 else a).expand(*x.shape[:-1], L)  # per-head gates over the channels
+    a_v = _virtual_tiles(a4, ph, nt, BL, 1.0)
+    u_v = _virtual_tiles(x, ph, nt, BL, 0.0)
+    if data is not None and ph > 0:  # the virtual token at ph - 1 carries the partial tile's (w0, g0)
+        w0, g0, _, _ = _state_parts(data, k)
+        u_v = u_v.clone()
+        a_v = a_v.clone()
+        u_v[..., 0, ph - 1] = w0
+        a_v[..., 0, ph - 1] = g0
+    return a_v, u_v, hi, nt
+
+
+def _carriers_with_state(v: torch.Tensor, P: torch.Tensor, k: int, data: torch.Tensor | None):
+    """Oldest-first carriers of tiles -(k-1) .. nt-1 (tile m at index m + k - 1)."""
+    if data is None:
+        zv = torch.zeros((*v.shape[:-1], k - 1), dtype=torch.float64)
+        return torch.cat([zv, v], dim=-1), torch.cat([zv, P], dim=-1)
+    _, _, sv, sp = _state_parts(data, k)
+    return torch.cat([sv.flip(-1), v], dim=-1), torch.cat([sp.flip(-1), P], dim=-1)
+
+
+def _carry(v_ext: torch.Tensor, p_ext: torch.Tensor, k: int, nt: int) -> torch.Tensor:
+    """C_j for j = 0..nt-1 by Horner over the k-1 carriers before each tile."""
+    C = torch.zeros((*v_ext.shape[:-1], nt), dtype=torch.float64)
+    for p in range(k - 1, 0, -1):
+        C = v_ext[..., k - 1 - p : k - 1 - p + nt] + p_ext[..., k - 1 - p : k - 1 - p + nt] * C
+    return C
+
+
+def swr_tiled_forward_state(a: torch.Tensor, x: torch.Tensor, window_blocks: int, block_len: int,
+                            data: torch.Tensor | None, pos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Forward of a chunk continuing each batch entry b from ``data[b]`` after ``pos[b]`` tokens.
+
+    Returns float64 (y [B, H, DH, L], new state data [B, H, DH, 2 + 2(k-1)]).
+    """
+    k, BL = int(window_blocks), int(block_len)
+    ys, outs = [], []
+    for b in range(x.shape[0]):
+        ph = pos[b] % BL
+        d = None if data is None else data[b]
+        a_v, u_v, hi, nt = _extended(a[b], x[b], ph, k, BL, d)
+        w, g = _local_forward(a_v, u_v)
+        v_ext, p_ext = _carriers_with_state(w[..., -1], g[..., -1], k, d)
+        y = w + g * _carry(v_ext, p_ext, k, nt).unsqueeze(-1)
+        ys.append(y.reshape(*y.shape[:-2], nt * BL)[..., ph:hi])
+        n_full, ph_out = divmod(hi, BL)
+        # The partial tile's pushed carrier is (w, g) at hi - 1: the padding past hi has u = 0, a = 1.
+        w_o = w[..., n_full, BL - 1] if ph_out else torch.zeros(w.shape[:-2], dtype=torch.float64)
+        g_o = g[..., n_full, BL - 1] if ph_out else torch.ones(w.shape[:-2], dtype=torch.float64)
+        idx = [n_full - i + k - 1 for i in range(1, k)]  # tiles n_full-1 .. n_full-k+1, newest first
+        parts = [w_o.unsqueeze(-1), g_o.unsqueeze(-1)] + [v_ext[..., i : i + 1] for i in idx]
+        parts += [p_ext[..., i : i + 1] for i in idx]
+        outs.append(torch.cat(parts, dim=-1))
+    return torch.stack(ys), torch.stack(outs)
+
+
+def swr_tiled_backward_state(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, window_blocks: int,
+                             block_len: int, data: torch.Tensor | None, pos: list[int],
+                             d_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Closed-form gradients of :func:`swr_tiled_forward_state` as the kernels compute them.
+
+    ``d_out``: gradient of the new state's data (None: zero). Returns float64 (dx, da shaped like x, a, and
+    the gradient of ``data`` [B, H, DH, 2 + 2(k-1)]; zero where ``data`` is None).
+    """
+    k, BL = int(window_blocks), int(block_len)
+    per_head = a.dim() == 3
+    dxs, das, dds = [], [], []
+    for b in range(x.shape[0]):
+        ph = pos[b] % BL
+        d = None if data is None else data[b]
+        a_v, u_v, hi, nt = _extended(a[b], x[b], ph, k, BL, d)
+        pos_v = torch.arange(nt * BL).reshape(nt, BL)
+        dy_v = _virtual_tiles(dy[b], ph, nt, BL, 0.0)
+        ga = torch.where(pos_v < hi, a_v, 0.0)  # nothing flows back from past the end
+        w, g = _local_forward(a_v, u_v)
+        v_ext, p_ext = _carriers_with_state(w[..., -1], g[..., -1], k, d)
+        wx = F.pad(w[..., :-1], (1, 0), value=0.0)
+        gx = F.pad(g[..., :-1], (1, 0), value=1.0)
+        a_next = torch.cat([ga[..., 1:, 0], torch.zeros_like(ga[..., :1, 0])], dim=-1)  # [.., nt]
+        # Reverse local scans (gates 0 past hi) and the injection suffix products gsx (gates 1 past hi).
+        r_cols, G_cols, X_cols = [dy_v[..., BL - 1]], [a_next], [torch.ones_like(a_next)]
+        for s in range(BL - 2, -1, -1):
+            r_cols.append(dy_v[..., s] + ga[..., s + 1] * r_cols[-1])
+            G_cols.append(ga[..., s + 1] * G_cols[-1])
+            X_cols.append(a_v[..., s + 1] * X_cols[-1])
+        r = torch.stack(r_cols[::-1], dim=-1)
+        Gp = torch.stack(G_cols[::-1], dim=-1)
+        gsx = torch.stack(X_cols[::-1], dim=-1)
+        rho, Q = r[..., 0], Gp[..., 0]  # [.., nt]
+        R = [r]
+        D = torch.zeros_like(rho)
+        for _m in range(1, k):
+            D = _shift_tiles(rho, -1) + _shift_tiles(Q, -1) * _shift_tiles(D, -1)
+            R.append(r + Gp * D.unsqueeze(-1))
+        # Injections of the new state's gradient into the tiles it was read from.
+        inj_v = torch.zeros_like(rho)
+        inj_p = torch.zeros_like(rho)
+        n_full, ph_out = divmod(hi, BL)
+        d_in = torch.zeros((*x.shape[1:3], 2 + 2 * (k - 1)), dtype=torch.float64)
+        if d_out is not None:
+            do = d_out[b].to(torch.float64)
+            if ph_out:
+                inj_v[..., nt - 1] += do[..., 0]
+                inj_p[..., nt - 1] += do[..., 1]
+            for i in range(1, k):
+                t = n_full - i
+                if t >= 0:
+                    inj_v[..., t] += do[..., 1 + i]
+                    inj_p[..., t] += do[..., k + i]
+                else:  # the old state's carrier -t, passed through
+                    d_in[..., 1 - t] += do[..., 1 + i]
+                    d_in[..., k - t] += do[..., k + i]
+        full = R[k - 1] + gsx * inj_v.unsqueeze(-1)
+        acc = torch.zeros_like(full)
+        for q in range(1, k):  # c_q(j) = (prod_{m<q} P_{j-m}) v_{j-q}, with the state's carriers before 0
+            c = v_ext[..., k - 1 - q : k - 1 - q + nt]  # tile j - q sits at index j - q + k - 1
+            for m in range(1, q):
+                c = c * p_ext[..., k - 1 - m : k - 1 - m + nt]
+            acc = acc + c.unsqueeze(-1) * R[k - 1 - q]
+        dav = wx * full + gx * (acc + gsx * inj_p.unsqueeze(-1))
+        if d is not None:
+            if ph > 0:  # the virtual token: the partial tile's (w0, g0)
+                d_in[..., 0] += full[..., 0, ph - 1]
+                d_in[..., 1] += dav[..., 0, ph - 1]
+            a0 = ga[..., 0, 0] if nt else torch.zeros(x.shape[1:3], dtype=torch.float64)  # empty: nothing after
+            d_in += _virtual_tile_grads(d, k, rho, Q, a0)
+        dx = full.reshape(*full.shape[:-2], nt * BL)[..., ph:hi]
+        da = dav.reshape(*dav.shape[:-2], nt * BL)[..., ph:hi]
+        dxs.append(dx)
+        das.append(da.sum(dim=1) if per_head else da)
+        dds.append(d_in)
+    return torch.stack(dxs), torch.stack(das), torch.stack(dds)
+
+
+def _virtual_tile_grads(data: torch.Tensor, k: int, rho: torch.Tensor, Q: torch.Tensor,
+                        a0: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Gradient of the old state's carriers: tiles -1 .. -(k-1) as virtual tiles whose last token is (v, P).
+
+    rho, Q: the chunk's reverse carriers [.., nt]; a0: the gate at virtual position 0 of tile 0 (the first
+    gate after tile -1; 0 when the chunk is empty). A virtual tile has dy = 0 (rho = 0), Q = P * a_next.
+    """
+    _, _, sv, sp = _state_parts(data, k)
+    out = torch.zeros((*data.shape[:-1], 2 + 2 * (k - 1)), dtype=torch.float64)
+    nt = rho.shape[-1]
+
+    def tile(t: int):  # (rho_t, Q_t) for t >= -(k-1)
+        if t >= 0:
+            z = torch.zeros_like(a0)
+            return (rho[..., t], Q[..., t]) if t < nt else (z, z)
+        an = a0 if t == -1 else torch.ones_like(a0)
+        return torch.zeros_like(a0), sp[..., -t - 1] * an
+
+    def carrier(t: int):  # (v_t, P_t) of a tile before the chunk; 0 before tile -(k-1)
+        if t < -(k - 1):
+            z = torch.zeros_like(a0)
+            return z, z
+        return sv[..., -t - 1], sp[..., -t - 1]
+
+    for p in range(1, k):
+        t = -p
+        an = a0 if p == 1 else torch.ones_like(a0)
+        Dm = [torch.zeros_like(a0)]
+        prod = torch.ones_like(a0)
+        for i in range(1, k):
+            r_i, q_i = tile(t + i)
+            Dm.append(Dm[-1] + prod * r_i)
+            prod = prod * q_i
+        out[..., 1 + p] += an * Dm[k - 1]
+        fprod = torch.ones_like(a0)
+        dP = torch.zeros_like(a0)
+        for q in range(1, k):
+            vq, pq = carrier(t - q)
+            dP = dP + fprod * vq * an * Dm[k - 1 - q]
+            fprod = fprod * pq
+        out[..., k + p] += dP
+    return out
