@@ -12,6 +12,9 @@ Optional packages are imported inside the makers, so this module imports on any 
 * ``flex_swa``: FlexAttention sliding-window causal attention (window 512) at model width D = H*16,
   head dim 64 (D/64 heads), bf16 [B, heads, L, 64].
 * ``sdpa``: ``scaled_dot_product_attention`` causal, same layout.
+
+:class:`Attention` is the attention *layer* the layer and model benchmarks put beside Phalanx: QKV projection,
+SDPA causal or FlexAttention sliding-window attention, output projection.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-HEAD_DIM = 16
+from bench import common
+
+HEAD_DIM = common.HEAD_DIM
 DEVICE = "cuda"  # the suite's device; CPU smoke tests set "cpu"
 ATTN_HEAD_DIM = 64
 SWA_WINDOW = 512
@@ -128,11 +134,8 @@ def _grad_fn(out: torch.Tensor, leaves: list[torch.Tensor], seed: int = 7) -> Ca
 
 def swr_inputs(batch: int, heads: int, length: int, dtype: torch.dtype = torch.bfloat16,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Gates U(0.5, 1) [B, H, L] and x ~ N(0, 1) [B, H, 16, L], as the generated-kernel benchmark uses."""
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    x = torch.randn(batch, heads, HEAD_DIM, length, device=DEVICE, generator=g).to(dtype)
-    a = (0.5 + 0.5 * torch.rand(batch, heads, length, device=DEVICE, generator=g)).to(dtype)
-    return a, x
+    """Gates U(0.5, 1) [B, H, L] and x ~ N(0, 1) [B, H, 16, L] on DEVICE, as the generated-kernel benchmark uses."""
+    return common.swr_inputs(batch, heads, length, dtype, seed, DEVICE)
 
 
 def make_torch_fp32(batch: int, heads: int, length: int, *, k: int = 2, compiled: bool = False,
@@ -272,3 +275,35 @@ MAKERS: dict[str, tuple[Callable[..., Case], bool]] = {
     "flex_swa512": (make_flex_swa, False),
     "torch_fp32_compile": (make_torch_fp32_compiled, False),
 }
+
+
+# ------------------------------------------------------------------ the attention layer
+
+
+class Attention(nn.Module):
+    """``Linear(D, 3D)`` -> causal attention, head dim 64 -> ``Linear(D, D)``: SDPA over the whole prefix
+    (``window=None``) or FlexAttention over the last ``window`` tokens (its block mask built for ``length``)."""
+
+    def __init__(self, dim: int, window: int | None, length: int) -> None:
+        super().__init__()
+        self.heads = dim // ATTN_HEAD_DIM
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.window = window
+        if window is not None:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def swa(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+            self.mask = create_block_mask(swa, None, None, length, length, device="cuda")
+            self.flex = torch.compile(flex_attention, dynamic=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, dim = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.heads, ATTN_HEAD_DIM).permute(2, 0, 3, 1, 4)
+        if self.window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            o = self.flex(q, k, v, block_mask=self.mask)
+        return self.out(o.transpose(1, 2).reshape(b, length, dim))

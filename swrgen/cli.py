@@ -276,13 +276,13 @@ def tune(
                                 "help_option_names": []})  # fmt: skip
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Run the benchmark suite on the GPU (bench/suite.py; `swrgen bench -h` lists its options)."""
+    """Run the benchmark suite on the GPU (bench/run.py; `swrgen bench -h` lists its options)."""
     root = Path(__file__).resolve().parents[1]
-    if not (root / "bench" / "suite.py").is_file():
-        raise click.ClickException(f"bench/suite.py not found under {root}: the suite runs from a source checkout")
+    if not (root / "bench" / "run.py").is_file():
+        raise click.ClickException(f"bench/run.py not found under {root}: the suite runs from a source checkout")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from bench import suite
+    from bench import run as suite
 
     code = suite.main(list(args))
     if code:

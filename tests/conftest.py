@@ -25,7 +25,7 @@ SPEC_PATHS = sorted(SPECS_DIR.glob("*.yaml"))
 def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The cubin cache directory every test in this session compiles into."""
     path = tmp_path_factory.mktemp("swrgen-cache")
-    seed = os.environ.get("SWRGEN_TEST_CACHE_SEED")  # e.g. a cache warmed by bench/warm_cache.py (device runs)
+    seed = os.environ.get("SWRGEN_TEST_CACHE_SEED")  # e.g. warmed by bench/tools/warm_cache.py
     if seed:
         shutil.copytree(seed, path, dirs_exist_ok=True)  # entries are keyed by source and NVRTC version
     with pytest.MonkeyPatch.context() as mp:

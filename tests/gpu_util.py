@@ -115,7 +115,7 @@ def fused_spec_for(k=2, bl=16, dtype="bf16", **target):
 
 
 def all_gpu_test_specs():
-    """Every spec the GPU tests compile (bench/warm_cache.py pre-builds their cubins)."""
+    """Every spec the GPU tests compile (bench/tools/warm_cache.py pre-builds their cubins)."""
     base = [spec_for(k=k) for k in (1, 2, 3)]
     specs = base + [spec_for(**kw) for kw in FWD_VARIANTS + BWD_VARIANTS]
     specs += [b.replace_target(**kw) for b in base for kw in TUNING]

@@ -569,7 +569,7 @@ def synthetic_results() -> dict:
 
 def test_plot_writes_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from bench import plot
+    from bench.tools import plot
 
     src = tmp_path / "results.json"
     src.write_text(json.dumps(synthetic_results()))
@@ -579,24 +579,24 @@ def test_plot_writes_png(tmp_path: Path) -> None:
 
 
 def test_suite_table_and_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bench import suite
+    from bench import run
 
     res = synthetic_results()
-    text = suite.table(res)
+    text = run.table(res)
     assert "sdpa_causal" in text and "fla.ops.hgrn not importable" in text
     assert "0.250" in text  # gen/alt fwd ratio at 2048: 0.05 / 0.2
     src = tmp_path / "r.json"
     src.write_text(json.dumps(res))
-    md = tmp_path / "RESULTS.md"
-    md.write_text("# Benchmark results\n")
-    monkeypatch.setattr(suite, "RESULTS_MD", md)
-    assert suite.main(["--record-from", str(src)]) == 0
+    md = tmp_path / "log.md"
+    md.write_text("# Benchmark log\n")
+    monkeypatch.setattr(run, "RESULTS_MD", md)
+    assert run.main(["--record-from", str(src)]) == 0
     body = md.read_text()
     assert "## Suite run — 2026-11-25, Fake GPU" in body and "```" in body
 
 
 def test_ab_labels_keep_same_named_folders_apart() -> None:
-    from bench.ab import program_labels
+    from bench.tools.ab import program_labels
 
     assert program_labels(["specs/hopper_k2.yaml", ".baseline/old/hopper_k2"]) == ["specs/hopper_k2", "old/hopper_k2"]
     assert program_labels(["specs/a.yaml", "b/c"]) == ["a", "c"]

@@ -1,0 +1,1 @@
+"""Model-level benchmarks: training throughput of a hybrid language model."""

@@ -1,0 +1,1 @@
+"""Kernel-level benchmarks: the plain SWR kernels, the fused Phalanx kernels, the host cost per call."""

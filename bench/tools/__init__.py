@@ -1,0 +1,1 @@
+"""Kernel-engineer tools: A/B of template changes, variant folders, plots, profiling and sanitizer drivers."""

@@ -1,0 +1,100 @@
+"""A/B-time kernels of several generated folders or spec files in one run (GPU).
+
+    python bench/tools/ab.py OLD_DIR NEW_DIR [MORE ...] [--shapes 4,64,8192 ...] [--rounds 5]
+
+For a template change: ``swrgen build --no-compile -o .baseline specs/x.yaml`` before the change keeps
+the old source (a generated folder loads its own source); after it, compare that folder with the spec.
+Programs of one recurrence get the same inputs, must give bitwise-identical y, dx and da (a template
+change that alters results is a bug, not a speedup), and are timed interleaved over ``--rounds`` rounds
+so clock and thermal drift hit them alike. Reported: the median over rounds of each do_bench median,
+with % of the copy-bandwidth floor (bytes: ``bench.common.swr_bytes``) and the ratio to the first of its
+group. ``bench/tools/variant.py`` makes folders with other knobs or template constants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+
+from bench import common
+
+DEFAULT_SHAPES = ["8,64,2048", "4,64,8192", "1,64,32768"]
+
+
+def program_labels(paths: list[str]) -> list[str]:
+    """One distinct label per program: its file or folder name, with the parent folder's name for names
+    that repeat (old/hopper_k2 and new/hopper_k2 are folders of one spec). Times are kept per label."""
+    names = [Path(p).name.removesuffix(".yaml") for p in paths]
+    labels = [f"{Path(p).parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names, strict=True)]
+    if len(set(labels)) < len(labels):
+        raise SystemExit(f"two programs share a label: {labels}; give each its own folder")
+    return labels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench/tools/ab.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("programs", nargs="+", help="generated folders (swrgen build) or spec YAML files")
+    ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,H,L (head_dim from the spec)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median counts)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.require_cuda("bench/tools/ab.py")
+    import swrgen
+    from swrgen import constants
+    from swrgen.ops.swr import launch
+    from swrgen.tune.search import random_inputs
+
+    labels = program_labels(args.programs)
+    ops = [(label, swrgen.load(p)) for label, p in zip(labels, args.programs, strict=True)]
+    groups: dict[object, list] = {}
+    for label, op in ops:
+        groups.setdefault(op.spec.recurrence, []).append((label, op.program))
+    bw = common.copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.3f} TB/s  torch {torch.__version__}  rounds {args.rounds}")
+    for rec, members in groups.items():
+        for text in args.shapes:
+            b, h, length = (int(v) for v in text.split(","))
+            shape = (b, h, rec.head_dim, length)
+            spec = members[0][1].spec
+            a, x = random_inputs(spec, shape, seed=7, device=torch.device("cuda"))
+            out_dtype = constants.torch_dtype(rec.output_dtype)
+            dy = torch.randn(shape, device="cuda").to(out_dtype)
+            first = None
+            for label, prog in members:
+                got = (launch.forward(prog, a, x, poison=float("nan")),
+                       *launch.backward(prog, a, x, dy, poison=float("nan")))  # fmt: skip
+                if first is None:
+                    first = got
+                elif not all(torch.equal(u, v) for u, v in zip(got, first, strict=True)):
+                    raise SystemExit(f"{label} differs from {members[0][0]} at {shape}: not a pure speed change")
+            times: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in members}
+            for _ in range(args.rounds):
+                for label, prog in members:
+                    f = common.bench_ms(lambda p=prog, a=a, x=x: launch.forward(p, a, x))
+                    bk = common.bench_ms(lambda p=prog, a=a, x=x, dy=dy: launch.backward(p, a, x, dy))
+                    times[label].append((f, bk))
+            fb, bb = common.swr_bytes(x, a, out_dtype.itemsize)
+            base = None
+            for label, _ in members:
+                f = statistics.median(t[0] for t in times[label])
+                bk = statistics.median(t[1] for t in times[label])
+                base = base or (f, bk)
+                print(f"{label:28s} k={rec.window_blocks} out={rec.output_dtype} B,H,L={text:>12s}: "
+                      f"fwd {f:.4f} ms {100 * fb / bw / f / 1e-3:3.0f}% ({f / base[0]:.3f}x)  "
+                      f"bwd {bk:.4f} ms {100 * bb / bw / bk / 1e-3:3.0f}% ({bk / base[1]:.3f}x)  identical",
+                      flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
