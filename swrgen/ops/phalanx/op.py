@@ -59,18 +59,18 @@ def _gated(P: torch.Tensor, call: Call):
     return sa, sb, pc, pv, a, u
 
 
-def _forward(call: Call, P: torch.Tensor, data: torch.Tensor | None):
+def forward_call(call: Call, P: torch.Tensor, data: torch.Tensor | None):
     """(Z, new state data or None, new positions or None)."""
     if P.is_cuda:
         return launch.forward(call.ks, P, call.layout, call.decay_max, seqs=call.seqs, state=call.state_args(data),
                               want_state=call.want_state)  # fmt: skip
     _, _, pc, pv, a, u = _gated(P, call)
-    y, data_out, pos_out = swr_op._forward(call.swr_call(call.want_state), a, u, data)
+    y, data_out, pos_out = swr_op.forward_call(call.swr_call(call.want_state), a, u, data)
     Z = y.permute(0, 3, 1, 2) * pc + pv
     return Z.reshape(*P.shape[:-1], call.layout.inner).to(P.dtype), data_out, pos_out
 
 
-def _backward(call: Call, P: torch.Tensor, dZ: torch.Tensor, data: torch.Tensor | None,
+def backward_call(call: Call, P: torch.Tensor, dZ: torch.Tensor, data: torch.Tensor | None,
               d_data_out: torch.Tensor | None, want_d_state: bool):  # fmt: skip
     """(dP, d_state or None)."""
     if P.is_cuda:
@@ -80,10 +80,10 @@ def _backward(call: Call, P: torch.Tensor, dZ: torch.Tensor, data: torch.Tensor 
     layout, dm = call.layout, call.decay_max
     batch, length = P.shape[:2]
     sa, sb, pc, pv, a, u = _gated(P, call)
-    y, _, _ = swr_op._forward(call.swr_call(False), a, u, data)
+    y, _, _ = swr_op.forward_call(call.swr_call(False), a, u, data)
     dz = dZ.to(torch.float64).reshape(batch, length, layout.heads, layout.head_dim)
     dy = (dz * pc).permute(0, 2, 3, 1)
-    da, du, d_state = swr_op._backward(call.swr_call(False), a, u, data, dy, d_data_out, want_d_state)
+    da, du, d_state = swr_op.backward_call(call.swr_call(False), a, u, data, dy, d_data_out, want_d_state)
     du = du.permute(0, 3, 1, 2)  # [B, L, H, DH]
     dpa = da.transpose(1, 2) * dm * sa * (1 - sa)
     dpb = du * pv * sb * (1 - sb)
@@ -103,7 +103,7 @@ def _backward(call: Call, P: torch.Tensor, dZ: torch.Tensor, data: torch.Tensor 
 class _PhalanxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, data, call: Call):
-        Z, data_out, pos_out = _forward(call, P, data)
+        Z, data_out, pos_out = forward_call(call, P, data)
         ctx.save_for_backward(P, data)
         ctx.call = call
         ctx.set_materialize_grads(False)
@@ -116,7 +116,7 @@ class _PhalanxFunction(torch.autograd.Function):
         P, data = ctx.saved_tensors
         dZ = swr_op._grad_dy(dZ, P.new_empty((*P.shape[:-1], ctx.call.layout.inner)), P.dtype)
         d_data_out = swr_op._grad_state(d_data_out) if P.is_cuda else d_data_out
-        dP, d_state = _backward(ctx.call, P, dZ, data, d_data_out, ctx.needs_input_grad[1])
+        dP, d_state = backward_call(ctx.call, P, dZ, data, d_data_out, ctx.needs_input_grad[1])
         return dP, d_state, None
 
 
@@ -136,7 +136,7 @@ def _phalanx_fwd(P: torch.Tensor, state: torch.Tensor | None, pos: torch.Tensor 
                  heads: int, kv_heads: int, head_dim: int, window_blocks: int, block_len: int, decay_max: float,
                  key: str, want_state: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     call = _op_call(key, P, heads, kv_heads, head_dim, window_blocks, block_len, decay_max, pos, cu_seqlens, want_state)
-    Z, data_out, pos_out = _forward(call, P, state)
+    Z, data_out, pos_out = forward_call(call, P, state)
     if data_out is None:
         return Z, P.new_empty(_EMPTY, dtype=torch.float32), P.new_empty(_EMPTY, dtype=torch.int64)
     return Z, data_out, pos_out
@@ -162,7 +162,7 @@ def _phalanx_bwd(P: torch.Tensor, dZ: torch.Tensor, state: torch.Tensor | None, 
                  head_dim: int, window_blocks: int, block_len: int, decay_max: float, key: str,
                  want_d_state: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     call = _op_call(key, P, heads, kv_heads, head_dim, window_blocks, block_len, decay_max, pos, cu_seqlens, False)
-    dP, d_state = _backward(call, P, dZ, state, d_state_out, want_d_state)
+    dP, d_state = backward_call(call, P, dZ, state, d_state_out, want_d_state)
     return dP, (d_state if d_state is not None else P.new_empty(_EMPTY, dtype=torch.float32))
 
 
@@ -315,7 +315,7 @@ def run(ks: KernelSet | str | None, P: torch.Tensor, layout: GatingLayout, k: in
         if needs_grad:
             Z, data_out, pos_out = _PhalanxFunction.apply(P, data, call)
         else:
-            Z, data_out, pos_out = _forward(call, P, data)
+            Z, data_out, pos_out = forward_call(call, P, data)
     else:
         cu = None if seqs is None else torch.tensor(seqs.starts, dtype=torch.int64)
         key = ks if isinstance(ks, str) else ("" if ks is None else ks.key)

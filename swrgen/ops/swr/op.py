@@ -5,7 +5,7 @@ tile scans and carriers of ``tiled.py``: same semantics, any floating dtype, the
 streaming and decode paths). Gradients reach ``a``, ``x`` and the initial state, and flow back from the
 returned state, so chunked training with a state handed over trains exactly like one pass.
 
-Three ways in, one computation (``_forward`` / ``_backward``):
+Three ways in, one computation (``forward_call`` / ``backward_call``, no autograd):
 
 - inference calls (no gradient to record, not tracing, no torch mode) launch directly; one that repeats
   a geometry and arguments hits ``REGISTRY.calls`` and skips every check (small calls are launch-bound);
@@ -96,7 +96,7 @@ def _spans(call: Call, length: int) -> list[tuple[int, int]]:
     return [(0, length)] if call.seqs is None else list(itertools.pairwise(call.seqs.starts))
 
 
-def _forward(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tensor | None):
+def forward_call(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tensor | None):
     """(y, new state data or None, new positions or None)."""
     if x.is_cuda:
         return launch.forward(call.ks, a, x, seqs=call.seqs, state=call.state_args(data), want_state=call.want_state)
@@ -127,7 +127,7 @@ def _forward(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tensor | 
     return y, torch.cat(outs).to(dtype), base + lengths
 
 
-def _backward(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tensor | None, dy: torch.Tensor,
+def backward_call(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tensor | None, dy: torch.Tensor,
               d_data_out: torch.Tensor | None, want_d_state: bool):  # fmt: skip
     """(da, dx, d_state or None)."""
     if x.is_cuda:
@@ -180,7 +180,7 @@ def _grad_state(d: torch.Tensor | None) -> torch.Tensor | None:
 class _SwrFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, x, data, call: Call):
-        y, data_out, pos_out = _forward(call, a, x, data)
+        y, data_out, pos_out = forward_call(call, a, x, data)
         ctx.save_for_backward(a, x, data)
         ctx.call = call
         ctx.set_materialize_grads(False)
@@ -194,7 +194,7 @@ class _SwrFunction(torch.autograd.Function):
         call: Call = ctx.call
         dy = _grad_dy(dy, x, call.out_dtype)
         d_data_out = _grad_state(d_data_out) if x.is_cuda else d_data_out
-        da, dx, d_state = _backward(call, a, x, data, dy, d_data_out, ctx.needs_input_grad[2])
+        da, dx, d_state = backward_call(call, a, x, data, dy, d_data_out, ctx.needs_input_grad[2])
         return da, dx, d_state, None
 
 
@@ -216,7 +216,7 @@ def _swr_fwd(a: torch.Tensor, x: torch.Tensor, state: torch.Tensor | None, pos: 
     """cu_seqlens: int64 CPU [S+1]; state / pos: the initial state's data and positions. Returns (y, new state
     data, new positions), the last two empty without ``want_state``."""
     call = _op_call(key, window_blocks, block_len, out_dtype, x, pos, cu_seqlens, want_state)
-    y, data_out, pos_out = _forward(call, a, x, state)
+    y, data_out, pos_out = forward_call(call, a, x, state)
     if data_out is None:
         return y, x.new_empty(_EMPTY, dtype=torch.float32), x.new_empty(_EMPTY, dtype=torch.int64)
     return y, data_out, pos_out
@@ -241,7 +241,7 @@ def _swr_bwd(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, state: torch.Te
              cu_seqlens: torch.Tensor | None, d_state_out: torch.Tensor | None, window_blocks: int, block_len: int,
              key: str, want_d_state: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     call = _op_call(key, window_blocks, block_len, dy.dtype, x, pos, cu_seqlens, False)
-    da, dx, d_state = _backward(call, a, x, state, dy, d_state_out, want_d_state)
+    da, dx, d_state = backward_call(call, a, x, state, dy, d_state_out, want_d_state)
     return da, dx, (d_state if d_state is not None else x.new_empty(_EMPTY, dtype=torch.float32))
 
 
@@ -373,7 +373,7 @@ def run(ks: KernelSet | str | None, a: torch.Tensor, x: torch.Tensor, k: int, bl
     tensors = (a, x) if data is None else (a, x, data)
     if eager_ok():
         if not any(t.requires_grad for t in tensors) or not torch.is_grad_enabled():
-            y, data_out, pos_out = _forward(call, a, x, data)
+            y, data_out, pos_out = forward_call(call, a, x, data)
         else:
             y, data_out, pos_out = _SwrFunction.apply(a, x, data, call)
     else:
