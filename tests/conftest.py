@@ -4,7 +4,8 @@
   session fixture before the first test runs and inherited by subprocesses), so tests never read a stale
   entry from, or write into, the user's ``~/.cache/swrgen``. ``$SWRGEN_TEST_CACHE_SEED`` names a cache to
   copy in first (a GPU run with cubins built beforehand).
-* Tests marked ``gpu`` are skipped when torch sees no CUDA device (CI and developer machines have none).
+* Tests marked ``gpu`` are skipped when torch sees no CUDA device (CI and developer machines have none);
+  they live in ``tests/test_gpu_*.py`` and only there (checked at collection).
 """
 
 from __future__ import annotations
@@ -42,11 +43,20 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # One marker and one place for GPU tests: every test in tests/test_gpu_*.py is marked `gpu` (their
+    # `pytestmark`), and no other test is; a test that breaks the rule fails collection.
+    def misplaced_gpu(item: pytest.Item) -> bool:
+        return (item.get_closest_marker("gpu") is not None) != Path(str(item.fspath)).name.startswith("test_gpu_")
+
+    misplaced = [item.nodeid for item in items if misplaced_gpu(item)]
+    if misplaced:
+        raise pytest.UsageError("GPU tests (marker `gpu`) must live in tests/test_gpu_*.py, and only there: "
+                                + ", ".join(misplaced[:5]))  # fmt: skip
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 

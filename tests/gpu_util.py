@@ -8,8 +8,6 @@ import torch
 from swrgen import constants
 from swrgen.spec import SpecError, default_spec
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 GATE_KINDS = {
     "typical": (0.5, 1.0),
     "near0": (0.0, 0.05),
@@ -130,3 +128,15 @@ def all_gpu_test_specs():
     specs += bf16 + [shared(b, **kw) for b in bf16 for kw in (dict(), dict(warps_per_cta=1, min_warps_per_sm=24),
                                                               dict(tiles_in_flight=2, stages=3))]  # fmt: skip
     return specs
+
+
+def random_state(n, heads, head_dim, k, bl, positions, seed):
+    """A valid random state: random carriers, and (w, g) = (0, 1) where a sequence sits on a tile edge."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(n, heads, head_dim, 2 + 2 * (k - 1), generator=g, dtype=torch.float64)
+    data[..., 1] = 0.5 + 0.5 * data[..., 1].abs().clamp(max=1)  # gate products of moderate size
+    data[..., 2 + (k - 1) :] = 0.3 + 0.6 * torch.rand(data[..., 2 + (k - 1) :].shape, generator=g, dtype=torch.float64)
+    for i, p in enumerate(positions):
+        if p % bl == 0:
+            data[i, ..., 0], data[i, ..., 1] = 0.0, 1.0
+    return data

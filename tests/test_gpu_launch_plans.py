@@ -17,11 +17,12 @@ from swrgen.ops.phalanx.reference import phalanx_gating_reference
 from swrgen.ops.swr import launch
 from swrgen.ops.swr import op as swr_op
 from swrgen.ops.swr.reference import swr_reference
+from swrgen.runtime.registry import REGISTRY
 from swrgen.spec import default_spec
 from swrgen.tune import store
-from tests.gpu_util import make_inputs, rel_err, requires_cuda
+from tests.gpu_util import make_inputs, rel_err
 
-pytestmark = [requires_cuda, pytest.mark.gpu]
+pytestmark = pytest.mark.gpu
 
 
 def _poison_allocator(nbytes: int) -> None:
@@ -97,22 +98,19 @@ def test_tuned_store_change_takes_effect_on_the_next_call(tmp_path, monkeypatch)
     store.clear_memo()
     try:
         a, x = make_inputs(2, 4, 16, 4096, seed=2)
-        planned = []
-        real_plan = launch.forward_plan
-        monkeypatch.setattr(launch, "forward_plan", lambda p, *args: planned.append(p) or real_plan(p, *args))
         y0 = _swr(a, x)
-        _swr(a, x)
-        program = planned[-1]
-        assert program.spec.target.warps_per_cta != 8
+        _swr(a, x)  # a hit
+        ks = swr_op.default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)
+        assert launch.forward_plan(ks, a, x).threads != 8 * 32
         target = {"warps_per_cta": 8, "tiles_per_warp": 3}
-        store.save(program.spec, program.arch_for(x.device), tuple(x.shape), {"target": target})
+        store.save(ks.spec, ks.on(x.get_device()).arch, tuple(x.shape), {"target": target})
+        assert len(REGISTRY.calls) == 0  # the store told the registry: no validated call embeds a stale plan
         y1 = _swr(a, x)
-        tuned = planned[-1]
-        assert tuned is not program and tuned.spec.target.warps_per_cta == 8 and tuned.spec.target.tiles_per_warp == 3
+        plan = launch.forward_plan(ks, a, x)
+        assert plan.threads == 8 * 32 and plan.params.tiles_per_warp == 3  # the tuned variant's kernel
+        assert any(c.plan is plan for c in REGISTRY.calls.values())  # and the public call launched it
         assert torch.equal(y1, y0)  # knobs never change results
-        _swr(a, x)  # made once more: the first plan after a store change predates the store's next read
-        n = len(planned)
-        assert torch.equal(_swr(a, x), y0) and len(planned) == n  # a hit again
+        assert torch.equal(_swr(a, x), y0)
     finally:
         store.clear_memo()
 
@@ -145,17 +143,15 @@ def test_fused_tuned_store_change_takes_effect(tmp_path, monkeypatch):
     try:
         layout = GatingLayout(4, 4, 16)
         P = _projections(2, 2048, layout, seed=3)
-        planned = []
-        real_plan = fused_launch.forward_plan
-        monkeypatch.setattr(fused_launch, "forward_plan", lambda p, *args: planned.append(p) or real_plan(p, *args))
         Z0 = swrgen.phalanx_gating(P, heads=4)
-        swrgen.phalanx_gating(P, heads=4)
-        program = planned[-1]
+        ks = swr_op.default_kernels(16, False, P.dtype, P.dtype, 2, 16, P.dtype, True)
         target = {"warps_per_cta": 2, "tiles_per_warp": 3}
         # The fused kernels' bucket: (B, H, 16, L).
-        store.save(program.spec, program.arch_for(P.device), (2, 4, 16, 2048), {"target": target})
+        store.save(ks.spec, ks.on(P.get_device()).arch, (2, 4, 16, 2048), {"target": target})
         Z1 = swrgen.phalanx_gating(P, heads=4)
-        assert planned[-1].spec.target.warps_per_cta == 2 and planned[-1].spec.target.tiles_per_warp == 3
+        plan = fused_launch.forward_plan(ks, P, layout, 0.8)
+        assert plan.threads == 2 * 32 and plan.params.tiles_per_warp == 3
+        assert any(c.plan is plan for c in REGISTRY.calls.values())
         assert torch.equal(Z1, Z0)
     finally:
         store.clear_memo()
@@ -203,4 +199,3 @@ def test_fast_path_inside_cuda_graph_and_compile():
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, x: swrgen.swr(a, x) + 1, fullgraph=True)
     assert torch.equal(compiled(a, x), want + 1)
-    assert len(swr_op._PLANS) > 0

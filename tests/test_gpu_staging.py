@@ -20,13 +20,12 @@ from tests.gpu_util import (
     SHARED_KNOBS,
     make_inputs,
     rel_err,
-    requires_cuda,
     shared,
     spec_for,
     torch_dtype,
 )
 
-pytestmark = [requires_cuda, pytest.mark.gpu]
+pytestmark = pytest.mark.gpu
 
 POISON = float("nan")
 
@@ -39,11 +38,11 @@ def inputs(spec, batch, heads, length, seed):
 
 
 def forward(spec, a, x):
-    return launch.forward(swrgen.load(spec).program, a, x, poison=POISON)
+    return launch.forward(swrgen.load(spec).kernels, a, x, poison=POISON)[0]
 
 
 def backward(spec, a, x, dy):
-    return launch.backward(swrgen.load(spec).program, a, x, dy, poison=POISON)
+    return launch.backward(swrgen.load(spec).kernels, a, x, dy, poison=POISON)[:2]
 
 
 def ref_forward_backward(spec, a, x, dy):
@@ -72,7 +71,7 @@ def test_shared_staging_variants(kw, length):
     staged = shared(base)
     a, x = inputs(base, 2, 3, length, seed=length + 7)
     dy = torch.randn(x.shape, device=x.device).to(torch_dtype(base.recurrence.output_dtype))
-    vec = launch.use_vector_kernel(swrgen.load(staged).program, length, [x, a])
+    vec = launch.forward_plan(swrgen.load(staged).kernels, a, x).kernel.name.endswith("_vec")
     assert vec == (length % (base.recurrence.block_len // 2) == 0)  # else the element-wise kernel runs
     tol = 2e-3 if base.recurrence.output_dtype == "fp32" else 8e-3
     check_equal_and_reference(base, staged, a, x, dy, fwd_tol=tol)

@@ -8,9 +8,9 @@ import torch
 import swrgen
 from swrgen.ops.swr import launch
 from swrgen.ops.swr.reference import swr_reference
-from tests.gpu_util import FWD_VARIANTS, TUNING, make_inputs, rel_err, requires_cuda, spec_for
+from tests.gpu_util import FWD_VARIANTS, TUNING, make_inputs, rel_err, spec_for
 
-pytestmark = [requires_cuda, pytest.mark.gpu]
+pytestmark = pytest.mark.gpu
 
 POISON = float("nan")
 EDGE_LENGTHS = [1, 15, 16, 17, 1000, 8192, 8193, 32768, 131072]
@@ -18,7 +18,7 @@ EDGE_LENGTHS = [1, 15, 16, 17, 1000, 8192, 8193, 32768, 131072]
 
 def _forward(spec, a, x):
     op = swrgen.load(spec)
-    return launch.forward(op.program, a, x, poison=POISON)
+    return launch.forward(op.kernels, a, x, poison=POISON)[0]
 
 
 def _reference(spec, a, x):
@@ -75,13 +75,13 @@ def test_forward_identical_across_tuning(k, length):
 def test_vector_and_scalar_paths_agree():
     spec = spec_for(k=2)
     a, x = make_inputs(2, 3, 16, 4096, seed=3)
-    program = swrgen.load(spec).program
-    assert launch.use_vector_kernel(program, 4096, [x, a])
+    program = swrgen.load(spec).kernels
+    assert launch.forward_plan(program, a, x).kernel.name == "swr_fwd_vec"
     y_vec = _forward(spec, a, x)
     # Same values in row-strided storage that breaks 16-byte alignment -> scalar kernel.
     xs = torch.empty(2, 3, 16, 4096 + 1, dtype=x.dtype, device=x.device)[..., 1:]
     xs.copy_(x)
-    assert not launch.use_vector_kernel(program, 4096, [xs, a])
+    assert launch.forward_plan(program, a, xs).kernel.name == "swr_fwd_scalar"
     assert torch.equal(_forward(spec, a, xs), y_vec)
 
 

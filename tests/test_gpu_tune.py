@@ -9,9 +9,9 @@ import torch
 
 from swrgen.spec import SPECS_DIR, load_spec
 from swrgen.tune import search, space, store
-from tests.gpu_util import fused_spec_for, requires_cuda
+from tests.gpu_util import fused_spec_for
 
-pytestmark = [requires_cuda, pytest.mark.gpu]
+pytestmark = pytest.mark.gpu
 
 # Every knob pinned but two: the spec's own target plus 4 candidates (3 distinct sources: tiles_per_warp
 # is a launch parameter).

@@ -47,11 +47,16 @@ struct Params {
   long long tiles_per_warp;
   long long chunks;
   long long work;
-  long long phase;
   long long num_seqs;
   const void* seq_start;
   const void* seq_chunk;
+  const void* pos;
+  const void* state_index;
   const void* state;
+  const void* state_out;
+  const void* pos_out;
+  const void* dstate;
+  const void* dstate_out;
   long long sxb;
   long long sxh;
   long long sxc;
@@ -455,29 +460,41 @@ __device__ __forceinline__ float carry_in(const float (&cv)[kCarry], const float
 }
 
 // ---- Work decomposition: one warp = 16 channels of one head x a chunk of tiles ----
-// Positions are "virtual": token t of a sequence sits at t + phase, so tiles stay aligned
-// to the sequence's true start when a stream resumes mid-tile. Valid tokens: [lo, hi).
+// Positions are "virtual": token t of a sequence sits at t + phase (phase = pos % BL, the tokens an
+// earlier call already put into the sequence's current tile), so tiles stay aligned to the sequence's
+// true start. Valid tokens: [lo, hi) = [phase, phase + len). The grid is sized for the most tiles a
+// sequence can have (the host may not know the phases); a warp past its sequence's tiles has no work.
 struct WarpWork {
   long long b, h, seq;  // batch, head, and the sequence (batch entry, or packed sequence)
   int channel;          // this lane's channel in [0, head_dim)
   int group;            // which 16-channel group of the head
-  long long base;       // token offset of the sequence in the buffers minus phase
+  long long base;       // token offset of virtual position 0 in the buffers: sequence start - phase
   long long lo, hi;     // valid virtual positions
+  long long tiles;      // tiles of the sequence (virtual): ceil(hi / BL)
   long long first;      // first tile this warp writes
   long long last;       // one past the last tile it writes
 };
 
 constexpr int kStateLen = 2 + 2 * (kWindow - 1);  // (w, g, v_1..v_{k-1}, P_1..P_{k-1}) per channel
 
-__device__ __forceinline__ WarpWork decode_work(const Params& p, long long item, int lane) {
+// Row of sequence `seq` in the state and position buffers (state_index: slots of a serving pool).
+__device__ __forceinline__ long long state_row(const Params& p, long long seq) {
+  const long long* index = static_cast<const long long*>(p.state_index);
+  return index == nullptr ? seq : index[seq];
+}
+
+// Sequence `seq` of warp row `row` (16 channels of one head) and chunk `chunk` of its tiles.
+__device__ __forceinline__ WarpWork decode_rows(const Params& p, long long row, long long chunk, int lane) {
   WarpWork w;
-  long long row = item / p.chunks;
-  long long chunk = item - row * p.chunks;
-  long long len = p.len;
-  w.base = -p.phase;
-  const long long* seq_chunk = static_cast<const long long*>(p.seq_chunk);
+  long long len = p.len, start = 0;
+  w.group = static_cast<int>(row % kGroups);
+  const long long bh = row / kGroups;
+  w.b = bh / p.heads;
+  w.h = bh - w.b * p.heads;
+  w.seq = w.b;
   if (p.seq_start != nullptr) {  // packed sequences: find the one holding this chunk
     const long long* seq_start = static_cast<const long long*>(p.seq_start);
+    const long long* seq_chunk = static_cast<const long long*>(p.seq_chunk);
     long long lo = 0, hi = p.num_seqs;  // seq_chunk[lo] <= chunk < seq_chunk[hi]
     while (hi - lo > 1) {
       const long long mid = (lo + hi) / 2;
@@ -485,21 +502,92 @@ __device__ __forceinline__ WarpWork decode_work(const Params& p, long long item,
     }
     chunk -= seq_chunk[lo];
     w.seq = lo;
-    w.base += seq_start[lo];
-    len = seq_start[lo + 1] - seq_start[lo];
+    start = seq_start[lo];
+    len = seq_start[lo + 1] - start;
   }
-  w.group = static_cast<int>(row % kGroups);
-  const long long bh = row / kGroups;
-  w.b = bh / p.heads;
-  w.h = bh - w.b * p.heads;
-  if (p.seq_start == nullptr) w.seq = w.b;
+  const long long* pos = static_cast<const long long*>(p.pos);
+  const long long phase = pos == nullptr ? 0 : pos[state_row(p, w.seq)] % kBlockLen;
   w.channel = w.group * kChannelsPerWarp + lane / kLanesPerTile;
-  w.lo = p.phase;
-  w.hi = p.phase + len;
-  const long long num_tiles = (w.hi + kBlockLen - 1) / kBlockLen;
+  w.base = start - phase;
+  w.lo = phase;
+  w.hi = phase + len;
+  w.tiles = (w.hi + kBlockLen - 1) / kBlockLen;
   w.first = chunk * p.tiles_per_warp;
-  w.last = min(num_tiles, w.first + p.tiles_per_warp);
+  w.last = min(w.tiles, w.first + p.tiles_per_warp);
   return w;
+}
+
+// Plain kernels: consecutive warps walk consecutive chunks of one row.
+__device__ __forceinline__ WarpWork decode_work(const Params& p, long long item, int lane) {
+  const long long row = item / p.chunks;
+  return decode_rows(p, row, item - row * p.chunks, lane);
+}
+
+// ---- Streaming state in and out (docs/algorithms.md, "State in and out") ----
+// A state continues a sequence: its carriers are those of the k-1 tiles before tile 0, and its partial
+// tile (w0, g0) enters as a virtual token at lo - 1 (u = w0, a = g0; earlier positions u = 0, a = 1).
+
+// This lane's channel of the state a sequence starts from (null without one).
+__device__ __forceinline__ const float* state_in(const Params& p, const WarpWork& w) {
+  if (p.state == nullptr) return nullptr;
+  return static_cast<const float*>(p.state) + ((state_row(p, w.seq) * p.heads + w.h) * kHeadDim + w.channel) * kStateLen;
+}
+
+// Row (sequence, head, channel) of a dense per-sequence state buffer (state_out, dstate, dstate_out).
+__device__ __forceinline__ long long state_offset(const Params& p, const WarpWork& w) {
+  return ((w.seq * p.heads + w.h) * kHeadDim + w.channel) * kStateLen;
+}
+
+// The carriers of the tiles before tile 0: the state's, or zeros.
+__device__ __forceinline__ void state_carriers(const float* st, float (&cv)[kCarry], float (&cp)[kCarry]) {
+#pragma unroll
+  for (int j = 0; j < kCarry; ++j) {
+    cv[j] = (st != nullptr && j < kWindow - 1) ? st[2 + j] : 0.f;
+    cp[j] = (st != nullptr && j < kWindow - 1) ? st[2 + (kWindow - 1) + j] : 0.f;
+  }
+}
+
+// The virtual token of a resumed partial tile, in a lane's (u, a) of tile 0 (positions from t0).
+__device__ __forceinline__ void virtual_token(const float* st, const WarpWork& w, long long t0,
+                                              float (&u)[kTokensPerLane], float (&a)[kTokensPerLane]) {
+#pragma unroll
+  for (int e = 0; e < kTokensPerLane; ++e) {
+    const bool here = t0 + e == w.lo - 1;
+    u[e] = here ? st[0] : u[e];
+    a[e] = here ? st[1] : a[e];
+  }
+}
+
+// The new state after the sequence's last tile: (w, g) of a partial last tile (its pushed carrier: the
+// positions past hi carry u = 0, a = 1) and the carriers of the k-1 complete tiles before; after a
+// complete last tile w = 0, g = 1 and the carriers end with it. `lost` is the carrier the last push
+// dropped off the window. One lane of each pair writes; pos_out once per sequence.
+__device__ __forceinline__ void store_state(const Params& p, const WarpWork& w, const float (&cv)[kCarry],
+                                            const float (&cp)[kCarry], float lost_v, float lost_p, int lane) {
+  if (p.pos_out != nullptr && w.h == 0 && w.group == 0 && lane == 0) {
+    const long long* pos = static_cast<const long long*>(p.pos);
+    const long long pos_in = pos == nullptr ? 0 : pos[state_row(p, w.seq)];
+    static_cast<long long*>(const_cast<void*>(p.pos_out))[w.seq] = pos_in + (w.hi - w.lo);
+  }
+  if (p.state_out == nullptr || (lane & 1)) return;
+  float* so = static_cast<float*>(const_cast<void*>(p.state_out)) + state_offset(p, w);
+  const bool partial = w.hi % kBlockLen != 0;
+  so[0] = partial ? cv[0] : 0.f;
+  so[1] = partial ? cp[0] : 1.f;
+#pragma unroll
+  for (int j = 0; j < kWindow - 1; ++j) {
+    const float v = j + 1 < kCarry ? cv[j + 1] : lost_v, q = j + 1 < kCarry ? cp[j + 1] : lost_p;
+    so[2 + j] = partial ? v : cv[j];
+    so[2 + (kWindow - 1) + j] = partial ? q : cp[j];
+  }
+}
+
+// A sequence with no tiles (no tokens, at a tile boundary): its new state is its old one.
+__device__ __forceinline__ void store_state_unchanged(const Params& p, const WarpWork& w, int lane) {
+  float cv[kCarry], cp[kCarry];
+  state_carriers(state_in(p, w), cv, cp);
+  // At a tile boundary the state's (w, g) are (0, 1): store_state of a complete tile writes exactly that.
+  store_state(p, w, cv, cp, 0.f, 0.f, lane);
 }
 
 }  // namespace swr
@@ -510,8 +598,9 @@ namespace swr {
 // Forward. Each warp walks its chunk of tiles in order, kFlight tiles of loads at a
 // time, starting k-1 tiles early (the halo) so its first tile's carry is recomputed
 // rather than received: no warp or CTA ever waits for another.
-// Streaming: an optional state (w, g, carriers per channel) continues a sequence whose
-// first `phase` tokens of the current tile were consumed by an earlier call.
+// Streaming: an optional state (w, g, carriers per channel) continues a sequence whose first `phase`
+// tokens of the current tile were consumed by an earlier call; the warp of a sequence's last chunk
+// writes the new state (state_out, pos_out) when asked.
 // target.staging: shared -- a stage holds kTilesInFlight tiles of x (16 rows) and of the gates.
 using FwdStageX = StagedRows<in_t, 16, 256, 288, 0>;
 using FwdStageA = StagedRows<gate_t, 1, 256, 288, 4608>;
@@ -522,7 +611,8 @@ constexpr int kFwdWarpBytes = 18496;
 constexpr bool kFwdOutInStage = false;
 static_assert(FwdStageX::kBytes == kTilesInFlight * kBlockLen * static_cast<int>(sizeof(in_t)), "x stage: one batch");
 
-template <bool kVec>
+// kState: also write each sequence's new state (state_out, pos_out): the *_state entry points.
+template <bool kVec, bool kState>
 __device__ __forceinline__ void fwd(const Params& p) {
   constexpr int kFlight = kVec ? kTilesInFlight : 1;  // element-wise loads: no batching (registers)
   constexpr bool kShared = kVec && kStaged;
@@ -533,24 +623,26 @@ __device__ __forceinline__ void fwd(const Params& p) {
   for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
     const WarpWork w = decode_work(p, item, lane);
+    if (w.tiles == 0) {  // an empty sequence at a tile boundary: its state goes through unchanged
+      if constexpr (kState) {
+        if (w.first == 0) store_state_unchanged(p, w, lane);
+      }
+      continue;
+    }
+    if (w.first >= w.tiles) continue;  // past this sequence's tiles (the grid is sized for the most)
     const in_t* x = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + w.channel * p.sxc + w.base;
     const gate_t* a = static_cast<const gate_t*>(p.a) + w.b * p.sab + w.h * p.sah +
                       (kPerChannelGate ? w.channel * p.sac : 0) + w.base;
     out_t* y = const_cast<out_t*>(static_cast<const out_t*>(p.y)) + w.b * p.syb + w.h * p.syh + w.channel * p.syc +
                w.base;
 
-    // Carriers of the tiles before the sequence start come from the state (zero without one).
-    const float* st = p.state == nullptr ? nullptr
-                      : static_cast<const float*>(p.state) + ((w.seq * p.heads + w.h) * kHeadDim + w.channel) * kStateLen;
+    // Carriers of the tiles before the sequence start come from the state (zero without one); a partial
+    // first tile resumes from the state's (w0, g0) as a virtual token at lo-1.
+    const float* st_in = state_in(p, w);
     float cv[kCarry], cp[kCarry];
-#pragma unroll
-    for (int j = 0; j < kCarry; ++j) {
-      cv[j] = (st != nullptr && j < kWindow - 1) ? st[2 + j] : 0.f;
-      cp[j] = (st != nullptr && j < kWindow - 1) ? st[2 + (kWindow - 1) + j] : 0.f;
-    }
-    // A partial first tile resumes from (w0, g0): a virtual token at lo-1 with u = w0, a = g0.
-    const bool resume = st != nullptr && w.lo > 0;
-    const float w0 = resume ? st[0] : 0.f, g0 = resume ? st[1] : 1.f;
+    state_carriers(st_in, cv, cp);
+    const bool resume = st_in != nullptr && w.lo > 0;
+    float lost_v = 0.f, lost_p = 0.f;  // the carrier the last push dropped (the new state may need it)
 
     // Double-buffered: the next kFlight tiles are loading while these are computed.
     using XLane = Lane<kVec, in_t>;
@@ -622,13 +714,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
           unpack_lane(xb[f], u);
           unpack_lane(ab[f], g8);
         }
-        if (resume && tile + f == 0) {
-#pragma unroll
-          for (int e = 0; e < kTokensPerLane; ++e) {
-            u[e] = (t0 + e == w.lo - 1) ? w0 : u[e];
-            g8[e] = (t0 + e == w.lo - 1) ? g0 : g8[e];
-          }
-        }
+        if (resume && tile + f == 0) virtual_token(st_in, w, t0, u, g8);
         tile_scan_fwd(u, g8, odd, wl, gl);
         const float v_tile = __shfl_sync(kFullMask, wl[kTokensPerLane - 1], lane | 1);
         const float p_tile = __shfl_sync(kFullMask, gl[kTokensPerLane - 1], lane | 1);
@@ -642,6 +728,10 @@ __device__ __forceinline__ void fwd(const Params& p) {
           } else {
             store_pair<kVec>(y, t0, w.lo, w.hi, out, odd);
           }
+        }
+        if constexpr (kState) {
+          lost_v = cv[kCarry - 1];
+          lost_p = cp[kCarry - 1];
         }
         push_carrier(cv, cp, v_tile, p_tile);
       }
@@ -661,16 +751,24 @@ __device__ __forceinline__ void fwd(const Params& p) {
         }
       }
     }
+    if constexpr (kState) {
+      if (w.last == w.tiles) store_state(p, w, cv, cp, lost_v, lost_p, lane);  // the sequence's last chunk
+    }
   }
 }
 
 }  // namespace swr
-
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_fwd_vec(const swr::Params p) {
-  swr::fwd<true>(p);
+  swr::fwd<true, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_fwd_scalar(const swr::Params p) {
-  swr::fwd<false>(p);
+  swr::fwd<false, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_fwd_state_vec(const swr::Params p) {
+  swr::fwd<true, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_fwd_state_scalar(const swr::Params p) {
+  swr::fwd<false, true>(p);
 }
 
 
@@ -713,20 +811,35 @@ using da_t = __nv_bfloat16;
 // Lanes that hold duplicate totals after the reduction (when a half-tile has < 16 tokens).
 constexpr unsigned kDuplicateLaneBits = kTokensPerLane >= 16 ? 0u : (kTokensPerLane == 8 ? 16u : (kTokensPerLane == 4 ? 24u : 28u));
 
+// The gradient of a new state, injected into a tile it was read from (docs/algorithms.md, "State in and
+// out"): v (the tile's end state w, or the partial tile's w at hi-1) and p (its gate product) receive
+// these gradients through the tile's local scan only, never through its carry.
+struct Injection {
+  bool on;  // uniform across the warp
+  float v, p;
+};
+
 // The gradient math of tile j, shared by the plain and the fused (Phalanx) backward:
 // dx and the per-channel da terms from the upstream gradient d of the tile, its gates ga
-// (0 past the end), the gate after it a_next, its forward scan (wl, gl), the forward
-// carriers of the tiles before it (cv, cp) and the reverse carriers of the tiles after
-// it (rr, rq).
+// (0 past the end), the gate after it a_next, its forward scan (wl, gl), the forward carriers of the
+// tiles before it (cv, cp) and the reverse carriers of the tiles after it (rr, rq). rho, q: the tile's
+// own reverse carrier (the first tile of a sequence hands it to the old state's gradient).
+template <bool kCarrierOut>
 __device__ __forceinline__ void tile_grads(const float (&d)[kTokensPerLane], const float (&ga)[kTokensPerLane],
-                                           float a_next, bool odd, const float (&wl)[kTokensPerLane],
-                                           const float (&gl)[kTokensPerLane], const float (&cv)[kCarry],
-                                           const float (&cp)[kCarry], const float (&rr)[kCarry],
-                                           const float (&rq)[kCarry], float (&dxv)[kTokensPerLane],
-                                           float (&dav)[kTokensPerLane]) {
+                                           float a_next, bool odd,
+                                           const float (&wl)[kTokensPerLane], const float (&gl)[kTokensPerLane],
+                                           const float (&cv)[kCarry], const float (&cp)[kCarry],
+                                           const float (&rr)[kCarry], const float (&rq)[kCarry],
+                                           float (&dxv)[kTokensPerLane], float (&dav)[kTokensPerLane], float& rho,
+                                           float& q) {
   // Reverse local scan of tile j (gates beyond L are 0: nothing flows back from there).
   float r[kTokensPerLane], gs[kTokensPerLane];
   tile_scan_rev(d, ga, a_next, odd, r, gs);
+  if constexpr (kCarrierOut) {  // the even lane holds the tile's first token
+    const float r0 = __shfl_xor_sync(kFullMask, r[0], 1), q0 = __shfl_xor_sync(kFullMask, gs[0], 1);
+    rho = odd ? r0 : r[0];
+    q = odd ? q0 : gs[0];
+  }
 
   // Reverse carries D^(m), m = 0..k-1, from rho/Q of tiles j+1..j+k-1 (rr[k-1-i] is tile j+i).
   float dcar[kWindow];
@@ -762,19 +875,137 @@ __device__ __forceinline__ void tile_grads(const float (&d)[kTokensPerLane], con
   }
 }
 
+// Adds an injection to a tile's (dx, da) terms: with sx_e = prod_{q > e, in the tile} araw_q, the tile's
+// end state v takes dx_e += sx_e v and da_e += wx_e sx_e v, its gate product p takes da_e += gx_e sx_e p
+// (wx, gx: the local state and gate prefix before e). A separate pass after tile_grads: inside its loop
+// the rarely taken injection cost the hot path ~30 registers (ptxas, sm_90a).
+__device__ __forceinline__ void add_injection(const Injection& inj, const float (&araw)[kTokensPerLane], bool odd,
+                                              const float (&wl)[kTokensPerLane], const float (&gl)[kTokensPerLane],
+                                              float (&dxv)[kTokensPerLane], float (&dav)[kTokensPerLane]) {
+  float sx[kTokensPerLane];
+  float s = 1.f;
+#pragma unroll
+  for (int e = kTokensPerLane - 1; e >= 0; --e) {
+    sx[e] = s;
+    s *= araw[e];
+  }
+  const float other = __shfl_xor_sync(kFullMask, s, 1);  // the even lane's suffix includes the odd half
+  const float w_prev = __shfl_xor_sync(kFullMask, wl[kTokensPerLane - 1], 1);
+  const float g_prev = __shfl_xor_sync(kFullMask, gl[kTokensPerLane - 1], 1);
+#pragma unroll
+  for (int e = 0; e < kTokensPerLane; ++e) {
+    const float x = odd ? sx[e] : sx[e] * other;
+    const float wx = e > 0 ? wl[e - 1] : (odd ? w_prev : 0.f);
+    const float gx = e > 0 ? gl[e - 1] : (odd ? g_prev : 1.f);
+    dxv[e] = fmaf(x, inj.v, dxv[e]);
+    dav[e] = fmaf(x, fmaf(wx, inj.v, gx * inj.p), dav[e]);
+  }
+}
+
+// The injection into tile j of a sequence's new-state gradient dso (null: none): the partial last tile
+// gets (dw, dg), complete tile n_full - i gets carrier i's (dv, dP).
+__device__ __forceinline__ Injection injection(const float* dso, const WarpWork& w, long long j) {
+  Injection inj{false, 0.f, 0.f};
+  if (dso == nullptr) return inj;
+  const long long n_full = w.hi / kBlockLen;
+  if (w.hi % kBlockLen != 0 && j == w.tiles - 1) inj = {true, dso[0], dso[1]};
+#pragma unroll
+  for (int i = 1; i < kWindow; ++i)
+    if (j == n_full - i) inj = {true, dso[1 + i], dso[kWindow + i]};
+  return inj;
+}
+
+// The old state's gradient (dstate, one lane of each pair writes), from the first tile's backward:
+// dw0, dg0 of the virtual token (0 at a tile boundary); the carriers' as virtual tiles -1..-(k-1) whose
+// last token is (v, P) and whose dy is 0 (rho = 0, Q = P * the gate after them), reached by the reverse
+// carriers of tiles 0..k-1 (rho0, q0 of tile 0; rr[k-1-i] is tile i); plus what the new state's gradient
+// passes straight through (carriers the chunk did not replace). a0: the gate at position 0 (its ga).
+__device__ __forceinline__ void store_state_grad(const Params& p, const WarpWork& w, const float* dso,
+                                                 const float (&cv)[kCarry], const float (&cp)[kCarry],
+                                                 const float (&rr)[kCarry], const float (&rq)[kCarry], float rho0,
+                                                 float q0, float a0, float dw0, float dg0, bool odd) {
+  float out[kStateLen];
+  out[0] = dw0;
+  out[1] = dg0;
+  // Tiles t = -(k-1) .. k-1 at index t + k - 1: reverse carriers (rho, Q).
+  float rho_t[2 * kWindow - 1], q_t[2 * kWindow - 1];
+#pragma unroll
+  for (int i = 1; i < kWindow; ++i) {
+    rho_t[kWindow - 1 - i] = 0.f;
+    q_t[kWindow - 1 - i] = cp[i - 1] * (i == 1 ? a0 : 1.f);
+    rho_t[kWindow - 1 + i] = rr[kWindow - 1 - i];
+    q_t[kWindow - 1 + i] = rq[kWindow - 1 - i];
+  }
+  rho_t[kWindow - 1] = rho0;
+  q_t[kWindow - 1] = q0;
+#pragma unroll
+  for (int pp = 1; pp < kWindow; ++pp) {  // virtual tile -pp
+    float D[kWindow];
+    D[0] = 0.f;
+    float prod = 1.f;
+#pragma unroll
+    for (int i = 1; i < kWindow; ++i) {
+      D[i] = fmaf(prod, rho_t[kWindow - 1 - pp + i], D[i - 1]);
+      prod *= q_t[kWindow - 1 - pp + i];
+    }
+    const float an = pp == 1 ? a0 : 1.f;
+    float dP = 0.f, fprod = 1.f;
+#pragma unroll
+    for (int qq = 1; qq < kWindow; ++qq) {  // c_qq(-pp) = (prod_{m<qq} P_{-pp-m}) v_{-pp-qq}
+      const int c = pp + qq;                // carrier -c: cv[c-1], or none before tile -(k-1)
+      const float v = c < kWindow ? cv[c - 1] : 0.f, pc = c < kWindow ? cp[c - 1] : 0.f;
+      dP = fmaf(fprod * v, an * D[kWindow - 1 - qq], dP);
+      fprod *= pc;
+    }
+    out[1 + pp] = an * D[kWindow - 1];
+    out[kWindow + pp] = dP;
+  }
+  if (dso != nullptr) {  // carriers of the old state that the new one still holds: tile n_full - i < 0
+    const long long n_full = w.hi / kBlockLen;
+#pragma unroll
+    for (int i = 1; i < kWindow; ++i) {
+      const long long t = n_full - i;
+#pragma unroll
+      for (int c = 1; c < kWindow; ++c) {
+        if (t == -c) {
+          out[1 + c] += dso[1 + i];
+          out[kWindow + c] += dso[kWindow + i];
+        }
+      }
+    }
+  }
+  if (odd) return;
+  float* ds = static_cast<float*>(const_cast<void*>(p.dstate)) + state_offset(p, w);
+#pragma unroll
+  for (int i = 0; i < kStateLen; ++i) ds[i] = out[i];
+}
+
 // dx and da of tile j from its upstream gradient d and the gate after it: tile_grads, then da is stored
-// and dx handed back (the caller stores it, straight or through the output buffer).
+// and dx handed back (the caller stores it, straight or through the output buffer). Also hands back the
+// tile's reverse carrier and, at the virtual token lo-1 of a resumed tile, its (dx, da) before the
+// channel sum: the old state's (dw0, dg0). kState: the state's injection and outputs (else ignored).
+template <bool kState>
 __device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict__ da, long long t0, int lane, bool odd,
                                             const float (&d)[kTokensPerLane], float a_next,
                                             const float (&g8)[kTokensPerLane], const float (&wl)[kTokensPerLane],
                                             const float (&gl)[kTokensPerLane], const float (&cv)[kCarry],
                                             const float (&cp)[kCarry], const float (&rr)[kCarry],
-                                            const float (&rq)[kCarry], float (&dxv)[kTokensPerLane]) {
+                                            const float (&rq)[kCarry], const Injection& inj,
+                                            float (&dxv)[kTokensPerLane], float& rho, float& q, float& dw0,
+                                            float& dg0) {
   float ga[kTokensPerLane];
 #pragma unroll
   for (int e = 0; e < kTokensPerLane; ++e) ga[e] = (t0 + e < w.hi) ? g8[e] : 0.f;
   float dav[kTokensPerLane];
-  tile_grads(d, ga, a_next, odd, wl, gl, cv, cp, rr, rq, dxv, dav);
+  tile_grads<kState>(d, ga, a_next, odd, wl, gl, cv, cp, rr, rq, dxv, dav, rho, q);
+  if constexpr (kState) {
+    if (inj.on) add_injection(inj, g8, odd, wl, gl, dxv, dav);
+#pragma unroll
+    for (int e = 0; e < kTokensPerLane; ++e) {
+      dw0 = t0 + e == w.lo - 1 ? dxv[e] : dw0;
+      dg0 = t0 + e == w.lo - 1 ? dav[e] : dg0;
+    }
+  }
   if constexpr (kPerChannelGate) {
 #pragma unroll
     for (int e = 0; e < kTokensPerLane; ++e)
@@ -809,7 +1040,9 @@ constexpr int kBwdWarpBytes = 27200;
 static_assert(BwdStageD::kBytes == (kTilesInFlight + kWindow - 1) * kBlockLen * static_cast<int>(sizeof(out_t)),
               "dy stage: one batch and its k-1 tiles before");
 
-template <bool kVec>
+// kState: continue from a state and hand back its gradient (state, dstate), taking the new state's
+// gradient (dstate_out): the *_state entry points; the plain ones start every sequence from zero.
+template <bool kVec, bool kState>
 __device__ __forceinline__ void bwd(const Params& p) {
   constexpr bool kShared = kVec && kStaged;
   // In registers the backward keeps four streams per tile in flight (x, a, dy and the look-ahead dy, a);
@@ -823,7 +1056,21 @@ __device__ __forceinline__ void bwd(const Params& p) {
   for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
     const WarpWork w = decode_work(p, item, lane);
-    const long long num_tiles = (w.hi + kBlockLen - 1) / kBlockLen;
+    const float* dso = (kState && p.dstate_out != nullptr)
+                           ? static_cast<const float*>(p.dstate_out) + state_offset(p, w) : nullptr;
+    const float* st_in = kState ? state_in(p, w) : nullptr;
+    if (w.tiles == 0) {  // an empty sequence at a tile boundary: the new state's gradient goes straight back
+      if constexpr (kState) {
+        float cv0[kCarry], cp0[kCarry], rz[kCarry];
+        state_carriers(st_in, cv0, cp0);
+#pragma unroll
+        for (int j = 0; j < kCarry; ++j) rz[j] = 0.f;
+        if (w.first == 0 && p.dstate != nullptr) store_state_grad(p, w, dso, cv0, cp0, rz, rz, 0.f, 0.f, 0.f, 0.f, 0.f, odd);
+      }
+      continue;
+    }
+    if (w.first >= w.tiles) continue;  // past this sequence's tiles (the grid is sized for the most)
+    const long long num_tiles = w.tiles;
     const in_t* x = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + w.channel * p.sxc + w.base;
     const gate_t* a = static_cast<const gate_t*>(p.a) + w.b * p.sab + w.h * p.sah +
                       (kPerChannelGate ? w.channel * p.sac : 0) + w.base;
@@ -836,8 +1083,10 @@ __device__ __forceinline__ void bwd(const Params& p) {
 
     float cv[kCarry], cp[kCarry];  // forward carriers (v, P) of the tiles before j, newest first
     float rr[kCarry], rq[kCarry];  // reverse carriers (rho, Q) of the tiles up to n = j + k - 1, newest first
+    state_carriers(st_in, cv, cp);  // the state's, before tile 0 (a later chunk rebuilds them from its halo)
 #pragma unroll
-    for (int j = 0; j < kCarry; ++j) cv[j] = cp[j] = rr[j] = rq[j] = 0.f;
+    for (int j = 0; j < kCarry; ++j) rr[j] = rq[j] = 0.f;
+    const bool resume = st_in != nullptr && w.lo > 0;
 
     // Step n looks ahead at tile n (reverse carrier) and finishes tile j = n - (k-1).
     // Each batch issues the first-touch loads of kFlight steps before any math;
@@ -936,6 +1185,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
           unpack_lane(xj[f], u);
           unpack_lane(aj[f], g8);
         }
+        if (resume && j == 0) virtual_token(st_in, w, t0, u, g8);
         tile_scan_fwd(u, g8, odd, wl, gl);
         if (j >= w.first) {
           float d[kTokensPerLane], a_next;
@@ -947,8 +1197,15 @@ __device__ __forceinline__ void bwd(const Params& p) {
             load_lane<kVec>(dy, t0, w.lo, w.hi, 0.f, d);
             a_next = tn < w.hi ? to_f32(__ldg(a + tn)) : 0.f;
           }
-          float dxv[kTokensPerLane];
-          finish_tile(w, da, t0, lane, odd, d, a_next, g8, wl, gl, cv, cp, rr, rq, dxv);
+          float dxv[kTokensPerLane], rho, q, dw0 = 0.f, dg0 = 0.f;
+          finish_tile<kState>(w, da, t0, lane, odd, d, a_next, g8, wl, gl, cv, cp, rr, rq, injection(dso, w, j), dxv,
+                              rho, q, dw0, dg0);
+          if (kState && j == 0 && p.dstate != nullptr) {  // the first tile: the old state's gradient
+            dw0 += __shfl_xor_sync(kFullMask, dw0, 1);  // held by one lane of the pair, 0 in the other
+            dg0 += __shfl_xor_sync(kFullMask, dg0, 1);
+            const float a0 = __shfl_sync(kFullMask, g8[0], lane & ~1);  // position 0 of tile 0 (< hi: tiles >= 1)
+            store_state_grad(p, w, dso, cv, cp, rr, rq, rho, q, 0 < w.hi ? a0 : 0.f, dw0, dg0, odd);
+          }
           if constexpr (kShared && kStageBwdOutputs) {
             BwdOutDx::write(ring, row, f * kBlockLen + half_off, dxv);
           } else {
@@ -972,12 +1229,17 @@ __device__ __forceinline__ void bwd(const Params& p) {
 }
 
 }  // namespace swr
-
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_vec(const swr::Params p) {
-  swr::bwd<true>(p);
+  swr::bwd<true, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_scalar(const swr::Params p) {
-  swr::bwd<false>(p);
+  swr::bwd<false, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_state_vec(const swr::Params p) {
+  swr::bwd<true, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_state_scalar(const swr::Params p) {
+  swr::bwd<false, true>(p);
 }
 
 

@@ -141,6 +141,10 @@ class PlanCache(Generic[K, V]):
         with self._lock:
             self._plans.clear()
 
+    def values(self) -> list[V]:
+        """The plans kept (a copy: introspection and tests)."""
+        return list(self._plans.values())
+
     def __len__(self) -> int:
         return len(self._plans)
 

@@ -67,7 +67,7 @@ def forward_call(call: Call, P: torch.Tensor, data: torch.Tensor | None):
     _, _, pc, pv, a, u = _gated(P, call)
     y, data_out, pos_out = swr_op.forward_call(call.swr_call(call.want_state), a, u, data)
     Z = y.permute(0, 3, 1, 2) * pc + pv
-    return Z.reshape(*P.shape[:-1], call.layout.inner).to(P.dtype), data_out, pos_out
+    return Z.reshape(*P.shape[:-1], call.layout.inner).to(P.dtype).contiguous(), data_out, pos_out
 
 
 def backward_call(call: Call, P: torch.Tensor, dZ: torch.Tensor, data: torch.Tensor | None,
@@ -169,7 +169,7 @@ def _phalanx_bwd(P: torch.Tensor, dZ: torch.Tensor, state: torch.Tensor | None, 
 @_phalanx_bwd.register_fake
 def _(P, dZ, state, pos, cu_seqlens, d_state_out, heads, kv_heads, head_dim, window_blocks, block_len, decay_max, key,
       want_d_state):  # fmt: skip
-    d_state = torch.empty_like(state) if (want_d_state and state is not None) else P.new_empty(_EMPTY)
+    d_state = torch.empty_like(state) if (want_d_state and state is not None) else P.new_empty(_EMPTY, dtype=torch.float32)
     return torch.empty_like(P, memory_format=torch.contiguous_format), d_state
 
 

@@ -103,9 +103,9 @@ def forward_call(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tenso
     k, bl = call.window_blocks, call.block_len
     if data is None and not call.want_state:
         if call.seqs is None:
-            return swr_tiled_forward(a, x, k, bl).to(call.out_dtype), None, None
+            return swr_tiled_forward(a, x, k, bl).to(call.out_dtype).contiguous(), None, None
         ys = [swr_tiled_forward(a[..., s:e], x[..., s:e], k, bl) for s, e in _spans(call, x.shape[-1]) if e > s]
-        return torch.cat(ys or [x.new_empty(x.shape)], dim=-1).to(call.out_dtype), None, None
+        return torch.cat(ys or [x.new_empty(x.shape)], dim=-1).to(call.out_dtype).contiguous(), None, None
     ys, outs = [], []
     n = x.shape[0] if call.seqs is None else call.seqs.count
     pos = call.host_positions(n)
@@ -117,7 +117,7 @@ def forward_call(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tenso
                                              [pos[i]])  # fmt: skip
         ys.append(y)
         outs.append(out)
-    y = torch.cat(ys, dim=-1).to(call.out_dtype)
+    y = torch.cat(ys, dim=-1).to(call.out_dtype).contiguous()
     if not call.want_state:
         return y, None, None
     lengths = torch.tensor([x.shape[-1]] * n if call.seqs is None else call.seqs.lengths, dtype=torch.int64)
@@ -156,8 +156,8 @@ def backward_call(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tens
             dds.append(dd)
         dxs.append(dx_)
         das.append(da_)
-    dx = torch.cat(dxs or [torch.zeros_like(x)], dim=-1).to(x.dtype)
-    da = torch.cat(das or [torch.zeros_like(a)], dim=-1).to(a.dtype)
+    dx = torch.cat(dxs or [torch.zeros_like(x)], dim=-1).to(x.dtype).contiguous()
+    da = torch.cat(das or [torch.zeros_like(a)], dim=-1).to(a.dtype).contiguous()
     d_state = torch.cat(dds).to(data.dtype) if (want_d_state and data is not None) else None
     return da, dx, d_state
 
@@ -247,7 +247,7 @@ def _swr_bwd(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, state: torch.Te
 
 @_swr_bwd.register_fake
 def _(a, x, dy, state, pos, cu_seqlens, d_state_out, window_blocks, block_len, key, want_d_state):
-    d_state = torch.empty_like(state) if (want_d_state and state is not None) else x.new_empty(_EMPTY)
+    d_state = torch.empty_like(state) if (want_d_state and state is not None) else x.new_empty(_EMPTY, dtype=torch.float32)
     return (torch.empty_like(a, memory_format=torch.contiguous_format),
             torch.empty_like(x, memory_format=torch.contiguous_format), d_state)  # fmt: skip
 
