@@ -274,8 +274,9 @@ def load(path_or_spec: Spec | str | Path) -> SwrOp:
         if path.is_dir():
             from swrgen.build import load_generated
 
-            program = load_generated(path)
-            spec = program.spec
+            folder = load_generated(path)
+            spec = folder.spec
+            program = Program(spec, source=folder.source, cubins=folder.cubins, shared_bytes=folder.shared_bytes)
         elif path.is_file():
             spec, program = load_spec(path), None
         else:
