@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import multiprocessing
 import os
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from swrgen.compiler import CompileCache, compile_cubin, default_cache_dir
+from swrgen.compiler import CacheWarning, CompileCache, compile_cubin, default_cache_dir, read_kernels
 from swrgen.compiler import cache as cache_module
 from swrgen.compiler.cache import cache_key
+from swrgen.compiler.nvrtc import resources
 
 # A tiny kernel compiles in a few ms; the concurrency test uses a real rendered spec (slower, wider race).
 SOURCE = r"""
@@ -46,6 +51,7 @@ def test_miss_then_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (cache.misses, cache.hits) == (1, 0)
     assert first.cubin[:4] == b"\x7fELF"
     assert first.resources["probe"].shared_bytes == 512
+    assert first.resources["probe"].registers == read_kernels(first.cubin)["probe"].registers > 0
     assert entries(tmp_path) == [cache.path(cache_key(SOURCE, ARCH))]
 
     forbid_compiling(monkeypatch)
@@ -73,6 +79,23 @@ def test_hit_equals_fresh_compile(tmp_path: Path) -> None:
     assert hit.resources == fresh.resources
 
 
+def test_hit_has_the_full_report_when_the_log_is_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An NVRTC that prints no ptxas report: the entry still gives registers, shared memory and stack (from the
+    # cubin), and spills are unknown (None) rather than 0.
+    def silent_compile(source: str, arch: str):
+        result = compile_cubin(source, arch)
+        return replace(result, log="", resources=resources(result.cubin, ""))
+
+    monkeypatch.setattr(cache_module, "compile_cubin", silent_compile)
+    cache = CompileCache(tmp_path)
+    fresh = cache.compile(SOURCE, ARCH)
+    hit = CompileCache(tmp_path).load(cache_key(SOURCE, ARCH), ARCH)
+    assert hit is not None and hit.log == "" and hit.resources == fresh.resources
+    usage = hit.resources["probe"]
+    assert usage.registers > 0 and usage.shared_bytes == 512 and usage.stack_bytes == 0
+    assert usage.spill_store_bytes is None and usage.spill_load_bytes is None
+
+
 def test_key_depends_on_source_arch_and_nvrtc(monkeypatch: pytest.MonkeyPatch) -> None:
     key = cache_key(SOURCE, ARCH)
     assert key == cache_key(SOURCE, ARCH)
@@ -83,6 +106,13 @@ def test_key_depends_on_source_arch_and_nvrtc(monkeypatch: pytest.MonkeyPatch) -
     # No ambiguity from concatenation: (source, arch) pairs that join to the same text differ.
     assert cache_key("ab", "c") != cache_key("a", "bc")
     monkeypatch.setattr(cache_module, "nvrtc_version", lambda: "99.9")
+    assert cache_key(SOURCE, ARCH) != key
+    monkeypatch.undo()
+    # The compile options and the program name (it is in the cubin's line table) are part of the key.
+    monkeypatch.setattr(cache_module, "BASE_OPTIONS", (*cache_module.BASE_OPTIONS, "-DX"))
+    assert cache_key(SOURCE, ARCH) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(cache_module, "program_name", lambda name: f"/elsewhere/{name}")
     assert cache_key(SOURCE, ARCH) != key
 
 
@@ -125,17 +155,38 @@ def _with_header(edit):
     return corrupt
 
 
+def _with_cubin(edit):
+    """Replace the cubin by ``edit(cubin)`` and fix the header's size and checksum: only the ELF is wrong."""
+
+    def corrupt(blob: bytes) -> bytes:
+        end = _header_end(blob)
+        header = json.loads(blob[len(cache_module._MAGIC) : end])
+        cubin = edit(blob[end + 1 :])
+        header = {**header, "size": len(cubin), "sha256": hashlib.sha256(cubin).hexdigest()}
+        return cache_module._MAGIC + json.dumps(header).encode() + b"\n" + cubin
+
+    return corrupt
+
+
+def _log_value_at(blob: bytes) -> int:
+    """Offset of the first character of the header's "log" value (its closing quote when the log is empty)."""
+    return blob.index(b'"log": "') + len(b'"log": "')
+
+
 CORRUPTIONS = {
     "header_not_a_mapping": _with_header(lambda h: [h]),
     "header_log_not_a_string": _with_header(lambda h: {**h, "log": 7}),
     "header_size_not_a_number": _with_header(lambda h: {**h, "size": str(h["size"])}),
     "header_without_log_checksum": _with_header(lambda h: {k: v for k, v in h.items() if k != "log_sha256"}),
-    "header_log_edited": _with_header(lambda h: {**h, "log": h["log"].replace("Used ", "Used 1")}),
+    "header_log_edited": _with_header(lambda h: {**h, "log": h["log"] + "ptxas info : 1 bytes spill stores"}),
+    "cubin_not_an_elf": _with_cubin(lambda c: b"not a cubin" * 100),
+    "cubin_for_another_machine": _with_cubin(lambda c: c[:18] + (62).to_bytes(2, "little") + c[20:]),
+    "cubin_cut_short": _with_cubin(lambda c: c[: len(c) // 2]),
     "flip_magic": _flip(lambda b: 3),
     "flip_header_size": _flip(lambda b: b.index(b'"size"') + 9),
     "flip_header_sha": _flip(lambda b: b.index(b'"sha256"') + 12),
-    "flip_header_log": _flip(lambda b: b.index(b"registers")),  # "Used N registers" feeds the resources
-    "flip_header_log_digit": _flip(lambda b: b.index(b"Used ") + 5),
+    "flip_header_log": _flip(_log_value_at),
+    "flip_header_log_sha": _flip(lambda b: b.index(b'"log_sha256"') + 16),
     "flip_header_newline": _flip(_header_end),
     "flip_cubin_first": _flip(lambda b: _header_end(b) + 1),
     "flip_cubin_middle": _flip(lambda b: (_header_end(b) + len(b)) // 2),
@@ -184,6 +235,62 @@ def test_failed_store_leaves_no_entry_and_no_temp_file(tmp_path: Path, monkeypat
     with pytest.raises(OSError, match="No space"):
         cache.store(cache_key(SOURCE, ARCH), result)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a cache folder that cannot be written: compile anyway, warn once, do not cache -------------------------
+
+
+def _compile_twice_expecting_one_warning(cache: CompileCache) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = cache.compile(SOURCE, ARCH)
+        second = cache.compile(SOURCE, ARCH)
+    assert first.cubin == second.cubin == compile_cubin(SOURCE, ARCH).cubin
+    assert (cache.misses, cache.hits) == (2, 0), "nothing should have been cached"
+    ours = [w for w in caught if issubclass(w.category, CacheWarning)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    return ours
+
+
+def test_cache_folder_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "cache").write_text("not a folder")
+    cache = CompileCache(tmp_path / "cache")
+    (warning,) = _compile_twice_expecting_one_warning(cache)
+    assert str(tmp_path / "cache") in str(warning.message) and "SWRGEN_CACHE_DIR" in str(warning.message)
+    assert cache.disabled_reason
+    assert (tmp_path / "cache").read_text() == "not a folder"
+
+
+def test_cache_folder_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(cache_module.os, "replace", disk_full)
+    cache = CompileCache(tmp_path)
+    (warning,) = _compile_twice_expecting_one_warning(cache)
+    assert "No space left on device" in str(warning.message) and str(tmp_path) in str(warning.message)
+    assert list(tmp_path.iterdir()) == [], "a temporary file or entry was left behind"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_cache_folder_read_only(tmp_path: Path) -> None:
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    key = cache_key(SOURCE, ARCH)
+    made_elsewhere = CompileCache(tmp_path / "rw")
+    good = made_elsewhere.compile(SOURCE, ARCH)
+    CompileCache(directory).path(key).write_bytes(made_elsewhere.path(key).read_bytes())
+    directory.chmod(0o555)
+    try:
+        hit = CompileCache(directory).compile(SOURCE, ARCH)  # a read-only cache still serves its entries
+        assert hit.cubin == good.cubin
+        other = SOURCE.replace("2.0f", "3.0f")
+        cache = CompileCache(directory)
+        with pytest.warns(CacheWarning, match="Permission denied"):
+            cache.compile(other, ARCH)
+        assert cache.misses == 1 and len(entries(directory)) == 1
+    finally:
+        directory.chmod(0o755)
 
 
 def test_cache_dir_is_created_on_first_store(tmp_path: Path) -> None:

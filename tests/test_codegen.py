@@ -17,8 +17,10 @@ from conftest import SPEC_PATHS
 
 from swrgen import constants
 from swrgen.codegen import FUSED_KERNEL_NAMES, KERNEL_NAMES, kernel_names, render_source
-from swrgen.compiler import CompileError, ResourceUsage, compile_cubin
-from swrgen.compiler.nvrtc import parse_resources
+from swrgen.compiler import CompileError, CubinError, ResourceUsage, compile_cubin, read_kernels
+from swrgen.compiler import cubin as cubin_module
+from swrgen.compiler.cubin import cubin_sm
+from swrgen.compiler.nvrtc import parse_resources, parse_spills, resources
 from swrgen.spec import Spec, load_spec, spec_from_dict
 
 ELF_MAGIC = b"\x7fELF"
@@ -68,17 +70,34 @@ def assert_source_matches_spec(source: str, spec: Spec) -> None:
     assert_kernels_defined(source, spec)
 
 
+def arch_number(arch: str) -> int:
+    return int(arch.removeprefix("sm_").rstrip("af"))
+
+
+def assert_report_matches_log(result) -> int:
+    """The cubin-derived report agrees with ptxas' own -v report on every kernel the log reports on;
+    returns how many it reports on (some NVRTC builds print none)."""
+    logged = parse_resources(result.log)
+    for kernel, want in logged.items():
+        assert result.resources[kernel] == want, (result.arch, kernel, result.resources[kernel], want)
+    return len(logged)
+
+
 def assert_valid_cubin(result, arch: str, names: tuple[str, ...] = KERNEL_NAMES) -> None:
     assert result.arch == arch
     assert len(result.cubin) > 1024
     assert result.cubin[:4] == ELF_MAGIC
-    assert set(result.resources) == set(names), f"ptxas report lacks kernels: {result.log}"
+    assert cubin_sm(result.cubin) == arch_number(arch), "the cubin is for another arch"
+    # The report comes from the cubin, so it is complete however little NVRTC's log says.
+    assert set(result.resources) == set(names), "the cubin lacks kernels (or has others)"
     for kernel, usage in result.resources.items():
         assert isinstance(usage, ResourceUsage)
         assert 0 < usage.registers <= 255, (kernel, usage)
+        assert usage.shared_bytes >= 0 and usage.stack_bytes >= 0, (kernel, usage)
+        for spill in (usage.spill_store_bytes, usage.spill_load_bytes):
+            assert spill is None or spill >= 0, (kernel, usage)
         assert kernel.encode() in result.cubin, f"symbol {kernel} missing from the cubin"
-    # ptxas names the arch it compiled for on every entry function.
-    assert f"for '{arch}'" in result.log
+    assert_report_matches_log(result)
 
 
 # --- rendering ------------------------------------------------------------------------------------------
@@ -313,6 +332,140 @@ def test_parse_resources_sample_log() -> None:
     }  # fmt: skip
     assert parse_resources("") == {}
     assert parse_resources("ptxas info    : 0 bytes gmem\n") == {}
+
+
+def test_parse_spills_sample_log() -> None:
+    assert parse_spills(SAMPLE_PTXAS_LOG) == {
+        "_ZN3swr6helperEPfi": (0, 0),
+        "swr_fwd_vec": (228, 216),
+        "swr_bwd_vec": (0, 0),
+        "old_style": (4, 12),
+    }
+    assert parse_spills("") == {}
+    # Only the line right after "Function properties for": a stray stack line belongs to no function.
+    stray = (
+        "ptxas info    : Function properties for k\nptxas info    : Used 8 registers\n"
+        "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+    )
+    assert parse_spills(stray) == {}
+
+
+# --- the resource report, read from the cubin -----------------------------------------------------------
+
+
+# Checked against ptxas' -v report on four archs: a spec that spills (and so has a stack frame) on each of
+# them, and one with shared staging (on sm_90+ ptxas starts each kernel's shared section with 1 KB it does
+# not report; swrgen.compiler.cubin takes it off).
+REPORT_CASES = {
+    "spills": ({"block_len": 64, "head_dim": 64, "window_blocks": 8, "gate_layout": "per_channel",
+                "input_dtype": "fp32", "gate_dtype": "fp32"}, {"tiles_in_flight": 1, "warps_per_cta": 32}),
+    "shared_staging": ({}, {"staging": "shared"}),
+}  # fmt: skip
+REPORT_ARCHS = ("sm_80", "sm_90a", "sm_100a", "sm_120")
+
+
+@pytest.mark.parametrize("arch", REPORT_ARCHS)
+@pytest.mark.parametrize("case", sorted(REPORT_CASES))
+def test_report_from_cubin_matches_ptxas_log(case: str, arch: str) -> None:
+    spec = _variant(*REPORT_CASES[case])
+    result = compile_cubin(render_source(spec), arch)
+    assert_valid_cubin(result, arch, kernel_names(spec))
+    if assert_report_matches_log(result) == 0:
+        pytest.skip("this NVRTC prints no ptxas report to check against")
+    assert assert_report_matches_log(result) == len(kernel_names(spec))
+    if case == "spills":  # the case exercises what it is meant to
+        assert all(u.spill_store_bytes and u.stack_bytes for u in result.resources.values()), result.resources
+
+
+HANDWRITTEN = r"""
+extern "C" __global__ void static_smem(float* out, const float* in) {
+  __shared__ float buf[100];
+  buf[threadIdx.x] = in[threadIdx.x];
+  __syncthreads();
+  out[threadIdx.x] = buf[99 - threadIdx.x];
+}
+__device__ __noinline__ float helper(const float* p, int n) {
+  float local[32];
+  for (int j = 0; j < 32; ++j) local[j] = p[j + n];
+  return local[n & 31];
+}
+extern "C" __global__ void with_frame(float* out, int n) { out[threadIdx.x] = helper(out, n + threadIdx.x); }
+extern "C" __global__ void plain(float* out) { out[threadIdx.x] = 1.0f; }
+"""
+
+
+@pytest.mark.parametrize("arch", REPORT_ARCHS)
+def test_report_of_handwritten_kernels(arch: str) -> None:
+    result = compile_cubin(HANDWRITTEN, arch, name="probe.cu")
+    assert_valid_cubin(result, arch, ("static_smem", "with_frame", "plain"))
+    usage = result.resources
+    assert usage["static_smem"].shared_bytes == 400  # exactly the kernel's own, on every arch
+    assert usage["plain"].shared_bytes == usage["with_frame"].shared_bytes == 0
+    assert usage["with_frame"].stack_bytes > 0 and usage["plain"].stack_bytes == 0
+    assert usage["plain"].spill_store_bytes == 0  # this NVRTC's log reports every kernel
+
+
+def test_report_does_not_need_the_log() -> None:
+    result = compile_cubin(HANDWRITTEN, "sm_90a", name="probe.cu")
+    # An NVRTC that prints nothing: the same report, spills unknown (None), never a made-up 0.
+    silent = resources(result.cubin, "")
+    assert set(silent) == set(result.resources)
+    for kernel, usage in silent.items():
+        full = result.resources[kernel]
+        assert (usage.registers, usage.shared_bytes, usage.stack_bytes) == (full.registers, full.shared_bytes,
+                                                                              full.stack_bytes)  # fmt: skip
+        assert usage.spill_store_bytes is None and usage.spill_load_bytes is None
+    # A log with the per-function properties but no "Used N registers" lines (seen on a GPU machine's NVRTC).
+    no_used = "\n".join(line for line in result.log.splitlines() if "Used " not in line)
+    assert parse_resources(no_used) == {}
+    assert resources(result.cubin, no_used) == result.resources
+
+
+def _elf_with(cubin: bytes, offset: int, data: bytes) -> bytes:
+    return cubin[:offset] + data + cubin[offset + len(data) :]
+
+
+def test_cubin_reader_rejects_what_it_cannot_read() -> None:
+    cubin = compile_cubin(HANDWRITTEN, "sm_80", name="probe.cu").cubin
+    assert set(read_kernels(cubin)) == {"static_smem", "with_frame", "plain"}
+    bad = {  # damaged bytes -> what the error says
+        b"\0" + cubin[1:]: "no ELF magic",
+        _elf_with(cubin, 4, b"\x01"): "not a little-endian ELF64 file",
+        _elf_with(cubin, 18, (62).to_bytes(2, "little")): "e_machine is 62, not EM_CUDA",  # x86-64
+        cubin[: len(cubin) // 2]: "section header table out of bounds",
+        cubin[:40]: "truncated",
+        _elf_with(cubin, 8, b"\x07"): "ELF ABI version 7; only version 8",
+    }
+    for data, message in bad.items():
+        with pytest.raises(CubinError, match=message):
+            read_kernels(data)
+    with pytest.raises(CubinError):
+        read_kernels(b"")
+
+
+def _without_regcount_records(cubin: bytes) -> bytes:
+    """The cubin with its EIATTR_REGCOUNT records renamed to an attribute nobody reads."""
+    (info,) = [s for s in cubin_module._sections(cubin) if s.name == ".nv.info"]
+    head = bytes([cubin_module.EIFMT_SVAL, cubin_module.EIATTR_REGCOUNT, 8, 0])
+    body = cubin[info.offset : info.offset + info.size]
+    assert body.count(head) == 3  # one per kernel
+    return (
+        cubin[: info.offset]
+        + body.replace(head, bytes([cubin_module.EIFMT_SVAL, 0x7F, 8, 0]))
+        + cubin[info.offset + info.size :]
+    )
+
+
+def test_register_count_fallback_of_older_archs() -> None:
+    # sm_80 cubins also keep the count in the high byte of .text.<kernel>'s sh_info; sm_90 and later do not.
+    for arch in ("sm_80", "sm_90a"):
+        cubin = compile_cubin(HANDWRITTEN, arch, name="probe.cu").cubin
+        stripped = _without_regcount_records(cubin)
+        if arch == "sm_80":
+            assert read_kernels(stripped) == read_kernels(cubin)
+        else:
+            with pytest.raises(CubinError, match="no register count for kernel"):
+                read_kernels(stripped)
 
 
 def test_parse_resources_of_real_compile_with_shared_memory() -> None:

@@ -50,7 +50,34 @@ def test_generated_manifest_is_current(path) -> None:
     assert sorted(manifest["archs"]) == sorted(spec.target.archs), hint
     for arch, entry in manifest["archs"].items():
         assert sorted(entry["resources"]) == sorted(kernel_names(spec)), f"{arch}: " + hint
-        assert all(u["registers"] > 0 for u in entry["resources"].values()), f"{arch}: " + hint
+        for kernel, usage in entry["resources"].items():
+            assert_usage(usage, f"{arch} {kernel}: " + hint)
+
+
+def assert_usage(usage: dict, hint: str) -> None:
+    """One kernel's resources as the manifest records them: from the cubin, spills null where unknown."""
+    assert set(usage) == {"registers", "shared_bytes", "stack_bytes", "spill_store_bytes", "spill_load_bytes"}, hint
+    assert isinstance(usage["registers"], int) and 0 < usage["registers"] <= 255, hint
+    assert isinstance(usage["shared_bytes"], int) and usage["shared_bytes"] >= 0, hint
+    assert isinstance(usage["stack_bytes"], int) and usage["stack_bytes"] >= 0, hint
+    for key in ("spill_store_bytes", "spill_load_bytes"):  # null: NVRTC's log did not say (never a made-up 0)
+        assert usage[key] is None or (isinstance(usage[key], int) and usage[key] >= 0), hint
+
+
+def test_assert_usage_accepts_unknown_spills_only() -> None:
+    known = {"registers": 96, "shared_bytes": 0, "stack_bytes": 8, "spill_store_bytes": 4, "spill_load_bytes": 4}
+    assert_usage(known, "")
+    assert_usage({**known, "spill_store_bytes": None, "spill_load_bytes": None}, "")
+    bad_ones = [
+        {**known, "registers": None},
+        {**known, "stack_bytes": None},
+        {**known, "spill_load_bytes": -1},
+        {**known, "spill_store_bytes": "4"},
+        {k: v for k, v in known.items() if k != "spill_load_bytes"},
+    ]
+    for bad in bad_ones:
+        with pytest.raises(AssertionError):
+            assert_usage(bad, "")
 
 
 def test_no_orphaned_generated_folders() -> None:

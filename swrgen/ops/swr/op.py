@@ -486,8 +486,7 @@ def load(path_or_spec: Spec | str | Path) -> SwrOp:
     if path.is_dir():
         from swrgen.build import load_generated
 
-        folder = load_generated(path)
-        return SwrOp(REGISTRY.add(folder if isinstance(folder, Program) else Program.from_generated(folder)))
+        return SwrOp(REGISTRY.add(Program.from_generated(load_generated(path))))
     if path.is_file():
         return SwrOp(REGISTRY.spec(load_spec(path)))
     raise FileNotFoundError(f"no spec file or generated folder at {path}")
