@@ -1,27 +1,33 @@
-"""Launch plans and the public ops' plan caches, without a GPU: the launcher and the tuned-program lookup are
-replaced by fakes, and CPU tensors pass for CUDA ones (``is_cuda`` patched), so what is tested is the
-caching logic: keys, bounds, the ``is_compiling`` guard, thread safety and invalidation by the tuned store."""
+"""The runtime objects and the launch plans, without a GPU: kernel sets get a fake device (kernels that record
+what the driver would read), and CPU tensors pass for CUDA ones (``is_cuda`` patched). What is tested is the
+runtime's logic: one KernelSet per spec and source owns its plans and tuned variants, validated calls skip the
+checks, a tuned-store change drops what embeds a tuned choice, the tuner's plans are not kept, the ways into
+the op (direct, autograd, custom op), and LaunchPlan itself (pointers, grid, threads)."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import swrgen
-from swrgen.ops import fastpath
+from swrgen.ops.phalanx import GatingLayout
 from swrgen.ops.phalanx import launch as fused_launch
-from swrgen.ops.phalanx import op as fused_op
-from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.swr import launch
 from swrgen.ops.swr import op as swr_op
-from swrgen.runtime import driver, plan
+from swrgen.runtime import driver, kernels, plan
+from swrgen.runtime.kernels import KernelSet
 from swrgen.runtime.params import KernelParams
+from swrgen.runtime.plan import PlanCache
 from swrgen.runtime.program import Program
-from swrgen.spec import Spec, default_spec
+from swrgen.runtime.registry import REGISTRY
+from swrgen.spec import default_spec
 from swrgen.tune import store
 
 
@@ -30,62 +36,24 @@ def _inputs(B=1, H=2, DH=16, L=32, dtype=torch.bfloat16, per_channel=False):
     return a, torch.randn(B, H, DH, L).to(dtype)
 
 
-# --- keys ----------------------------------------------------------------------------------------------
-
-
-def test_plan_key_distinguishes_what_checks_and_plans_read() -> None:
-    a, x = _inputs(B=2, H=3)
-    base = swr_op._plan_key(a, x, "k")
-    assert swr_op._plan_key(a.clone(), x.clone(), "k") == base  # data does not matter
-    permuted = x.transpose(0, 1).contiguous().transpose(0, 1)  # same shape, other batch/head strides
-    assert permuted.shape == x.shape and swr_op._plan_key(a, permuted, "k") != base
-    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
-    unaligned = storage[1:].view(x.shape)  # base off a 16-byte boundary
-    assert unaligned.data_ptr() % 16 and swr_op._plan_key(a, unaligned, "k") != base
-    assert swr_op._plan_key(a.float(), x, "k") != base  # gate dtype
-    assert swr_op._plan_key(a, x.half(), "k") != base  # input dtype
-    a4, _ = _inputs(B=2, H=3, per_channel=True)
-    assert swr_op._plan_key(a4, x, "k") != base  # gate layout
-    assert swr_op._plan_key(a, x, "other op") != base
-    assert swr_op._plan_key(a, x[..., :16], "k") != base  # shape
-
-
-def test_fused_geometry_distinguishes_strides_and_alignment() -> None:
-    layout = GatingLayout(2, 2, 16)
-    P = torch.randn(2, 8, layout.width).bfloat16()
-    base = fused_op._geometry(P)
-    padded = torch.randn(2, 8, layout.width + 8).bfloat16()[..., : layout.width]
-    assert fused_op._geometry(padded) != base
-    shifted = torch.empty(P.numel() + 1, dtype=P.dtype)[1:].view(P.shape)
-    assert fused_op._geometry(shifted) != base
-    assert fused_op._geometry(P.half()) != base
-
-
-def test_fresh_rows_aligned_matches_rows_aligned() -> None:
-    for shape in [(1, 1, 16, 3), (2, 3, 16, 5), (2, 1, 16, 8), (3, 2, 32, 17), (1, 5, 16, 1)]:
-        for dtype in (torch.bfloat16, torch.float32):
-            t = torch.empty(shape, dtype=dtype)
-            if t.data_ptr() % 16 == 0:
-                assert launch.fresh_rows_aligned(shape, t.element_size()) == launch.rows_aligned(t), (shape, dtype)
-
-
 # --- PlanCache and LaunchPlan ----------------------------------------------------------------------------
 
 
 def test_plan_cache_is_bounded_oldest_first() -> None:
-    cache = plan.PlanCache(3)
+    cache = PlanCache(3)
     for i in range(5):
         assert cache.put(i, f"plan{i}") == f"plan{i}"
     assert len(cache) == 3 and cache.get(0) is None and cache.get(1) is None
     assert [cache.get(i) for i in (2, 3, 4)] == ["plan2", "plan3", "plan4"]
     cache.put(3, "again")  # replacing a key evicts nothing
     assert len(cache) == 3 and cache.get(2) == "plan2" and cache.get(3) == "again"
+    assert cache.values() == ["plan2", "again", "plan4"]
     with pytest.raises(ValueError, match="maxsize"):
-        plan.PlanCache(0)
+        PlanCache(0)
 
 
 def test_plan_cache_concurrent_puts_stay_bounded() -> None:
-    cache = plan.PlanCache(16)
+    cache = PlanCache(16)
 
     def fill(offset: int) -> None:
         for i in range(2000):
@@ -100,35 +68,48 @@ def test_plan_cache_concurrent_puts_stay_bounded() -> None:
     assert len(cache) == 16
 
 
-class _FakeDriver:
-    """cuLaunchKernel / a kernel's cluster launch that record what the driver would read: the params behind
-    the args address, at launch time (and once more after a pause, to catch another thread's writes)."""
+_FAKES: dict[int, _FakeKernel] = {}
 
-    def __init__(self, monkeypatch, delay: float = 0.0) -> None:
-        from cuda.bindings import driver as cu
 
+def fake_driver(monkeypatch) -> None:
+    """cuLaunchKernel hands each launch to the fake kernel whose function it names; streams are 77."""
+    from cuda.bindings import driver as cu
+
+    def launch(function, gx, gy, gz, bx, by, bz, smem, stream, args, extra):
+        kernel = _FAKES[id(function)]
+        assert smem == kernel.shared_bytes
+        kernel.record(gx, bx, stream, None, args)
+        return (cu.CUresult.CUDA_SUCCESS,)
+
+    monkeypatch.setattr(driver.cu, "cuLaunchKernel", launch)
+    monkeypatch.setattr(plan, "current_stream", lambda index: 77)
+
+
+class _FakeKernel:
+    """A kernel whose launches record what the driver would read: the params behind the args address at
+    launch time (and once more after a pause, to catch another thread's writes)."""
+
+    def __init__(self, monkeypatch, name: str = "fake", delay: float = 0.0) -> None:
         self.delay, self.launches = delay, []
-        self.function, self.device_index, self.name, self.shared_bytes = object(), 0, "fake", 2048
+        self.function, self.device_index, self.name, self.shared_bytes = object(), 0, name, 2048
+        _FAKES[id(self.function)] = self
 
-        def launch(function, gx, gy, gz, bx, by, bz, smem, stream, args, extra):
-            assert function is self.function and smem == self.shared_bytes
-            self.record(gx, bx, stream, None, args)
-            return (cu.CUresult.CUDA_SUCCESS,)
-
-        monkeypatch.setattr(driver.cu, "cuLaunchKernel", launch)
-        monkeypatch.setattr(plan, "current_stream", lambda index: 77)
+        fake_driver(monkeypatch)
 
     def record(self, grid, threads, stream, config, args) -> None:
-        import ctypes
-
         params = KernelParams.from_address(ctypes.c_void_p.from_address(args).value)
         first = (params.x, params.y)
         if self.delay:
             time.sleep(self.delay)
-        self.launches.append((grid, threads, stream, config, first, (params.x, params.y), params.len))
+        self.launches.append(SimpleNamespace(grid=grid, threads=threads, stream=stream, config=config, first=first,
+                                             after=(params.x, params.y), work=params.work,
+                                             state=params.state, seq_start=params.seq_start))  # fmt: skip
+
+    def max_active_ctas_per_sm(self, threads: int) -> int:
+        return 2
 
     def cluster_config(self, grid, threads, cluster):  # the Kernel side of a cluster launch
-        return SimpleNamespace(grid=grid, threads=threads, cluster=cluster)
+        return SimpleNamespace(grid=grid, threads=threads, cluster=cluster, gridDimX=grid)
 
     def launch_args(self, grid, threads, args, stream, config=None):
         self.record(grid, threads, stream, config, args)
@@ -136,21 +117,38 @@ class _FakeDriver:
 
 def test_launch_plan_sets_every_pointer_and_launches_through_its_args(monkeypatch) -> None:
     params = KernelParams()
-    params.len = 123
-    kernel = _FakeDriver(monkeypatch)
+    params.work = 123
+    kernel = _FakeKernel(monkeypatch)
     lp = plan.LaunchPlan(kernel, 5, 64, 1, params)
     lp.launch(x=11, a=22, y=33, state=44)
-    assert kernel.launches == [(5, 64, 77, None, (11, 33), (11, 33), 123)]
+    (first,) = kernel.launches
+    assert (first.grid, first.threads, first.stream, first.first, first.work) == (5, 64, 77, (11, 33), 123)
     assert (params.a, params.state, params.dy, params.dbc) == (22, 44, None, None)
     lp.launch(x=1, y=2)  # pointers not given are cleared, not left from the previous call
     assert params.a is None and params.state is None
     clustered = plan.LaunchPlan(kernel, 8, 32, 2, KernelParams())
     clustered.launch(x=1)
-    assert kernel.launches[-1][3].cluster == 2  # the config is built once, with the plan
+    assert kernel.launches[-1].config.cluster == 2  # the config is built once, with the plan
+
+
+def test_launch_fields_clears_other_pointers_and_sizes_the_grid_from_the_work(monkeypatch) -> None:
+    params = KernelParams()
+    kernel = _FakeKernel(monkeypatch)
+    lp = plan.LaunchPlan(kernel, 1, 4 * 32, 2, params, grid_cap=6)  # 4 warps a CTA, clusters of 2, one wave of 6
+    lp.launch(x=5, state=9)
+    lp.launch_fields({"x": 1, "seq_start": 2, "num_seqs": 3}, work=13)  # 13 warps: 4 CTAs, whole clusters
+    last = kernel.launches[-1]
+    assert last.grid == 4 and last.work == 13 and last.state is None and last.seq_start == 2
+    lp.launch_fields({"x": 1}, work=100)  # 25 CTAs, capped at the wave
+    assert kernel.launches[-1].grid == 6 and kernel.launches[-1].config.gridDimX == 6
+    assert plan.grid_for(0, 4, 1, None) == 0
+    n = len(kernel.launches)
+    lp.launch_fields({"x": 1}, work=0)  # no work: no launch
+    assert len(kernel.launches) == n
 
 
 def test_launch_plan_is_thread_safe(monkeypatch) -> None:
-    kernel = _FakeDriver(monkeypatch, delay=1e-4)
+    kernel = _FakeKernel(monkeypatch, delay=1e-4)
     lp = plan.LaunchPlan(kernel, 1, 32, 1, KernelParams())
 
     def run(tag: int) -> None:
@@ -163,7 +161,7 @@ def test_launch_plan_is_thread_safe(monkeypatch) -> None:
     for t in threads:
         t.join()
     assert len(kernel.launches) == 100
-    assert all(before == after and before[0] == before[1] for *_, before, after, _len in kernel.launches)
+    assert all(r.first == r.after and r.first[0] == r.first[1] for r in kernel.launches)
 
 
 def test_launch_plan_errors_go_through_the_kernels_recovery(monkeypatch) -> None:
@@ -183,206 +181,240 @@ def test_launch_plan_errors_go_through_the_kernels_recovery(monkeypatch) -> None
         plan.LaunchPlan(kernel, 1, 32, 1, KernelParams()).launch(x=1)
 
 
-def test_kernel_launch_args_reuses_a_cluster_config(monkeypatch) -> None:
-    from cuda.bindings import driver as cu
-
-    seen = []
-
-    def fake_ex(config, function, args, extra):
-        seen.append((config.attrs[0].value.clusterDim.x, config.gridDimX, int(config.hStream), args))
-        return (cu.CUresult.CUDA_SUCCESS,)
-
-    monkeypatch.setattr(driver.cu, "cuLaunchKernelEx", fake_ex)
-    kernel = object.__new__(driver.Kernel)
-    kernel.name, kernel.device_index, kernel.function, kernel.shared_bytes = "k", 0, object(), 0
-    config = kernel.cluster_config(8, 64, 4)
-    kernel.launch_args(8, 64, 1234, 5, config)
-    kernel.launch_args(8, 64, 1234, 6, config)
-    assert seen == [(4, 8, 5, 1234), (4, 8, 6, 1234)]
+# --- kernel sets, the registry and the ops, on a fake device ---------------------------------------------
 
 
-# --- the public fast paths, with fakes for CUDA --------------------------------------------------------
+class _FakeDevice:
+    """What KernelSet.on returns on a fake device: an arch, fake kernels by name, and the plan cache."""
 
-
-class _FakePlan:
-    def __init__(self, program, *geometry) -> None:
-        self.program, self.geometry, self.runs = program, geometry, 0
-
-    def run(self, *tensors):
-        self.runs += 1
-        return ("ran", self)
+    def __init__(self, program: Program, monkeypatch) -> None:
+        self.index, self.arch, self.card, self.multiprocessors = -1, "sm_90a", None, 132
+        self.kernels = {name: _FakeKernel(monkeypatch, name) for name in program.kernel_names}
+        self.plans = PlanCache(kernels.PLANS_PER_DEVICE)
 
 
 @pytest.fixture
 def fake_cuda(monkeypatch, tmp_path):
-    """CPU tensors pass for CUDA ones on sm_90a; the launchers build _FakePlans; the tuned store reads an empty
-    temporary cache folder; each test starts with empty plan caches."""
+    """CPU tensors pass for CUDA ones; kernel sets load onto fake devices; the tuned store reads an empty
+    temporary cache folder; plans made and tuned lookups are recorded; the registry's call memo starts empty."""
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: self.device.type == "cpu"))
-    monkeypatch.setattr(Program, "arch_for", lambda self, device: "sm_90a")
     monkeypatch.setenv("SWRGEN_CACHE_DIR", str(tmp_path))
-    built: list[_FakePlan] = []
-    resolved: list[tuple] = []
-    real_resolve = fastpath.resolve
+    made, lookups, checks = [], [], []
 
-    def resolve(program, device, shape, direction=None):  # the real one (store lookups included), recorded
-        resolved.append((program, tuple(shape), direction))
-        return real_resolve(program, device, shape, direction)
+    def on(self, index):
+        dev = self._devices.get(index)
+        if dev is None:
+            dev = self._devices[index] = _FakeDevice(self.program, monkeypatch)
+        return dev
 
-    def fake_plan(program, *tensors, **kwargs):
-        built.append(_FakePlan(program, *(t.shape if isinstance(t, torch.Tensor) else t for t in tensors)))
-        return built[-1]
+    real_make, real_for_shape, real_check = launch.make_plan, KernelSet.for_shape, swr_op.check_tensors
 
-    monkeypatch.setattr(fastpath, "resolve", resolve)
-    monkeypatch.setattr(launch, "forward_plan", fake_plan)
-    monkeypatch.setattr(fused_launch, "forward_plan", fake_plan)
-    for cache in (swr_op._PLANS, fused_op._PLANS):
-        monkeypatch.setattr(cache, "_cache", plan.PlanCache(cache._cache.maxsize))
-    checks = []
-    real_check = swr_op._check_tensors
-    monkeypatch.setattr(swr_op, "_check_tensors", lambda a, x: (checks.append(1), real_check(a, x)))
+    def make_plan(ks, dev, name, params):
+        made.append((ks, name))
+        return real_make(ks, dev, name, params)
+
+    def for_shape(self, index, shape, direction):
+        lookups.append((self, tuple(shape), direction))
+        return real_for_shape(self, index, shape, direction)
+
+    def forget_devices() -> None:  # kernel sets outlive a test (the defaults): no fake device may leak
+        for ks in REGISTRY.live():
+            ks._devices.clear()
+            for variant in ks._variants.values():
+                variant._devices.clear()
+
+    fake_driver(monkeypatch)
+    monkeypatch.setattr(KernelSet, "on", on)
+    monkeypatch.setattr(KernelSet, "for_shape", for_shape)
+    monkeypatch.setattr(launch, "make_plan", make_plan)
+    monkeypatch.setattr(fused_launch, "make_plan", make_plan)
+    monkeypatch.setattr(swr_op, "check_tensors", lambda a, x: (checks.append(1), real_check(a, x)))
+    forget_devices()
     store.clear_memo()
-    yield SimpleNamespace(built=built, resolved=resolved, checks=checks)
+    yield SimpleNamespace(made=made, lookups=lookups, checks=checks)
     store.clear_memo()
+    forget_devices()
 
 
-def _warm(fn, *args, **kwargs):
-    """Two calls; the second's result (a hit when the first one's plan was cached)."""
-    fn(*args, **kwargs)
-    return fn(*args, **kwargs)
+def _calls(fn, *args, n=3, **kwargs):
+    return [fn(*args, **kwargs) for _ in range(n)]
 
 
-def test_swr_second_call_skips_checks_and_planning(fake_cuda) -> None:
+def test_second_call_skips_checks_lookups_and_planning(fake_cuda) -> None:
     a, x = _inputs()
-    tag, first = _warm(swrgen.swr, a, x)
-    assert tag == "ran"
-    built, checks = len(fake_cuda.built), len(fake_cuda.checks)
-    for _ in range(3):
-        assert swrgen.swr(a, x) == ("ran", first)
-    assert len(fake_cuda.built) == built and len(fake_cuda.checks) == checks  # hits: no checks, no planning
-    assert first.runs == 5  # the first call's plan served every call
+    swrgen.swr(a, x)
+    made, checks, lookups = len(fake_cuda.made), len(fake_cuda.checks), len(fake_cuda.lookups)
+    assert made == 1 and checks == 1 and lookups == 1
+    ys = _calls(swrgen.swr, a, x)
+    assert all(y.shape == x.shape and y.dtype == torch.float32 for y in ys)
+    assert (len(fake_cuda.made), len(fake_cuda.checks), len(fake_cuda.lookups)) == (made, checks, lookups)
+    ks = swr_op.default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)
+    launches = ks.on(-1).kernels["swr_fwd_vec"].launches
+    assert len(launches) == 4  # every call launched the one plan
 
 
-def test_swr_new_geometry_or_arguments_get_their_own_plan(fake_cuda) -> None:
+def test_new_geometry_or_arguments_get_their_own_plan(fake_cuda) -> None:
     a, x = _inputs(B=2, H=3)
-    _, base = _warm(swrgen.swr, a, x)
+    swrgen.swr(a, x)
+    n = len(fake_cuda.made)
     permuted = x.transpose(0, 1).contiguous().transpose(0, 1)
-    assert _warm(swrgen.swr, a, permuted)[1] is not base
     shifted = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape)
-    assert _warm(swrgen.swr, a, shifted)[1] is not base
-    assert _warm(swrgen.swr, a.half(), x.half())[1] is not base
-    assert _warm(swrgen.swr, a, x, out_dtype=torch.bfloat16)[1] is not base
-    k3 = _warm(swrgen.swr, a, x, window_blocks=3)[1]
-    assert k3 is not base and k3.program.spec.recurrence.window_blocks == 3
-    assert swrgen.swr(a, x)[1] is base
+    shifted.copy_(x)
+    for args, kw in [((a, permuted), {}), ((a, shifted), {}), ((a.half(), x.half()), {}),
+                     ((a, x), {"out_dtype": torch.bfloat16}), ((a, x), {"window_blocks": 3})]:  # fmt: skip
+        _calls(swrgen.swr, *args, **kw)
+        assert len(fake_cuda.made) == n + 1, (args[1].stride(), kw)  # one plan, then hits
+        n += 1
+    assert fake_cuda.made[-1][0].spec.recurrence.window_blocks == 3
+    assert fake_cuda.made[-3][1] == "swr_fwd_vec" and fake_cuda.made[-4][1] == "swr_fwd_scalar"  # the unaligned copy
+    swrgen.swr(a, x)
+    assert len(fake_cuda.made) == n  # the first geometry still hits
 
 
-def test_swr_validation_still_runs_for_values_that_hash_alike(fake_cuda) -> None:
+def test_validation_still_runs_for_values_that_hash_alike(fake_cuda) -> None:
     a, x = _inputs()
-    _warm(swrgen.swr, a, x, window_blocks=1)
-    with pytest.raises(Exception, match="window_blocks"):
+    _calls(swrgen.swr, a, x, window_blocks=1)
+    with pytest.raises(ValueError, match="window_blocks must be an int"):
         swrgen.swr(a, x, window_blocks=True)  # == 1 and hashes alike, but is no integer
+    with pytest.raises(ValueError, match="window_blocks must be an int"):
+        swrgen.swr(a, x, window_blocks=1.0)
     with pytest.raises(TypeError, match="float64"):
         swrgen.swr(a.double(), x.double())
+    with pytest.raises(TypeError, match="out_dtype must be a floating"):
+        swrgen.swr(a, x, out_dtype=torch.int32)
 
 
-def test_swr_grad_and_compile_take_the_custom_op(fake_cuda, monkeypatch) -> None:
+def test_grad_goes_through_autograd_and_compile_through_the_custom_op(fake_cuda, monkeypatch) -> None:
     a, x = _inputs()
-    _warm(swrgen.swr, a, x)
-    calls = []
-    monkeypatch.setattr(swr_op, "_swr_fwd", lambda *args: calls.append(args) or "custom op")
-    assert swrgen.swr(a, x.clone().requires_grad_()) == "custom op"
+    swrgen.swr(a, x)
+    applied, custom = [], []
+    monkeypatch.setattr(swr_op._SwrFunction, "apply", lambda *args: applied.append(args) or (args[1], None, None))
+    monkeypatch.setattr(swr_op, "_swr_fwd", lambda *args: custom.append(args) or (args[1], None, None))
+    xg = x.clone().requires_grad_()
+    assert swrgen.swr(a, xg) is xg and len(applied) == 1
     with torch.no_grad():
-        assert swrgen.swr(a, x.clone().requires_grad_())[0] == "ran"
-
-    def untouched(key):
-        raise AssertionError("a plan cache was read while compiling")
-
+        assert swrgen.swr(a, xg).shape == x.shape and len(applied) == 1  # inference: the direct launch
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    monkeypatch.setattr(swr_op._PLANS._cache, "get", untouched)
-    assert swrgen.swr(a, x) == "custom op"
-    assert swrgen.load(default_spec())(a, x) == "custom op"
-    assert len(calls) == 3
+    monkeypatch.setattr(REGISTRY.calls, "get", lambda key: pytest.fail("the call memo was read while compiling"))
+    assert swrgen.swr(a, x) is x and swrgen.load(default_spec())(a, x) is x
+    assert len(custom) == 2 and isinstance(custom[0][7], str) and len(custom[0][7]) == 32  # the kernel set's key
 
 
-def test_is_compiling_is_checked_first(fake_cuda, monkeypatch) -> None:
+def test_is_compiling_is_checked_first(monkeypatch) -> None:
     a, x = _inputs()
-    assert fastpath.direct_ok(a, x)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert swr_op.direct_ok(a, x)
 
     def unreachable():
         raise AssertionError("direct_ok read global state past is_compiling()")
 
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(torch, "is_grad_enabled", unreachable)
-    assert not fastpath.direct_ok(a, x)
+    assert not swr_op.direct_ok(a, x)
 
 
-def test_plans_are_dropped_when_the_tuned_store_changes(fake_cuda) -> None:
+def test_a_tuned_store_change_drops_what_embeds_a_tuned_choice(fake_cuda) -> None:
     a, x = _inputs()
-    _, first = _warm(swrgen.swr, a, x)
-    assert swrgen.swr(a, x)[1] is first
-    store.clear_memo()  # what store.save() does after writing
-    _, second = swrgen.swr(a, x)
-    assert second is not first
-    assert _warm(swrgen.swr, a, x)[1] is not first
-    program = fake_cuda.built[-1].program
-    assert program.spec.target.warps_per_cta != 8
-    store.save(program.spec, "sm_90a", tuple(x.shape), {"target": {"warps_per_cta": 8}})
-    tuned = swrgen.swr(a, x)[1].program  # the next call: the tuned program
-    assert tuned is not program and tuned.spec.target.warps_per_cta == 8
-    assert _warm(swrgen.swr, a, x)[1].program is tuned
+    _calls(swrgen.swr, a, x)
+    ks = swr_op.default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)
+    assert len(REGISTRY.calls) == 1 and len(ks.on(-1).plans) == 1
+    store.save(ks.spec, "sm_90a", tuple(x.shape), {"target": {"warps_per_cta": 8, "tiles_per_warp": 3}})
+    assert len(REGISTRY.calls) == 0 and len(ks.on(-1).plans) == 0  # the store told the registry
+    swrgen.swr(a, x)
+    variant, name = fake_cuda.made[-1]
+    assert variant is not ks and variant.pinned and variant.spec.target.warps_per_cta == 8
+    assert variant is ks.variant({"tiles_per_warp": 3, "warps_per_cta": 8})  # memoized on its parent
+    assert fake_cuda.lookups[-1] == (ks, tuple(x.shape), "fwd")
+    launched = variant.on(-1).kernels[name].launches
+    assert launched and launched[-1].threads == 8 * 32
+    n = len(fake_cuda.made)
+    _calls(swrgen.swr, a, x)
+    assert len(fake_cuda.made) == n  # hits again
 
 
-def test_resolve_memoizes_without_hashing_specs(fake_cuda, monkeypatch) -> None:
-    program = swrgen.load(default_spec()).program
-    shape, device = (1, 2, 16, 32), torch.device("cuda", 0)
-    assert fastpath.resolve(program, device, shape) is program  # nothing stored
-    store.save(program.spec, "sm_90a", shape, {"target": {"tiles_per_warp": 3}})
-    tuned = fastpath.resolve(program, device, shape)
-    assert tuned is not program and tuned.spec.target.tiles_per_warp == 3
-
-    def digest(self):
-        raise AssertionError("a spec was hashed on a memoized resolve")
-
-    monkeypatch.setattr(Spec, "digest", digest)
-    assert fastpath.resolve(program, device, shape) is tuned
-    generated = Program(program.spec, source=program.source)  # a generated/ folder's program: never swapped
-    assert fastpath.resolve(generated, device, shape) is generated
+def test_pinned_kernel_sets_never_swap_knobs(fake_cuda) -> None:
+    spec = default_spec()
+    generated = KernelSet(Program(spec, source=Program(spec).source))  # a build folder's program: pinned
+    assert generated.pinned and generated.for_shape(-1, (1, 2, 16, 32), "fwd") is generated
+    store.save(spec, "sm_90a", (1, 2, 16, 32), {"target": {"tiles_per_warp": 3}})
+    templated = KernelSet(Program(spec))
+    tuned = templated.for_shape(-1, (1, 2, 16, 32), "fwd")
+    assert tuned is not templated and tuned.spec.target.tiles_per_warp == 3 and tuned.for_shape(-1, (1,), "fwd") is tuned
 
 
 def test_plans_made_inside_store_disabled_are_not_kept(fake_cuda) -> None:
     a, x = _inputs()
     with store.disabled():
-        n = len(fake_cuda.built)
+        n = len(fake_cuda.made)
         swrgen.swr(a, x)
         swrgen.swr(a, x)
-        assert len(fake_cuda.built) == n + 2  # nothing cached: the tuner times what it builds
-    _, plan_ = _warm(swrgen.swr, a, x)
-    with store.disabled():
-        assert swrgen.swr(a, x)[1] is not plan_  # lookups answer None in here: no tuned plan served
+        assert len(fake_cuda.made) == n + 2  # nothing kept: the tuner times what it builds
+    ks = swr_op.default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)
+    assert len(ks.on(-1).plans) == 0 and len(REGISTRY.calls) == 0
+    _calls(swrgen.swr, a, x)
+    assert len(fake_cuda.made) == n + 3
 
 
-def test_swr_op_fast_path_checks_against_its_own_spec(fake_cuda) -> None:
+def test_op_fast_path_checks_against_its_own_spec(fake_cuda) -> None:
     a, x = _inputs()
     op = swrgen.load(default_spec())
-    _, p = _warm(op, a, x)
-    assert op(a, x)[1] is p
+    _calls(op, a, x)
     with pytest.raises(TypeError, match="dtype"):
-        op(a.float(), x.float())  # the spec takes bf16; a float32 plan of swr() must not serve it
-    _warm(swrgen.swr, a.float(), x.float())
+        op(a.float(), x.float())  # the spec takes bf16; a float32 call of swr() must not serve it
+    _calls(swrgen.swr, a.float(), x.float())
     with pytest.raises(TypeError, match="dtype"):
         op(a.float(), x.float())
+
+
+def test_dropping_an_op_drops_its_kernel_set_and_plans(fake_cuda) -> None:
+    spec = default_spec(window_blocks=5)
+    op = swrgen.load(spec)
+    a, x = _inputs()
+    with torch.no_grad():
+        _calls(op, a, x)
+    ref = weakref.ref(op.kernels)
+    key = op.key
+    assert REGISTRY.get(key) is op.kernels
+    REGISTRY.calls.clear()  # validated calls hold plans, not kernel sets; drop them for a clean count
+    fake_cuda.made.clear()  # the fixture's records hold kernel sets too
+    fake_cuda.lookups.clear()
+    del op
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(KeyError, match="released"):
+        REGISTRY.get(key)
 
 
 def test_phalanx_fast_path(fake_cuda) -> None:
     layout = GatingLayout(4, 2, 16)
     P = torch.randn(2, 8, layout.width).bfloat16()
-    _, first = _warm(swrgen.phalanx_gating, P, heads=4, kv_heads=2)
-    n = len(fake_cuda.built)
-    assert swrgen.phalanx_gating(P, heads=4, kv_heads=2)[1] is first
-    assert len(fake_cuda.built) == n
-    assert fake_cuda.resolved[-1][1] == (2, 4, 16, 8)  # the store's shape of the fused kernels: (B, H, 16, L)
-    assert _warm(swrgen.phalanx_gating, P, heads=4, kv_heads=2, decay_max=0.5)[1] is not first
+    swrgen.phalanx_gating(P, heads=4, kv_heads=2)
+    n = len(fake_cuda.made)
+    assert fake_cuda.lookups[-1][1:] == ((2, 4, 16, 8), "fwd")  # the store's shape of the fused kernels
+    _calls(swrgen.phalanx_gating, P, heads=4, kv_heads=2)
+    assert len(fake_cuda.made) == n
+    _calls(swrgen.phalanx_gating, P, heads=4, kv_heads=2, decay_max=0.5)
+    assert len(fake_cuda.made) == n + 1
     with pytest.raises(ValueError, match="kv_heads"):
         swrgen.phalanx_gating(P, heads=4, kv_heads=2.0)  # == 2, but no int
     store.clear_memo()
-    assert swrgen.phalanx_gating(P, heads=4, kv_heads=2)[1] is not first
+    swrgen.phalanx_gating(P, heads=4, kv_heads=2)
+    assert len(fake_cuda.made) == n + 2
+
+
+def test_packed_and_state_calls_reuse_their_plan_and_set_the_work(fake_cuda) -> None:
+    a, x = _inputs(L=100)
+    swrgen.swr(a, x, cu_seqlens=[0, 40, 100])
+    n = len(fake_cuda.made)
+    swrgen.swr(a, x, cu_seqlens=[0, 7, 60, 100])  # other sequences, same plan; their work is set per call
+    assert len(fake_cuda.made) == n and fake_cuda.made[-1][1] == "swr_fwd_scalar"  # 7 is no multiple of 8
+    ks = swr_op.default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)
+    launches = ks.on(-1).kernels["swr_fwd_scalar"].launches
+    assert launches[-1].seq_start is not None and launches[-1].work == 2 * 3  # 2 rows x 3 sequences of 1 chunk
+    a, x = _inputs(L=96)  # rows of 16-byte multiples, and a phase (0) the host knows: the vector kernel
+    state = swrgen.ops.swr.state.SwrState.zeros(1, 2, 16, 2)
+    y, new = swrgen.swr(a, x, initial_state=state, return_state=True)
+    assert fake_cuda.made[-1][1] == "swr_fwd_state_vec" and new.positions() == [96]
+    state.host_pos = None  # positions only on the device: the phases are unknown, so element-wise
+    swrgen.swr(a, x, initial_state=state, return_state=True)
+    assert fake_cuda.made[-1][1] == "swr_fwd_state_scalar"

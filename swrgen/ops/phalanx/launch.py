@@ -12,7 +12,9 @@ import torch
 from swrgen import constants
 from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.swr.launch import Sequences, StateArgs, _geometry, _packed_fields, _plan, _state_fields, ceil_div
-from swrgen.ops.swr.launch import fresh_rows_aligned, make_plan, rows_aligned
+from swrgen.ops.swr.launch import aligned, fresh_rows_aligned, make_plan, rows_aligned
+
+__all__ = ["aligned", "backward", "decode", "forward", "forward_plan", "tuning_shape", "use_vector_kernel"]
 from swrgen.runtime.kernels import DeviceKernels, KernelSet
 from swrgen.runtime.params import KernelParams
 from swrgen.runtime.plan import LaunchPlan
