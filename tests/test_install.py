@@ -88,6 +88,30 @@ def test_editable_install_serves_the_data_packages() -> None:
     assert out.split() == [str(REPO / "templates" / "__init__.py"), str(REPO / "specs" / "__init__.py")]
 
 
+def test_a_source_tree_never_installed_finds_its_folders(tmp_path: Path) -> None:
+    """Only on sys.path, no install (no editable finder): swrgen.resources falls back to the folders beside
+    swrgen/, and the version to the constant."""
+    tree = tmp_path / "tree"
+    for name in ("swrgen", "templates", "specs"):
+        shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    code = (
+        f"import sys; sys.path[:0] = [{str(tree)!r}]; sys.path += {site!r}\n"  # site-packages, not their .pth files
+        "import importlib.metadata as md, importlib.util as u\n"
+        "md.version = lambda name: (_ for _ in ()).throw(md.PackageNotFoundError(name))\n"
+        "import swrgen, swrgen.resources as r\n"
+        "from swrgen.codegen import render_source\n"
+        "from swrgen.spec import load_spec\n"
+        "assert u.find_spec('swrgen.templates') is None\n"
+        "render_source(load_spec(r.shipped_spec('hopper_k2')))\n"
+        "print(swrgen.__file__, r.templates_dir(), r.specs_dir(), swrgen.__version__)"
+    )
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tree / "swrgen" / "__init__.py"), str(tree / "templates"),
+                                     str(tree / "specs"), swrgen._VERSION]  # fmt: skip
+
+
 # --- the package's namespace ----------------------------------------------------------------------------
 
 
