@@ -22,10 +22,13 @@ swrgen_setup() {
   . "$SWRGEN_VENV/bin/activate" || return 1
 
   local stamp="$SWRGEN_VENV/.swrgen-setup" want
-  want="torch==$SWRGEN_TORCH_VERSION $(sha256sum "$SWRGEN_ROOT/pyproject.toml" | cut -d' ' -f1) $SWRGEN_ROOT"
+  # the version lives in swrgen/__init__.py (pyproject.toml reads it): a new one needs new package metadata
+  want="torch==$SWRGEN_TORCH_VERSION $(sha256sum "$SWRGEN_ROOT/pyproject.toml" | cut -d' ' -f1)"
+  want="$want $(grep -m1 '^_VERSION' "$SWRGEN_ROOT/swrgen/__init__.py" || true) $SWRGEN_ROOT"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
     python -c "import importlib.util as u, sys
-sys.exit(any(u.find_spec(m) is None for m in ('swrgen', 'torch', 'pytest', 'click', 'jinja2', 'yaml', 'cuda.bindings')))" \
+sys.exit(any(u.find_spec(m) is None for m in ('swrgen', 'swrgen.templates', 'torch', 'pytest', 'build', 'click',
+                                             'jinja2', 'yaml', 'cuda.bindings')))" \
       2>/dev/null; then
     return 0
   fi

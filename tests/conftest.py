@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from swrgen import resources
+
 REPO = Path(__file__).resolve().parents[1]
-SPECS_DIR = REPO / "specs"
-SPEC_PATHS = sorted(SPECS_DIR.glob("*.yaml"))
+SPECS_DIR = resources.specs_dir()  # specs/ of this checkout (test_spec.py checks that it is)
+SPEC_PATHS = list(resources.shipped_specs().values())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -62,11 +64,17 @@ def test_each_command_has_help(command: str) -> None:
 
 
 def test_version() -> None:
+    import importlib.metadata
+
     import swrgen
 
     result = run("--version")
     assert result.exit_code == 0
-    assert swrgen.__version__ in result.output
+    assert result.output == f"swrgen, version {swrgen.__version__}\n"
+    try:  # installed (editable or not): the metadata's version, which pyproject.toml reads from swrgen/__init__.py
+        assert swrgen.__version__ == importlib.metadata.version("swrgen") == swrgen._VERSION
+    except importlib.metadata.PackageNotFoundError:
+        assert swrgen.__version__ == swrgen._VERSION
 
 
 def test_unknown_command() -> None:
@@ -338,3 +346,268 @@ def test_demo_default_spec() -> None:
     result = run("demo", "--length", 20, "--batch", 1, "--heads", 1)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["spec"] == "hopper_k2"
+
+
+# --- spec arguments: a file or a shipped name -----------------------------------------------------------
+
+
+def test_commands_take_shipped_spec_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = spec_path("hopper_k3")
+    result = run("validate", "hopper_k3", "hopper_k1.yaml")
+    assert result.exit_code == 0, result.output
+    assert f"ok    {shipped}" in result.output and f"ok    {spec_path('hopper_k1')}" in result.output
+    shown = run("show", "hopper_k3")
+    assert shown.exit_code == 0 and shown.output.startswith(f"# {shipped}  digest {load_spec(shipped).digest()}")
+    # build writes under the current folder by default: ./generated/<name>/
+    monkeypatch.chdir(tmp_path)
+    built = run("build", "hopper_k2", "--no-compile")
+    assert built.exit_code == 0, built.output
+    assert (tmp_path / "generated" / "hopper_k2" / "swr.cu").read_text() == render_source(
+        load_spec(spec_path("hopper_k2"))
+    )
+
+
+def test_a_file_wins_over_a_shipped_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "hopper_k2", "name: mine\n")
+    result = run("validate", "hopper_k2")
+    assert result.exit_code == 0 and "(mine, digest" in result.output
+
+
+@pytest.mark.parametrize("command", ["validate", "show", "build", "demo", "tune"])
+def test_unknown_spec_lists_the_shipped_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run(command, "hopper_k9")
+    assert result.exit_code == 2
+    assert "'hopper_k9' does not exist as a file and is not the name of a shipped spec" in result.output
+    assert "shipped specs: " + ", ".join(p.stem for p in SPEC_PATHS) in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output
+
+
+def test_a_folder_is_not_a_spec(tmp_path: Path) -> None:
+    result = run("show", tmp_path)
+    assert (
+        result.exit_code == 2 and "is a folder; give a spec file (.yaml) or the name of a shipped spec" in result.output
+    )
+
+
+# --- demo: argument ranges ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "allowed"),
+    [("--length", 0, "x>=1"), ("--batch", -1, "x>=1"), ("--heads", 0, "x>=1"), ("--seed", -1, "0<=x<=")],
+)
+def test_demo_rejects_bad_sizes(option: str, value: int, allowed: str) -> None:
+    result = run("demo", "--length", 20, option, value)
+    assert result.exit_code == 2
+    assert f"Invalid value for '{option}': {value} is not in the range {allowed}" in result.output
+    assert "Traceback" not in result.output
+
+
+# --- tune: the grid is checked before any GPU work ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("grid", "fragments"),
+    [
+        ("warps_per_cta=3", ["no candidate is valid: warps_per_cta=3 is not allowed (allowed: 1, 2, 4, 8, 16, 32)"]),
+        (
+            "tiles_in_flight=3,5",
+            ["no candidate is valid: tiles_in_flight=3,5 is not allowed (allowed: 1, 2, 4, 8, 16)"],
+        ),
+        ("tiles_per_warp=0", ["no candidate is valid: tiles_per_warp=0 is not allowed (allowed: 1..65536)"]),
+        ("persistent=1", ["no candidate is valid: persistent=1 is not allowed (allowed: true, false)"]),
+        ("warps_per_cta=true", ["warps_per_cta=true is not allowed (allowed: 1, 2, 4"]),
+        ("staging=global", ["staging=global is not allowed (allowed: registers, shared)"]),
+        # one bad value among good ones is still an error (it would silently drop candidates)
+        ("warps_per_cta=3,4", ["--grid: warps_per_cta=3 is not allowed (allowed: 1, 2, 4, 8, 16, 32)"]),
+    ],
+)
+def test_tune_rejects_grid_values(grid: str, fragments: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("the grid was not checked first"))
+    result = run("tune", "hopper_k2", "--grid", grid)
+    assert result.exit_code == 2, result.output
+    for fragment in fragments:
+        assert fragment in result.output.replace("\n", " "), result.output
+    assert grid.startswith("warps_per_cta=3,") == ("no candidate is valid" not in result.output)
+
+
+def test_tune_rejects_a_grid_with_no_valid_combination(monkeypatch: pytest.MonkeyPatch) -> None:
+    from swrgen.compiler import CompileCache
+
+    monkeypatch.setattr(CompileCache, "compile", lambda *a, **k: pytest.fail("compiled before checking the grid"))
+    # each value is allowed, but no combination fits: clusters need sm_90+, 16 tiles in flight need shared staging
+    result = run("tune", "hopper_k2", "--compile-only", "--arch", "sm_80", "--grid", "cluster_size=2")
+    assert result.exit_code == 2
+    text = result.output.replace("\n", " ")
+    assert "no candidate is valid: no combination of cluster_size=2" in text and "on sm_80" in text
+    assert "cluster_size 2 needs one of sm_90" in text
+    result = run("tune", "hopper_k2", "--compile-only", "--grid", "tiles_in_flight=16;staging=registers")
+    assert result.exit_code == 2
+    text = result.output.replace("\n", " ")
+    assert "no candidate is valid: no combination of tiles_in_flight=16; staging=registers" in text
+    assert "target.tiles_in_flight" in text and "allowed" not in text.split("no candidate is valid")[0]
+
+
+# --- the top-level guard: one line, no traceback --------------------------------------------------------
+
+
+def test_unexpected_error_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(path):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.delenv("SWRGEN_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "load_spec", boom)
+    result = run("validate", "hopper_k2")
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: ZeroDivisionError: division by zero; second line (unexpected; SWRGEN_DEBUG=1 shows the traceback)\n"
+    )
+
+
+def test_unexpected_error_traceback_with_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "load_spec", lambda path: 1 / 0)
+    monkeypatch.setenv("SWRGEN_DEBUG", "1")
+    result = CliRunner().invoke(cli.main, ["validate", "hopper_k2"])
+    assert isinstance(result.exception, ZeroDivisionError)
+    assert "SWRGEN_DEBUG=1" in run("--help").output
+
+
+def test_os_error_is_reported_with_its_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_read(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cli, "load_spec", no_read)
+    result = run("validate", "hopper_k2")
+    assert result.exit_code == 1
+    assert result.output == f"Error: {spec_path('hopper_k2')}: Permission denied\n"
+
+
+def test_usage_errors_keep_clicks_exit_code() -> None:
+    result = run("build")
+    assert result.exit_code == 2 and "Missing argument 'SPEC'" in result.output
+
+
+# --- build: where the output cannot be written ----------------------------------------------------------
+
+
+def test_build_out_is_a_file(tmp_path: Path) -> None:
+    target = write(tmp_path, "afile", "")
+    result = run("build", "hopper_k2", "--no-compile", "-o", target)
+    assert result.exit_code == 2
+    text = result.output.replace("\n", " ")
+    assert f"'{target}' is a file" in text and "choose another -o" in text and "Traceback" not in text
+    nested = run("build", "hopper_k2", "--no-compile", "-o", target / "sub")
+    assert nested.exit_code == 1
+    assert f"cannot write the build output to {target / 'sub' / 'hopper_k2'}/" in nested.output
+    assert "Not a directory" in nested.output and "a part of that path is a file" in nested.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0555 folder anyway")
+def test_build_into_a_read_only_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        result = run("build", "hopper_k2", "--no-compile", "-o", folder)
+    finally:
+        folder.chmod(0o755)
+    assert result.exit_code == 1
+    assert f"cannot write the build output to {folder / 'hopper_k2'}/" in result.output
+    assert "Permission denied" in result.output and "fix the folder's permissions" in result.output
+
+
+@pytest.mark.parametrize(
+    ("code", "strerror", "advice"),
+    [
+        (errno.EROFS, "Read-only file system", "that disk is read-only: choose a folder on a writable disk with -o"),
+        (errno.ENOSPC, "No space left on device", "the disk is full: free some space or choose a folder on another"),
+        (errno.EACCES, "Permission denied", "no permission to write there"),
+        (errno.EIO, "Input/output error", "check that the folder can be written and its disk has space"),
+    ],
+)
+def test_build_write_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, strerror: str, advice: str
+) -> None:
+    import swrgen.build
+
+    def fail(spec, out_root, *args, **kwargs):
+        raise OSError(code, strerror, str(Path(out_root) / spec.name / "swr.cu"))
+
+    monkeypatch.setattr(swrgen.build, "build", fail)
+    result = run("build", "hopper_k2", "--no-compile", "-o", tmp_path)
+    assert result.exit_code == 1
+    folder = tmp_path / "hopper_k2"
+    expected = f"Error: cannot write the build output to {folder}/ ({folder / 'swr.cu'}: {strerror}); {advice}"
+    assert result.output.replace("\n", " ").startswith(expected), result.output
+    assert "Traceback" not in result.output
+
+
+def test_build_error_of_the_build_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import swrgen.build
+
+    build_error = getattr(swrgen.build, "BuildError", None)
+    if build_error is None:  # the contract of swrgen.build: a RuntimeError subclass that names the path
+        build_error = type("BuildError", (RuntimeError,), {})
+        monkeypatch.setattr(swrgen.build, "BuildError", build_error, raising=False)
+
+    def fail(spec, out_root, *args, **kwargs):
+        path = Path(out_root) / spec.name / "manifest.json"
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        except OSError as err:
+            raise build_error(f"could not write {path}: {err.strerror}") from err
+
+    monkeypatch.setattr(swrgen.build, "build", fail)
+    result = run("build", "hopper_k2", "--no-compile", "-o", tmp_path)
+    assert result.exit_code == 1
+    text = result.output.replace("\n", " ")
+    assert f"could not write {tmp_path / 'hopper_k2' / 'manifest.json'}: No space left on device" in text
+    assert "the disk is full" in text and "Traceback" not in text
+
+
+def test_build_runtime_error_without_build_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import swrgen.build
+
+    monkeypatch.delattr(swrgen.build, "BuildError", raising=False)
+    monkeypatch.setattr(swrgen.build, "build", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("driver gone")))
+    result = run("build", "hopper_k2", "--no-compile", "-o", tmp_path)
+    assert result.exit_code == 1
+    assert result.output == f"Error: the build into {tmp_path / 'hopper_k2'}/ failed: driver gone\n"
+
+
+def test_validate_a_name_too_long_for_a_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "long.yaml", f"name: {'a' * 300}\n")
+    result = run("validate", path)
+    assert result.exit_code == 1
+    assert f"{path}:1: name: got a name of 300 characters" in result.stderr
+    assert "allowed: an identifier matching [A-Za-z_][A-Za-z0-9_]* of at most 64 characters" in result.stderr
+
+
+def test_version_without_package_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running from a source tree that was never installed: no metadata, the constant in swrgen/__init__.py."""
+    import importlib.metadata
+
+    import swrgen
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert swrgen.__version__ == swrgen._VERSION
+    result = run("--version")
+    assert result.exit_code == 0 and result.output == f"swrgen, version {swrgen._VERSION}\n"
+
+
+def test_broken_pipe_is_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`swrgen list | head -1`: the reader left; no error to print, exit code 1."""
+
+    def gone(path):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "load_spec", gone)
+    result = run("list")
+    assert result.exit_code == 1 and result.output == ""

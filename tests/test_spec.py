@@ -493,6 +493,20 @@ BAD_FILES = [
         "target.archs[1]",
         ["recursive YAML alias"],
     ),
+    (
+        "name_too_long",  # passed validation once, then failed `swrgen build` (file name too long)
+        f"name: {'n' * 300}\n",
+        1,
+        "name",
+        ["a name of 300 characters", "longer than 64", "allowed: an identifier", "at most 64 characters"],
+    ),
+    (
+        "nested_too_deeply",
+        "name: x\ntarget:\n  archs: " + "[" * 40 + "]" * 40 + "\n",
+        3,
+        "target.archs" + "[0]" * 30,  # the 33rd level: root, target, archs, 30 lists
+        ["nested more than 32 levels deep", "allowed: lists and mappings nested at most 32 levels deep"],
+    ),
 ]
 
 
@@ -530,6 +544,87 @@ def test_defaulted_field_error_points_at_enclosing_key(tmp_path: Path) -> None:
         load_spec(path)
     assert (info.value.line, info.value.field) == (6, "target.tiles_in_flight")
     assert "16 tokens per lane x 8 tiles in flight = 128 > limit 64" in str(info.value)
+
+
+# "Billion laughs": 9 levels of 9 aliases each, ~300 bytes that stand for 9**9 (387 million) values. Walked
+# naively it took 17-20 s and 1.8 GB before failing; the walk now stops after MAX_SPEC_VALUES.
+BILLION_LAUGHS = "name: lol\na: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{c}: &{c} [{','.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def test_alias_expansion_is_bounded(tmp_path: Path) -> None:
+    from swrgen.spec.loader import MAX_SPEC_VALUES
+
+    path = tmp_path / "laughs.yaml"
+    path.write_text(BILLION_LAUGHS)
+    assert path.stat().st_size < 320
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    err = info.value
+    assert err.source == str(path) and err.line is not None and 2 <= err.line <= 10, str(err)
+    msg = str(err)
+    assert msg.startswith(f"{path}:{err.line}: "), msg
+    assert f"expands to more than {MAX_SPEC_VALUES} values" in msg and "aliases" in msg, msg
+    assert f"allowed: at most {MAX_SPEC_VALUES} values after expanding aliases" in msg, msg
+
+
+def test_aliases_within_the_bound_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "alias.yaml"
+    path.write_text("name: x\nrecurrence:\n  dtypes: {input: &t fp16, gate: *t, output: *t}\n")
+    r = load_spec(path).recurrence
+    assert (r.input_dtype, r.gate_dtype, r.output_dtype) == ("fp16", "fp16", "fp16")
+    # Many plain values below the bound reach validation (and its own error); above it, the bound's.
+    body = "name: x\ntarget:\n  archs: [" + ", ".join(["sm_90a"] * 2000) + "]\n"
+    with pytest.raises(SpecError, match="duplicate architecture"):
+        spec_from_yaml_text(body)
+    with pytest.raises(SpecError, match="expands to more than"):
+        spec_from_yaml_text(body.replace(", ".join(["sm_90a"] * 2000), ", ".join(["sm_90a"] * 20000)))
+
+
+def spec_from_yaml_text(text: str) -> Spec:
+    from swrgen.spec import spec_from_yaml
+
+    return spec_from_yaml(text, "<text>")
+
+
+def test_nesting_deeper_than_the_yaml_parser_goes(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: x\ndescription: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == (f"{path}: the YAML is nested too deeply to read; "
+                               "allowed: lists and mappings nested at most 32 levels deep")  # fmt: skip
+
+
+def test_file_size_is_capped(tmp_path: Path) -> None:
+    from swrgen.spec.loader import MAX_SPEC_BYTES
+
+    body = "name: big\n"
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(body + "#" * (MAX_SPEC_BYTES - len(body) - 1) + "\n")
+    assert ok.stat().st_size == MAX_SPEC_BYTES
+    assert load_spec(ok).name == "big"
+    big = tmp_path / "big.yaml"
+    big.write_text(body + "#" * (MAX_SPEC_BYTES - len(body)) + "\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(big)
+    assert str(info.value) == (f"{big}: the spec file is larger than {MAX_SPEC_BYTES} bytes; "
+                               f"allowed: spec files of at most {MAX_SPEC_BYTES} bytes (1 MiB)")  # fmt: skip
+    with pytest.raises(SpecError, match="larger than"):
+        spec_from_yaml_text(big.read_text())
+
+
+def test_name_length_limit() -> None:
+    from swrgen.spec.schema import MAX_NAME_LEN
+
+    assert Spec(name="n" * MAX_NAME_LEN).name == "n" * MAX_NAME_LEN
+    with pytest.raises(SpecError, match=f"longer than {MAX_NAME_LEN}; allowed: .*at most {MAX_NAME_LEN} char"):
+        Spec(name="n" * (MAX_NAME_LEN + 1))
+    # every default name fits (the longest recurrence there is)
+    longest = default_spec(head_dim=64, block_len=64, window_blocks=8, gate_layout="per_channel", input_dtype="fp16",
+                           gate_dtype="bf16", output_dtype="fp16")  # fmt: skip
+    assert len(longest.name) <= MAX_NAME_LEN
 
 
 def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:

@@ -6,17 +6,16 @@ here: the spec, the shared constants and the kernel parameter struct.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import jinja2
 
-from swrgen import constants
+from swrgen import constants, resources
 from swrgen.runtime.params import template_fields
 from swrgen.spec import Spec
 from swrgen.spec.staging import spec_layouts
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATE_DIR = resources.templates_dir()
 MAIN_TEMPLATE = "swr.cu.j2"
 # Entry points every rendered module defines: "vec" needs 16-byte aligned rows and
 # L % (block_len / 2) == 0; "scalar" takes any L and any strides. The "_state" ones also continue from a

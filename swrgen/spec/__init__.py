@@ -10,8 +10,16 @@ from pathlib import Path
 from swrgen.spec.loader import load_spec, spec_from_dict, spec_from_yaml
 from swrgen.spec.schema import Carriers, Recurrence, Spec, SpecError, Target, default_spec
 
-# The shipped specs (repository checkout only; specs/ is not package data).
-SPECS_DIR = Path(__file__).resolve().parents[2] / "specs"
+
+def __getattr__(name: str) -> Path:
+    # SPECS_DIR: the folder of the shipped specs (swrgen.resources.specs_dir()); looked up on first use, so
+    # validating a spec of one's own never depends on the shipped ones.
+    if name == "SPECS_DIR":
+        from swrgen import resources
+
+        return resources.specs_dir()
+    raise AttributeError(f"module 'swrgen.spec' has no attribute {name!r}")
+
 
 __all__ = [
     "SPECS_DIR",

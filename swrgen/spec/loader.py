@@ -3,6 +3,10 @@
 The YAML is composed (not constructed) with the safe loader and the node tree is walked by hand: that is
 how each value keeps its line, how duplicate keys are caught (PyYAML silently keeps the last one), and
 why no arbitrary Python object can ever be built from a spec file.
+
+A spec is a few dozen values, so what a file may cost is bounded: its size (``MAX_SPEC_BYTES``), the values
+its aliases expand to (``MAX_SPEC_VALUES``: nested ``*alias`` lists grow exponentially, a few hundred bytes
+can stand for a billion values) and its nesting (``MAX_SPEC_DEPTH``).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -41,21 +45,43 @@ _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _LAST_PART = re.compile(r"(\.[^.\[\]]*|\[\d+\])$")
 
+MAX_SPEC_BYTES = 1 << 20  # 1 MiB; the shipped specs are ~2 KB
+MAX_SPEC_VALUES = 10_000  # keys, scalars, lists and mappings after alias expansion; a spec has ~40
+MAX_SPEC_DEPTH = 32  # nesting of lists and mappings; a spec needs 4 (target.carriers.warp)
+
 
 def load_spec(path: str | os.PathLike[str]) -> Spec:
     """Read and validate a spec file; every error names the file and, where it can, the line."""
     source = os.fspath(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)  # never more, whatever the file is (/dev/zero too)
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"cannot read spec file: {err}", source=source) from err
     return spec_from_yaml(text, source)
 
 
+def _too_large(source: str) -> SpecError:
+    return SpecError(
+        f"the spec file is larger than {MAX_SPEC_BYTES} bytes",
+        source=source,
+        allowed=f"spec files of at most {MAX_SPEC_BYTES} bytes (1 MiB)",
+    )
+
+
 def spec_from_yaml(text: str, source: str = "<string>") -> Spec:
     """Parse YAML text (what ``load_spec`` does after reading the file)."""
+    if len(text) > MAX_SPEC_BYTES or len(text.encode("utf-8", "replace")) > MAX_SPEC_BYTES:
+        raise _too_large(source)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise SpecError(
+            "the YAML is nested too deeply to read",
+            source=source,
+            allowed=f"lists and mappings nested at most {MAX_SPEC_DEPTH} levels deep",
+        ) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         what = "; ".join(part for part in (err.context, err.problem) if part)
@@ -78,9 +104,9 @@ def spec_from_yaml(text: str, source: str = "<string>") -> Spec:
             line=root.start_mark.line + 1,
             allowed=", ".join(TOP_KEYS),
         )
-    lines: dict[str, int] = {"": root.start_mark.line + 1}
-    data = _to_python(root, "", lines, yaml.SafeLoader(""), set(), source)
-    return _build(data, source, lines)
+    walk = _Walk(source=source, lines={"": root.start_mark.line + 1})
+    data = _to_python(root, "", walk, 1)
+    return _build(data, source, walk.lines)
 
 
 def spec_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> Spec:
@@ -88,23 +114,45 @@ def spec_from_dict(d: Mapping[str, Any], source: str = "<dict>") -> Spec:
     return _build(d, source, None)
 
 
-def _to_python(
-    node: yaml.Node, path: str, lines: dict[str, int], ctor: yaml.SafeLoader, active: set[int], source: str
-) -> Any:
-    """Plain Python value of a node; records ``lines[path]`` for every key and list item below it."""
+@dataclass
+class _Walk:
+    """State of one walk over a composed node graph."""
 
-    def fail(message: str, at: yaml.Node, field: str | None) -> SpecError:
-        return SpecError(message, field=field or None, source=source, line=at.start_mark.line + 1)
+    source: str
+    lines: dict[str, int]  # field path -> line, for every key and list item
+    ctor: yaml.SafeLoader = field(default_factory=lambda: yaml.SafeLoader(""))
+    active: set[int] = field(default_factory=set)  # ids of the collection nodes being walked (cycles)
+    values: int = 0  # nodes produced so far, aliases counted at every use
 
-    if id(node) in active:  # `&a [*a]` composes to a cyclic node graph
+
+def _to_python(node: yaml.Node, path: str, walk: _Walk, depth: int) -> Any:
+    """Plain Python value of a node; records ``walk.lines[path]`` for every key and list item below it."""
+
+    def fail(message: str, at: yaml.Node, field: str | None, allowed: str | None = None) -> SpecError:
+        return SpecError(message, field=field or None, source=walk.source, line=at.start_mark.line + 1,
+                         allowed=allowed)  # fmt: skip
+
+    if id(node) in walk.active:  # `&a [*a]` composes to a cyclic node graph
         raise fail("recursive YAML alias", node, path)
+    walk.values += 1
+    if walk.values > MAX_SPEC_VALUES:  # e.g. "billion laughs": lists of aliases of lists of aliases ...
+        raise fail(
+            f"the spec expands to more than {MAX_SPEC_VALUES} values (YAML aliases repeat what their anchor "
+            "holds at every use, and aliases of aliases multiply)",
+            node,
+            path,
+            f"at most {MAX_SPEC_VALUES} values after expanding aliases (a spec needs a few dozen)",
+        )
+    if depth > MAX_SPEC_DEPTH:
+        raise fail(f"nested more than {MAX_SPEC_DEPTH} levels deep", node, path,
+                   f"lists and mappings nested at most {MAX_SPEC_DEPTH} levels deep")  # fmt: skip
     if isinstance(node, yaml.ScalarNode):
         try:
-            return ctor.construct_object(node, deep=True)
+            return walk.ctor.construct_object(node, deep=True)
         except yaml.YAMLError as err:  # e.g. !!python/object tags: the safe constructor refuses them
             problem = getattr(err, "problem", None) or str(err)
             raise fail(f"unsupported YAML value: {problem}", node, path) from None
-    active.add(id(node))
+    walk.active.add(id(node))
     try:
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _SEQ_TAG:
@@ -112,8 +160,8 @@ def _to_python(
             out_list = []
             for i, item in enumerate(node.value):
                 sub = f"{path}[{i}]"
-                lines[sub] = item.start_mark.line + 1
-                out_list.append(_to_python(item, sub, lines, ctor, active, source))
+                walk.lines[sub] = item.start_mark.line + 1
+                out_list.append(_to_python(item, sub, walk, depth + 1))
             return out_list
         if node.tag != _MAP_TAG:
             raise fail(f"unsupported YAML tag {node.tag!r}", node, path)
@@ -122,22 +170,22 @@ def _to_python(
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise fail("a key must be a plain string, not a list or mapping", key_node, path)
-            key = _to_python(key_node, path, lines, ctor, active, source)
+            key = _to_python(key_node, path, walk, depth + 1)
             sub = f"{path}.{key}" if path else str(key)
             key_line = key_node.start_mark.line + 1
             if key in first_line:  # PyYAML would silently keep the last value
                 raise SpecError(
                     f"duplicate key {key!r} (first given at line {first_line[key]})",
                     field=sub,
-                    source=source,
+                    source=walk.source,
                     line=key_line,
                 )
             first_line[key] = key_line
-            lines[sub] = key_line
-            out[key] = _to_python(value_node, sub, lines, ctor, active, source)
+            walk.lines[sub] = key_line
+            out[key] = _to_python(value_node, sub, walk, depth + 1)
         return out
     finally:
-        active.discard(id(node))
+        walk.active.discard(id(node))
 
 
 def _line_for(field: str | None, lines: Mapping[str, int] | None) -> int | None:

@@ -1,8 +1,9 @@
 """The spec data model: frozen dataclasses that validate themselves on construction.
 
 Every ``Spec`` instance is valid by construction (``__post_init__`` checks each field and the cross-field
-rules), so code downstream (codegen, compiler, ops) never re-checks a spec. All allowed values come from
-``swrgen.constants``; this module only adds the defaults and the rules that tie fields together.
+rules), so code downstream (codegen, compiler, ops) never re-checks a spec. The allowed values of the
+recurrence and target come from ``swrgen.constants``; this module adds the defaults, the rules that tie
+fields together and the limits of the name.
 
 Errors are ``SpecError`` with a dotted ``field`` path in the YAML shape (``recurrence.dtypes.output``,
 ``target.archs[1]``); the loader adds the file and line, so one set of checks serves files and dicts.
@@ -24,7 +25,10 @@ from swrgen import constants as C
 from swrgen.spec.staging import max_shared_bytes, spec_layouts
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-NAME_ALLOWED = "an identifier matching [A-Za-z_][A-Za-z0-9_]*"
+# The name is a folder name (generated/<name>/) and goes into file names and paths: far below any file
+# system's 255-byte limit, with room for the output root.
+MAX_NAME_LEN = 64
+NAME_ALLOWED = f"an identifier matching [A-Za-z_][A-Za-z0-9_]* of at most {MAX_NAME_LEN} characters"
 
 # Recurrence attribute -> YAML key under recurrence.dtypes (the YAML groups the dtypes).
 DTYPE_KEYS: dict[str, str] = {
@@ -329,11 +333,14 @@ class Target:
 
 
 def check_name(value: Any) -> str:
-    """The name becomes part of C symbols and file names, so it has to be an identifier."""
+    """The name names the generated folder and appears in the CUDA source, so it is a short identifier."""
     if not isinstance(value, str):
         raise SpecError(f"expected a string, {_got(value)}", field="name", allowed=NAME_ALLOWED)
     if not NAME_RE.fullmatch(value):
         raise SpecError(f"{_got(value)}, not an identifier", field="name", allowed=NAME_ALLOWED)
+    if len(value) > MAX_NAME_LEN:
+        raise SpecError(f"got a name of {len(value)} characters ({value[:20]!r}...), longer than {MAX_NAME_LEN}",
+                        field="name", allowed=NAME_ALLOWED)  # fmt: skip
     return value
 
 
@@ -348,7 +355,8 @@ def fitting_tiles_in_flight(block_len: int) -> tuple[int, ...]:
 
 
 def default_tiles_in_flight(block_len: int) -> int:
-    """Target's default (4), capped so an unspecified value never makes a valid recurrence fail."""
+    """Target's default (``Target.tiles_in_flight``), capped to what fits the register budget of ``block_len``,
+    so an unspecified value never makes a valid recurrence fail."""
     default = Target.tiles_in_flight
     fitting = [t for t in fitting_tiles_in_flight(block_len) if t <= default]
     return max(fitting) if fitting else min(C.TILES_IN_FLIGHT)

@@ -29,6 +29,78 @@ DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
 }
 TUNABLE = tuple(DEFAULT_GRID)
 
+# Knob -> (the values spec validation can ever accept, how to say so). Whether a value is valid in a
+# combination (register and shared-memory budgets, clusters per arch) is left to spec validation.
+_INT_KNOBS: dict[str, tuple[Iterable[int], str]] = {
+    "warps_per_cta": (constants.WARPS_PER_CTA, ", ".join(map(str, constants.WARPS_PER_CTA))),
+    "tiles_per_warp": (range(1, constants.MAX_TILES_PER_WARP + 1), f"1..{constants.MAX_TILES_PER_WARP}"),
+    "tiles_in_flight": (constants.TILES_IN_FLIGHT, ", ".join(map(str, constants.TILES_IN_FLIGHT))),
+    "cluster_size": (constants.CLUSTER_SIZES, ", ".join(map(str, constants.CLUSTER_SIZES))),
+    "stages": (constants.STAGE_COUNTS, ", ".join(map(str, constants.STAGE_COUNTS))),
+    "min_warps_per_sm": (constants.MIN_WARPS_PER_SM, ", ".join(map(str, constants.MIN_WARPS_PER_SM))),
+}
+
+
+def allowed_values(knob: str) -> str:
+    """The values ``knob`` may take, in words (what a grid error says)."""
+    if knob == "persistent":
+        return "true, false"
+    if knob == "staging":
+        return ", ".join(constants.STAGINGS)
+    return _INT_KNOBS[knob][1]
+
+
+def _in_domain(knob: str, value: Any) -> bool:
+    if knob == "persistent":
+        return isinstance(value, bool)
+    if knob == "staging":
+        return isinstance(value, str) and value in constants.STAGINGS
+    # bool is an int subclass (True == 1): `warps_per_cta=true` is a mistake, not 1 warp
+    return isinstance(value, int) and not isinstance(value, bool) and value in _INT_KNOBS[knob][0]
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_grid_values(grid: Mapping[str, Iterable[Any]]) -> None:
+    """ValueError naming each value of ``grid`` that no candidate can take, with the allowed values.
+
+    Checked before any GPU work: a value outside a knob's allowed set would only drop candidates silently,
+    and a knob all of whose values are invalid would leave nothing to tune but the spec's own target.
+    """
+    bad: list[str] = []
+    none_left = False
+    for knob, values in grid.items():
+        if knob not in TUNABLE:
+            raise ValueError(f"unknown tuning knob {knob!r}; allowed: {', '.join(TUNABLE)}")
+        values = tuple(values)
+        wrong = [v for v in values if not _in_domain(knob, v)]
+        if wrong:
+            none_left = none_left or len(wrong) == len(values)
+            bad.append(f"{knob}={','.join(map(_show, wrong))} is not allowed (allowed: {allowed_values(knob)})")
+    if bad:
+        lead = "no candidate is valid: " if none_left else ""
+        raise ValueError(lead + "; ".join(bad))
+
+
+def check_grid(spec: Spec, arch: str, grid: Mapping[str, Iterable[Any]]) -> None:
+    """ValueError unless some combination of ``grid`` (merged into DEFAULT_GRID) is valid for ``spec`` on
+    ``arch``; the message names the values and why the first combination fails."""
+    check_grid_values(grid)
+    full = merge_grid(grid)
+    first: tuple[dict[str, Any], str] | None = None
+    for vals in itertools.product(*full.values()):
+        cand = dict(zip(full, vals, strict=True))
+        why = _why_invalid(spec, arch, cand)
+        if why is None:
+            return
+        first = first or (cand, why)
+    given = "; ".join(f"{k}={','.join(map(_show, v))}" for k, v in grid.items())
+    detail = f", e.g. {describe(first[0])}: {first[1]}" if first else ""
+    raise ValueError(f"no candidate is valid: no combination of {given} (other knobs: the default grid) is a valid "
+                     f"target for {spec.name} on {arch}{detail}")  # fmt: skip
+
 
 def parse_grid(text: str) -> dict[str, tuple[Any, ...]]:
     """``"warps_per_cta=4,8;persistent=true"`` -> ``{"warps_per_cta": (4, 8), "persistent": (True,)}``.
@@ -92,13 +164,20 @@ def candidates(spec: Spec, arch: str, grid: Mapping[str, Iterable[Any]] | None =
 
 def is_valid(spec: Spec, arch: str, cand: Mapping[str, Any]) -> bool:
     """Spec validation accepts it, and a cluster only where ``arch`` has clusters."""
+    return _why_invalid(spec, arch, cand) is None
+
+
+def _why_invalid(spec: Spec, arch: str, cand: Mapping[str, Any]) -> str | None:
+    """None for a valid candidate, else why not."""
     if cand.get("cluster_size", 1) > 1 and arch not in constants.CLUSTER_ARCHS:
-        return False
+        return f"cluster_size {cand['cluster_size']} needs one of {', '.join(constants.CLUSTER_ARCHS)}, not {arch}"
     try:
         spec.replace_target(**cand)
-    except (SpecError, TypeError):
-        return False
-    return True
+    except SpecError as err:
+        return err.message if not err.field else f"{err.field}: {err.message}"
+    except TypeError as err:
+        return str(err)
+    return None
 
 
 def describe(cand: Mapping[str, Any]) -> str:

@@ -1,0 +1,1 @@
+"""The shipped specs, installed as the package data swrgen.specs (see swrgen/resources.py)."""
