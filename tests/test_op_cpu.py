@@ -364,3 +364,45 @@ def test_default_key_is_a_compile_time_constant() -> None:
 
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 33.0))
+
+
+# --- non-finite gates ----------------------------------------------------------------------------------------
+
+
+def _paths(a, x, k, splits=(1, 19, 20, 33)):
+    """y by the one-shot op, by chunks with the state handed over at each split, and by decode steps."""
+    from swrgen.ops.swr.state import decode_step
+
+    out = {"one-shot": swrgen.swr(a, x, window_blocks=k)}
+    for split in splits:
+        y1, s = swrgen.swr(a[..., :split], x[..., :split], window_blocks=k, return_state=True)
+        out[f"chunks@{split}"] = torch.cat([y1, swrgen.swr(a[..., split:], x[..., split:], window_blocks=k,
+                                                            initial_state=s)], -1)  # fmt: skip
+    st, ys = SwrState.zeros(*x.shape[:3], k, dtype=x.dtype), []
+    for t in range(x.shape[-1]):
+        y_t, st = decode_step(a[..., t], x[..., t], st, k, 16)
+        ys.append(y_t)
+    out["decode"] = torch.stack(ys, -1)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("pos", [0, 5, 16, 17, 20, 31, 32])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_gates_agree_across_paths(k, pos, value) -> None:
+    """One arithmetic everywhere (tile scans and carriers): the same NaN and inf outputs on every path, and
+    exactly the span docs/semantics.md states: from the gate's token to the end of tile i + k - 1."""
+    g = torch.Generator().manual_seed(pos)
+    a = 0.3 + 0.6 * torch.rand(1, 2, 70, dtype=torch.float64, generator=g)
+    x = torch.randn(1, 2, 16, 70, dtype=torch.float64, generator=g)
+    a[..., pos] = value
+    outs = _paths(a, x, k)
+    y = outs["one-shot"]
+    for name, o in outs.items():
+        assert torch.equal(torch.isnan(o), torch.isnan(y)), name
+        assert torch.equal(torch.isinf(o), torch.isinf(y)), name
+        assert torch.equal(o[torch.isfinite(o)], y[torch.isfinite(y)]), name
+    tile = pos // 16
+    end = min(70, (tile + k) * 16)
+    assert torch.isfinite(y[..., :pos]).all() and torch.isfinite(y[..., end:]).all()
+    assert not torch.isfinite(y[..., pos:end]).all()

@@ -97,12 +97,12 @@ def test_prefill_then_steps_equal_full_forward(k, bl, L1) -> None:
     x = inputs(3, L, 32, seed=L1)
     full = m(x)
     out, s = m(x[:, :L1], return_state=True)
-    assert isinstance(s, SwrState) and s.pos == L1 and s.dtype == F64  # float64 module: exact state
+    assert isinstance(s, SwrState) and s.positions() == [L1] * s.shape[0] and s.dtype == F64  # float64: exact
     outs = [out]
     for t in range(L1, L):
         o, s = m.step(x[:, t], s)
         outs.append(o[:, None])
-    assert s.pos == L
+    assert s.positions() == [L] * s.shape[0]
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-10, atol=1e-10)
 
 
@@ -114,7 +114,7 @@ def test_chunks_with_state_equal_full_forward_float32() -> None:
     for c0, c1 in ((0, 7), (7, 16), (16, 49), (49, 50), (50, 90)):
         o, s = m(x[:, c0:c1], state=s, return_state=True)
         outs.append(o)
-    assert s.dtype == torch.float32 and s.pos == 90
+    assert s.dtype == torch.float32 and s.positions() == [90] * s.shape[0]
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=2e-5, atol=2e-5)
     s0 = m.init_state(2)
     o, _ = m(x[:, :10], state=s0, return_state=True)  # an explicit zero state is a fresh start
@@ -193,8 +193,10 @@ def test_bad_state_and_inputs() -> None:
         m(x, state=SwrState.zeros(2, 2, 16, 3, dtype=F64))
     with pytest.raises(ValueError, match="block_len"):
         m(x, state=SwrState.zeros(2, 2, 16, 2, block_len=32, dtype=F64))
-    with pytest.raises(ValueError, match=r"batch=3.*\[B, H, DH\]"):
+    with pytest.raises(ValueError, match=r"sequences=3.*\[N, H, DH\]"):
         m(inputs(3, 10, 32), state=m.init_state(2))
+    with pytest.raises(ValueError, match=r"sequences=2.*\[N, H, DH\]"):  # packed: one state row per sequence
+        m(x[:1], cu_seqlens=[0, 4, 10], state=m.init_state(3))
     with pytest.raises(ValueError, match=r"heads=2"):
         m.step(x[:, 0], SwrState.zeros(2, 4, 16, 2))
     with pytest.raises(TypeError, match="SwrState"):
@@ -203,9 +205,7 @@ def test_bad_state_and_inputs() -> None:
         m(inputs(2, 10, 16))
     with pytest.raises(ValueError, match=r"\[B, dim=32\]"):
         m.step(x)
-    with pytest.raises(ValueError, match="cu_seqlens cannot be combined"):
-        m(x[:1], cu_seqlens=[0, 10], return_state=True)
-    with pytest.raises(ValueError, match=r"\[1, T, dim\]"):
+    with pytest.raises(ValueError, match="packed along the tokens in batch 1"):
         m(x, cu_seqlens=[0, 10])
     with pytest.raises(ValueError, match="end at"):
         m(x[:1], cu_seqlens=[0, 9])

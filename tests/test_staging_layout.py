@@ -52,7 +52,9 @@ def test_kernel_shared_bytes_and_the_source_agree() -> None:
     assert kernel_shared_bytes(spec) == {}  # registers staging: no dynamic shared memory
     shared = spec.replace_target(staging="shared", stages=3)
     lays = spec_layouts(shared.recurrence, shared.target)
-    assert kernel_shared_bytes(shared) == {"swr_fwd_vec": lays["fwd"].cta_bytes, "swr_bwd_vec": lays["bwd"].cta_bytes}
+    fwd, bwd = lays["fwd"].cta_bytes, lays["bwd"].cta_bytes  # the state entry points stage like the plain ones
+    assert kernel_shared_bytes(shared) == {"swr_fwd_vec": fwd, "swr_fwd_state_vec": fwd, "swr_bwd_vec": bwd,
+                                           "swr_bwd_state_vec": bwd}  # fmt: skip
     source = render_source(shared)
     assert f"constexpr int kFwdWarpBytes = {lays['fwd'].warp_bytes};" in source
     assert f"constexpr int kBwdWarpBytes = {lays['bwd'].warp_bytes};" in source

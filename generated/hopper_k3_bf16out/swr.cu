@@ -390,9 +390,13 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
 // inclusive gate prefix g_t = prod_{q=tile start..t} a_q.
 __device__ __forceinline__ void tile_scan_fwd(const float (&u)[kTokensPerLane], const float (&a)[kTokensPerLane],
                                               bool odd, float (&w)[kTokensPerLane], float (&g)[kTokensPerLane]) {
-  float s = 0.f, p = 1.f;
+  // A scan starts at its first token (w = u): a gate never multiplies the zero before a tile, so an inf
+  // gate at a tile start stays out of w (docs/semantics.md, "Non-finite gates").
+  float s = u[0], p = a[0];
+  w[0] = s;
+  g[0] = p;
 #pragma unroll
-  for (int e = 0; e < kTokensPerLane; ++e) {
+  for (int e = 1; e < kTokensPerLane; ++e) {
     s = fmaf(a[e], s, u[e]);
     p *= a[e];
     w[e] = s;
@@ -417,10 +421,12 @@ __device__ __forceinline__ void tile_scan_rev(const float (&dy)[kTokensPerLane],
   // Gate after this lane's last token (the shuffle runs on every lane: never inside a branch).
   const float a_pair = __shfl_xor_sync(kFullMask, a[0], 1);
   const float a_after = odd ? a_next : a_pair;
-  float s = 0.f, p = 1.f;
+  float s = dy[kTokensPerLane - 1], p = a_after;  // starts at its last token, like the forward scan
+  r[kTokensPerLane - 1] = s;
+  gs[kTokensPerLane - 1] = p;
 #pragma unroll
-  for (int e = kTokensPerLane - 1; e >= 0; --e) {
-    const float b = (e == kTokensPerLane - 1) ? a_after : a[e + 1];
+  for (int e = kTokensPerLane - 2; e >= 0; --e) {
+    const float b = a[e + 1];
     s = fmaf(b, s, dy[e]);
     p *= b;
     r[e] = s;
@@ -525,7 +531,7 @@ __device__ __forceinline__ WarpWork decode_work(const Params& p, long long item,
 
 // ---- Streaming state in and out (docs/algorithms.md, "State in and out") ----
 // A state continues a sequence: its carriers are those of the k-1 tiles before tile 0, and its partial
-// tile (w0, g0) enters as a virtual token at lo - 1 (u = w0, a = g0; earlier positions u = 0, a = 1).
+// tile (w0, g0) enters as virtual tokens (virtual_token: g0 the tile's first gate, w0 the input at lo - 1).
 
 // This lane's channel of the state a sequence starts from (null without one).
 __device__ __forceinline__ const float* state_in(const Params& p, const WarpWork& w) {
@@ -547,14 +553,15 @@ __device__ __forceinline__ void state_carriers(const float* st, float (&cv)[kCar
   }
 }
 
-// The virtual token of a resumed partial tile, in a lane's (u, a) of tile 0 (positions from t0).
+// A resumed partial tile in a lane's (u, a) of tile 0 (positions from t0): the state's gate product g0 as
+// the tile's first gate (it only ever multiplies g: a scan starts at its first token) and its w0 as the
+// input at lo-1 (the positions before lo carry a = 1, u = 0), so (w, g) at lo-1 are exactly (w0, g0).
 __device__ __forceinline__ void virtual_token(const float* st, const WarpWork& w, long long t0,
                                               float (&u)[kTokensPerLane], float (&a)[kTokensPerLane]) {
 #pragma unroll
   for (int e = 0; e < kTokensPerLane; ++e) {
-    const bool here = t0 + e == w.lo - 1;
-    u[e] = here ? st[0] : u[e];
-    a[e] = here ? st[1] : a[e];
+    u[e] = t0 + e == w.lo - 1 ? st[0] : u[e];
+    a[e] = t0 + e == 0 ? st[1] : a[e];
   }
 }
 
@@ -1001,9 +1008,9 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict_
   if constexpr (kState) {
     if (inj.on) add_injection(inj, g8, odd, wl, gl, dxv, dav);
 #pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e) {
+    for (int e = 0; e < kTokensPerLane; ++e) {  // the virtual tokens (virtual_token): w0 at lo-1, g0 at 0
       dw0 = t0 + e == w.lo - 1 ? dxv[e] : dw0;
-      dg0 = t0 + e == w.lo - 1 ? dav[e] : dg0;
+      dg0 = t0 + e == 0 ? dav[e] : dg0;
     }
   }
   if constexpr (kPerChannelGate) {
@@ -1203,8 +1210,9 @@ __device__ __forceinline__ void bwd(const Params& p) {
           if (kState && j == 0 && p.dstate != nullptr) {  // the first tile: the old state's gradient
             dw0 += __shfl_xor_sync(kFullMask, dw0, 1);  // held by one lane of the pair, 0 in the other
             dg0 += __shfl_xor_sync(kFullMask, dg0, 1);
+            if (!resume) dw0 = dg0 = 0.f;  // at a tile edge the state's (w, g) are not read
             const float a0 = __shfl_sync(kFullMask, g8[0], lane & ~1);  // position 0 of tile 0 (< hi: tiles >= 1)
-            store_state_grad(p, w, dso, cv, cp, rr, rq, rho, q, 0 < w.hi ? a0 : 0.f, dw0, dg0, odd);
+            store_state_grad(p, w, dso, cv, cp, rr, rq, rho, q, a0, dw0, dg0, odd);
           }
           if constexpr (kShared && kStageBwdOutputs) {
             BwdOutDx::write(ring, row, f * kBlockLen + half_off, dxv);

@@ -169,6 +169,8 @@ class Phalanx(nn.Module):
         if cu_seqlens is None and length < 1:
             raise ValueError("x must hold at least one token (L >= 1)")
         k, bl = self.window_blocks, self.block_len
+        if state is not None:
+            self._check_state(state, batch if cu_seqlens is None else len(cu_seqlens) - 1, x.device)
         if self._use_fused(x):
             out = phalanx_gating(self.in_proj(x), heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
                                  window_blocks=k, block_len=bl, decay_max=self.decay_max, cu_seqlens=cu_seqlens,

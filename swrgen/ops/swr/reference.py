@@ -71,9 +71,10 @@ def swr_reference(a: torch.Tensor, x: torch.Tensor, window_blocks: int = 2, bloc
     # Window of tile i = padded tokens [i*BL, (i+k)*BL): a strided view [..., nt, k*BL], no copy.
     u_w = u_p.unfold(-1, k * BL, BL)
     a_w = a_p.unfold(-1, k * BL, BL)
-    h = torch.zeros(u_w.shape[:-1], dtype=torch.float64, device=u.device)
-    outs = []
-    for j in range(k * BL):
+    # The recurrence starts at the window's first token (h = u): its gate is in no product of the sum.
+    h = u_w[..., 0]
+    outs = [h] if k == 1 else []
+    for j in range(1, k * BL):
         h = a_w[..., j] * h + u_w[..., j]  # new tensor each step: autograd keeps every h it needs
         if j >= (k - 1) * BL:
             outs.append(h)

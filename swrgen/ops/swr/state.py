@@ -260,10 +260,19 @@ def _scan_tiles(a: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, g0: torch.Te
     if first_tile == 0 and phase > 0:  # the partial tile continues from (w0, g0); at a tile start they are unused
         w = torch.cat([w0.to(torch.float64).unsqueeze(-1), w[..., 1:]], dim=-1)
         g = torch.cat([g0.to(torch.float64).unsqueeze(-1), g[..., 1:]], dim=-1)
+    # A fresh tile's scan starts at its first token (w = u, g = a): a gate never multiplies the zero before
+    # it. The continued tile 0 starts from (w0, g0) before its first slot.
+    fresh = torch.ones(n, dtype=torch.bool, device=x.device)
+    if first_tile == 0 and phase > 0:
+        fresh[0] = False
     ws, gs = [], []
     for r in range(BL):
-        w = a_s[..., r] * w + u_s[..., r]
-        g = a_s[..., r] * g
+        if r == 0:
+            w = torch.where(fresh, u_s[..., 0], a_s[..., 0] * w + u_s[..., 0])
+            g = torch.where(fresh, a_s[..., 0].expand_as(g), a_s[..., 0] * g)
+        else:
+            w = a_s[..., r] * w + u_s[..., r]
+            g = a_s[..., r] * g
         ws.append(w)
         gs.append(g)
     return torch.stack(ws, dim=-1), torch.stack(gs, dim=-1)
@@ -416,9 +425,9 @@ def decode_step(a_t: torch.Tensor, x_t: torch.Tensor, state: SwrState, window_bl
     if a.dim() == 2:
         a = a.unsqueeze(-1)
     C = _horner(state.carry_v, state.carry_p)
-    fresh = (state.pos % BL == 0).view(B, 1, 1)  # a tile starts: its (w, g) are (0, 1) whatever is stored
-    w = a * torch.where(fresh, 0.0, state.w) + x_t.to(dt)
-    g = a * torch.where(fresh, 1.0, state.g)
+    fresh = (state.pos % BL == 0).view(B, 1, 1)  # a tile starts: the scan starts at this token (w = u, g = a)
+    w = torch.where(fresh, x_t.to(dt), a * state.w + x_t.to(dt))
+    g = torch.where(fresh, a.expand_as(state.g), a * state.g)
     y = w + g * C
     pos = state.pos + 1
     done = (pos % BL == 0).view(B, 1, 1)  # this token completes its tile

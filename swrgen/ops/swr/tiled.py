@@ -206,8 +206,8 @@ def swr_tiled_backward(
 #
 # The kernels continue a sequence from a state (docs/algorithms.md, "State in and out"): in virtual
 # coordinates the chunk's tokens sit at positions [ph, ph + L) of its tiles (ph = pos % BL), the state's
-# partial tile enters as a virtual token at ph - 1 (u = w0, a = g0; earlier positions u = 0, a = 1), and its
-# carriers are those of the k-1 tiles before tile 0. The backward takes the gradient of the new state as
+# partial tile enters as virtual tokens (g0 the tile's first gate, w0 the input at ph - 1; the other positions
+# before ph u = 0, a = 1), and its carriers are those of the k-1 tiles before tile 0. The backward takes the gradient of the new state as
 # *injections* into the tiles it was read from, and returns the gradient of the old one: the virtual token's
 # dx, da, and the carriers' gradients by the reverse carriers of tiles -1 .. -(k-1). These functions mirror
 # that math per sequence, in float64, so the CPU tests check it against autograd of the reference.
@@ -234,12 +234,12 @@ def _extended(a: torch.Tensor, x: torch.Tensor, ph: int, k: int, BL: int, data: 
     a4 = (a.unsqueeze(-2) if a.dim() == 2 else a).expand(*x.shape[:-1], L)  # per-head gates over the channels
     a_v = _virtual_tiles(a4, ph, nt, BL, 1.0)
     u_v = _virtual_tiles(x, ph, nt, BL, 0.0)
-    if data is not None and ph > 0:  # the virtual token at ph - 1 carries the partial tile's (w0, g0)
+    if data is not None and ph > 0:  # the partial tile's (w0, g0): g0 as its first gate, w0 the input at ph - 1
         w0, g0, _, _ = _state_parts(data, k)
         u_v = u_v.clone()
         a_v = a_v.clone()
         u_v[..., 0, ph - 1] = w0
-        a_v[..., 0, ph - 1] = g0
+        a_v[..., 0, 0] = g0
     return a_v, u_v, hi, nt
 
 
@@ -352,9 +352,9 @@ def swr_tiled_backward_state(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
             acc = acc + c.unsqueeze(-1) * R[k - 1 - q]
         dav = wx * full + gx * (acc + gsx * inj_p.unsqueeze(-1))
         if d is not None:
-            if ph > 0:  # the virtual token: the partial tile's (w0, g0)
+            if ph > 0:  # the virtual tokens: w0 at ph - 1, g0 the tile's first gate
                 d_in[..., 0] += full[..., 0, ph - 1]
-                d_in[..., 1] += dav[..., 0, ph - 1]
+                d_in[..., 1] += dav[..., 0, 0]
             a0 = ga[..., 0, 0] if nt else torch.zeros(x.shape[1:3], dtype=torch.float64)  # empty: nothing after
             d_in += _virtual_tile_grads(d, k, rho, Q, a0)
         dx = full.reshape(*full.shape[:-2], nt * BL)[..., ph:hi]
