@@ -127,7 +127,11 @@ def all_gpu_test_specs():
     bf16 = [spec_for(k=k, out="bf16") for k in (1, 2, 3)]
     specs += bf16 + [shared(b, **kw) for b in bf16 for kw in (dict(), dict(warps_per_cta=1, min_warps_per_sm=24),
                                                               dict(tiles_in_flight=2, stages=3))]  # fmt: skip
-    return specs
+    # tests/test_gpu_state.py
+    specs += [spec_for(k=k, bl=bl, per_channel=pc) for k, bl in ((1, 16), (2, 16), (3, 16), (2, 32))
+              for pc in (False, True)]  # fmt: skip
+    specs += [spec_for(dtype="fp32", out=out, k=k) for k in (1, 2, 3) for out in ("fp32",)]
+    return list({s.digest(): s for s in specs}.values())
 
 
 def random_state(n, heads, head_dim, k, bl, positions, seed):
