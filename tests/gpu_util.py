@@ -80,7 +80,7 @@ def make_inputs(batch, heads, head_dim, length, *, dtype=torch.bfloat16, gate_dt
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
+    out, ref = out.double(), ref.double().to(out.device)
     assert torch.isfinite(out).all(), "non-finite values in the kernel output"
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 

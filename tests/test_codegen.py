@@ -402,7 +402,10 @@ def test_report_of_handwritten_kernels(arch: str) -> None:
     assert usage["static_smem"].shared_bytes == 400  # exactly the kernel's own, on every arch
     assert usage["plain"].shared_bytes == usage["with_frame"].shared_bytes == 0
     assert usage["with_frame"].stack_bytes > 0 and usage["plain"].stack_bytes == 0
-    assert usage["plain"].spill_store_bytes == 0  # this NVRTC's log reports every kernel
+    # Spills come from the log alone: 0 where this NVRTC's log reports the kernel, None (unknown) where it is
+    # silent (NVRTC 13.0 on the GPU machine prints no ptxas lines for some kernels), never a made-up number.
+    has_line = "Compiling entry function 'plain'" in result.log
+    assert usage["plain"].spill_store_bytes == (0 if has_line else None)
 
 
 def test_report_does_not_need_the_log() -> None:
