@@ -39,6 +39,20 @@ def test_import_without_transformers_names_the_extra() -> None:
     assert "ERR" in done.stdout and "swrgen[hf]" in done.stdout, done.stdout
 
 
+def test_decode_benchmark_help_and_no_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.serving import decode
+
+    with pytest.raises(SystemExit) as exc:
+        decode.main(["--help"])
+    assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"bench/serving/decode\.py needs a CUDA device"):
+        decode.main([])
+    done = subprocess.run([sys.executable, "bench/serving/decode.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
 # ---------------------------------------------------------------- Phalanx.from_spear
 
 
@@ -243,6 +257,7 @@ def test_padding_anywhere_is_each_sequence_alone(hf) -> None:
 
 def test_chunked_prefill_through_the_cache(hf) -> None:
     from swrgen.models import PhalanxHybridCache
+    from swrgen.models.modeling_phalanx_hybrid import CACHE_FIELD
 
     model = _model(LAYER_SETS["with_swa"])
     ids = torch.randint(1, 97, (2, 45), generator=torch.Generator().manual_seed(4))
@@ -252,19 +267,21 @@ def test_chunked_prefill_through_the_cache(hf) -> None:
         got = []
         for lo, hi in [(0, 7), (7, 20), (20, 21), (21, 32), (32, 45)]:  # mid-tile starts, a 1-token step
             out = model(ids[:, lo:hi], past_key_values=cache, use_cache=True)
-            assert out.past_key_values is cache
+            assert getattr(out, CACHE_FIELD) is cache
             got.append(out.logits)
     assert cache.host_pos == [45, 45] and cache.pos.tolist() == [45, 45] and cache.get_seq_length() == 45
     torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=1e-6, atol=1e-6)
 
 
 def test_labels_loss_and_backward(hf) -> None:
+    from swrgen.models.modeling_phalanx_hybrid import CACHE_FIELD
+
     model = _model().train()
     ids = torch.randint(1, 97, (2, 20))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     out = model(ids, attention_mask=mask, labels=ids)
-    assert out.past_key_values is None  # training: no cache by default
+    assert getattr(out, CACHE_FIELD) is None  # training: no cache by default
     logits = out.logits[:, :-1].reshape(-1, 97)
     ref = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, ref.float())  # transformers computes the loss in float32
@@ -385,9 +402,6 @@ def test_decode_benchmark_smoke_on_cpu(hf, tmp_path: Path) -> None:
 
     from bench.serving import decode
 
-    with pytest.raises(SystemExit) as exc:
-        decode.main(["--help"])
-    assert exc.value.code == 0
     out = tmp_path / "decode.json"
     assert decode.main(["--smoke", "--device", "cpu", "--steps", "2", "--repeats", "1", "--layer-batch", "4",
                         "--batches", "2", "--contexts", "20", "--json", str(out)]) == 0  # fmt: skip

@@ -46,6 +46,16 @@ from swrgen.ops.swr.state import SwrState  # noqa: E402
 
 __all__ = ["PhalanxHybridForCausalLM", "PhalanxHybridModel", "PhalanxHybridPreTrainedModel"]
 
+# transformers 5.17 hands the cache to forward() and back as `past_key_values`; later 5.x releases call it
+# `cache` (and keep `past_key_values` as a deprecated alias). Both are taken; outputs use the release's name.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(past_key_values: PhalanxHybridCache | None, cache: PhalanxHybridCache | None):
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache once: as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where RoPE angles and softmax are computed: float64 for a float64 model (exact CPU tests), else fp32."""
@@ -192,7 +202,7 @@ class PhalanxHybridPreTrainedModel(PreTrainedModel):
     config_class = PhalanxHybridConfig
     base_model_prefix = "model"
     _no_split_modules = ["PhalanxHybridDecoderLayer"]  # noqa: RUF012
-    _skip_keys_device_placement = ["past_key_values"]  # noqa: RUF012
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # noqa: RUF012
     _supports_sdpa = True  # attention always runs torch SDPA (prefill) or a matmul decode; nothing else
     _is_stateful = True  # recurrent states: no rollback (assisted generation, cropping)
 
@@ -322,8 +332,9 @@ class PhalanxHybridModel(PhalanxHybridPreTrainedModel):
                 past_key_values: PhalanxHybridCache | None = None, inputs_embeds: torch.Tensor | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
                 output_attentions: bool | None = None, return_dict: bool | None = None,
-                **kwargs) -> BaseModelOutputWithPast | tuple:  # fmt: skip
+                cache: PhalanxHybridCache | None = None, **kwargs) -> BaseModelOutputWithPast | tuple:  # fmt: skip
         _check_kwargs(kwargs)
+        past_key_values = _one_cache(past_key_values, cache)
         if output_attentions:
             raise ValueError("output_attentions is not supported (attention runs fused SDPA; Phalanx has none)")
         if (input_ids is None) == (inputs_embeds is None):
@@ -378,7 +389,7 @@ class PhalanxHybridModel(PhalanxHybridPreTrainedModel):
         if hidden_states is not None:
             hidden_states.append(out)
         states = None if hidden_states is None else tuple(hidden_states)
-        result = BaseModelOutputWithPast(last_hidden_state=out, past_key_values=cache, hidden_states=states)
+        result = BaseModelOutputWithPast(last_hidden_state=out, hidden_states=states, **{CACHE_FIELD: cache})
         return result if return_dict is not False else result.to_tuple()
 
 
@@ -404,13 +415,14 @@ class PhalanxHybridForCausalLM(PhalanxHybridPreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool | None = None, output_attentions: bool | None = None,
                 return_dict: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs) -> CausalLMOutputWithPast | tuple:  # fmt: skip
+                cache: PhalanxHybridCache | None = None, **kwargs) -> CausalLMOutputWithPast | tuple:  # fmt: skip
         """``input_ids`` ``[B, L]`` (rows are sequences; ``attention_mask`` marks their tokens) -> logits
         ``[B, L, V]`` (the last ``logits_to_keep`` positions when > 0); ``labels`` give the shifted
         cross-entropy loss (``-100`` ignored). ``past_key_values``: a :class:`PhalanxHybridCache` to continue
-        (``use_cache`` makes one when None)."""
+        (``use_cache`` makes one when None; ``cache`` is the same argument under transformers' newer name)."""
         _check_kwargs(kwargs)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             past_key_values=_one_cache(past_key_values, cache),
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                              return_dict=True)  # fmt: skip
@@ -420,8 +432,8 @@ class PhalanxHybridForCausalLM(PhalanxHybridPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                        hidden_states=outputs.hidden_states)  # fmt: skip
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})  # fmt: skip
         return result if return_dict is not False else result.to_tuple()
 
     # -------------------------------------------------------- serving

@@ -25,19 +25,23 @@ from swrgen.models.cache import KVSlots, PhalanxHybridCache, PhalanxSlots  # noq
 __all__ = ["DecodeGraph", "StateSlots"]
 
 
-def _slot_rows(cache: PhalanxHybridCache, slots: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every per-slot tensor of ``cache`` with the rows of ``slots`` copied out (to restore after a warm-up)."""
+def _snapshot(cache: PhalanxHybridCache, slots: Sequence[int], columns: int) -> list:
+    """What a warm-up of ``columns`` decode steps from position 0 changes in ``slots``: positions, Phalanx
+    rows, and the first ``columns`` KV entries (copied out, so the warm-up can be undone; the rest of the KV
+    is not touched and not copied)."""
     index = torch.tensor(list(slots), dtype=torch.int64, device=cache.pos.device)
-    tensors = [cache.pos]
+    saved = [(cache.pos, cache.pos.index_select(0, index))]
     for layer in cache.layers:
         if isinstance(layer, PhalanxSlots):
-            tensors.append(layer.data)
+            saved.append((layer.data, layer.data.index_select(0, index)))
         elif isinstance(layer, KVSlots):
-            tensors += [layer.keys, layer.values]
-    return [(t, t.index_select(0, index)) for t in tensors]
+            for t in (layer.keys, layer.values):
+                head = t[:, :, : min(columns, t.shape[2])]
+                saved.append((head, head.index_select(0, index)))
+    return saved
 
 
-def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]], slots: Sequence[int]) -> None:
+def _restore(saved: list, slots: Sequence[int]) -> None:
     index = torch.tensor(list(slots), dtype=torch.int64, device=saved[0][0].device)
     for t, rows in saved:
         t.index_copy_(0, index, rows)
@@ -52,7 +56,8 @@ class DecodeGraph:
     ``0..B-1`` without a slot gather (``graph(input_ids)``): the fastest form, when batch row b is slot b.
 
     The cache needs a fixed ``max_len`` (growing would move its buffers). Capturing runs the step twice
-    first (warm-up); the slots it touches are restored afterwards, so the cache's contents do not change.
+    first (warm-up, on slots ``0..B-1`` from position 0); what it changes there is restored afterwards, so
+    the cache's contents do not change.
     """
 
     def __init__(self, model, cache: PhalanxHybridCache, batch_size: int, *, indexed: bool = True,
@@ -69,8 +74,8 @@ class DecodeGraph:
         self.input_ids = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.slots: list[int] = list(range(batch_size))
         self.state_indices = torch.arange(batch_size, dtype=torch.int64, device=device) if indexed else None
-        saved = _slot_rows(cache, self.slots)
-        cache.pos[:batch_size] = 0  # the warm-up writes KV at these positions: keep them inside the buffers
+        saved = _snapshot(cache, self.slots, warmup)
+        cache.pos[:batch_size] = 0  # the warm-up steps write KV entries 0..warmup-1 of these slots
         step = self._step
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
