@@ -5,8 +5,9 @@
 #
 # Creates the virtual environment .venv (or $SWRGEN_VENV) if missing, installs torch first (the CPU build
 # whose wheel lies on this machine's disk: pip must never fall back to a multi-GB CUDA build from the
-# registry), then swrgen itself, editable, with its test extras. Idempotent: a stamp in the venv records what
-# was installed for which pyproject.toml, so a second run only checks and returns at once. Every step
+# registry), then swrgen itself, editable, with its test extras and the `hf` extra (transformers, for
+# tests/test_models.py: about 20 s more on a first install; it pulls no torch). Idempotent: a stamp in the
+# venv records what was installed for which pyproject.toml, so a second run only checks and returns at once. Every step
 # returns non-zero on failure (also where the caller's `set -e` does not apply, as in `swrgen_setup && ...`).
 
 SWRGEN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +29,7 @@ swrgen_setup() {
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
     python -c "import importlib.util as u, sys
 sys.exit(any(u.find_spec(m) is None for m in ('swrgen', 'swrgen.templates', 'torch', 'pytest', 'build', 'click',
-                                             'jinja2', 'yaml', 'cuda.bindings')))" \
+                                             'jinja2', 'yaml', 'cuda.bindings', 'transformers')))" \
       2>/dev/null; then
     return 0
   fi
@@ -47,8 +48,8 @@ sys.exit(any(u.find_spec(m) is None for m in ('swrgen', 'swrgen.templates', 'tor
     fi
     python -m pip install "torch==$SWRGEN_TORCH_VERSION" || return 1 # torch's own (small) dependencies
   fi
-  echo "setup: installing swrgen (editable) with its test extras"
-  python -m pip install -e "$SWRGEN_ROOT[test]" || return 1
+  echo "setup: installing swrgen (editable) with its test and hf extras"
+  python -m pip install -e "$SWRGEN_ROOT[test,hf]" || return 1
   python -c "import torch; print(f'setup: torch {torch.__version__} (CUDA build: {torch.version.cuda})')" || return 1
   echo "$want" >"$stamp"
 }

@@ -25,7 +25,7 @@ decodes one token, and :meth:`Phalanx.decode_` updates a pool of state slots in 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +56,8 @@ class Phalanx(nn.Module):
         block_len: tile length BL (the kernels take 16, 32 or 64).
         decay_max: gates are ``decay_max * sigmoid(.)``, in ``[0, decay_max]``; ``0 < decay_max <= 1``.
         bias: biases in the input and output projections.
+        in_proj_bias: a bias in the input projection (all four column blocks), overriding ``bias`` there;
+            None = ``bias`` (:meth:`from_spear` needs one on the input projection and none on the output).
         fused: the fused kernels (``swrgen.phalanx_gating``): None = on CUDA when head_dim is 16 (they need
             it), True = always (CPU runs their reference), False = never.
     """
@@ -63,7 +65,7 @@ class Phalanx(nn.Module):
     def __init__(self, dim: int, heads: int | None = None, head_dim: int = 16, kv_heads: int | None = None,
                  window_blocks: int = 2, block_len: int = 16, decay_max: float = 0.8, bias: bool = False,
                  fused: bool | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
+                 dtype: torch.dtype | None = None, in_proj_bias: bool | None = None) -> None:  # fmt: skip
         super().__init__()
         dim = _positive_int("dim", dim)
         head_dim = _positive_int("head_dim", head_dim)
@@ -91,7 +93,9 @@ class Phalanx(nn.Module):
         self.decay_max = float(decay_max)
         self.inner = heads * head_dim
         kw = {"device": device, "dtype": dtype}
-        self.in_proj = nn.Linear(dim, self.layout.width, bias=bias, **kw)
+        if in_proj_bias is not None and not isinstance(in_proj_bias, bool):
+            raise ValueError(f"in_proj_bias must be None, True or False; got {in_proj_bias!r}")
+        self.in_proj = nn.Linear(dim, self.layout.width, bias=bias if in_proj_bias is None else in_proj_bias, **kw)
         self.out_proj = nn.Linear(self.inner, dim, bias=bias, **kw)
 
     def extra_repr(self) -> str:
@@ -100,6 +104,67 @@ class Phalanx(nn.Module):
             f"window_blocks={self.window_blocks}, block_len={self.block_len}, decay_max={self.decay_max}, "
             f"fused={self.fused}"
         )
+
+    @classmethod
+    def from_spear(cls, state_dict: Mapping[str, torch.Tensor], **overrides: object) -> Phalanx:
+        """A layer that computes what the paper's library (spear, ``spear.nn.phalanx.Phalanx``) computes with
+        these weights: ``A = sigmoid(proj_a x)``, ``B = sigmoid(proj_b x)``, ``C = proj_c x``, ``V = proj_v x``,
+        ``Z = SWR(A, B * V) * C + V``, ``out = proj_out Z``, with biases on ``proj_a/b/c`` only and a plain sigmoid
+        gate (``decay_max = 1.0``).
+
+        ``state_dict``: a spear ``Phalanx``'s ``state_dict()`` (keys ``param.proj_{a,b,c}.{weight,bias}``,
+        ``param.proj_v.weight``, ``proj_out.weight``; the ``param.`` prefix may be left out). dim, heads,
+        head_dim and kv_heads come from the shapes. ``overrides``: other constructor arguments
+        (``window_blocks`` and ``block_len`` default to spear's 2 and 16, ``decay_max`` to 1.0; ``fused``,
+        ``device``, ``dtype`` (default: the weights' dtype)). The columns go into one ``in_proj`` (A | B | C | V)
+        whose V bias is zero (a ``proj_v.bias`` or ``proj_out.bias``, if present, is used too).
+        """
+        sd = {(k[len("param.") :] if k.startswith("param.") else k): v for k, v in state_dict.items()}
+        required = ("proj_a.weight", "proj_a.bias", "proj_b.weight", "proj_b.bias", "proj_c.weight", "proj_c.bias",
+                    "proj_v.weight", "proj_out.weight")  # fmt: skip
+        optional = ("proj_v.bias", "proj_out.bias")
+        missing = [k for k in required if k not in sd]
+        unknown = sorted(k for k in sd if k not in required and k not in optional)
+        if missing or unknown:
+            raise ValueError(f"not a spear Phalanx state dict: missing {missing}, unexpected {unknown}; allowed keys: "
+                             f"{list(required + optional)} (each optionally prefixed 'param.')")  # fmt: skip
+        wa, wb, wc, wv, wo = (sd[f"{n}.weight"] for n in ("proj_a", "proj_b", "proj_c", "proj_v", "proj_out"))
+        heads, dim = wa.shape
+        if heads < 1 or wv.shape[0] % heads:
+            raise ValueError(f"proj_v.weight has {wv.shape[0]} rows, not a multiple of heads={heads} (proj_a rows)")
+        head_dim = wv.shape[0] // heads
+        if wb.shape[0] == 0 or wb.shape[0] % head_dim or heads % (wb.shape[0] // head_dim):
+            raise ValueError(f"proj_b.weight has {wb.shape[0]} rows: not kv_heads * head_dim ({head_dim}) with "
+                             f"kv_heads dividing heads={heads}")  # fmt: skip
+        kv_heads = wb.shape[0] // head_dim
+        inner = heads * head_dim
+        shapes = {"proj_a.bias": (heads,), "proj_b.bias": (wb.shape[0],), "proj_c.weight": tuple(wb.shape),
+                  "proj_c.bias": (wb.shape[0],), "proj_v.weight": (inner, dim), "proj_v.bias": (inner,),
+                  "proj_b.weight": (kv_heads * head_dim, dim), "proj_out.weight": (dim, inner),
+                  "proj_out.bias": (dim,)}  # fmt: skip
+        for k, shape in shapes.items():
+            if k in sd and tuple(sd[k].shape) != shape:
+                raise ValueError(f"{k} has shape {list(sd[k].shape)}; expected {list(shape)} for dim={dim}, "
+                                 f"heads={heads}, head_dim={head_dim}, kv_heads={kv_heads}")  # fmt: skip
+        for k, v in (("dim", dim), ("heads", heads), ("head_dim", head_dim), ("kv_heads", kv_heads)):
+            if k in overrides and overrides[k] != v:
+                raise ValueError(f"{k}={overrides[k]!r} contradicts the state dict's shapes ({k}={v})")
+        for k in ("bias", "in_proj_bias"):
+            if k in overrides:
+                raise ValueError(f"{k} is set by the state dict (biases on proj_a/b/c, none on proj_out unless given)")
+        for k in ("dim", "heads", "head_dim", "kv_heads"):
+            overrides.pop(k, None)
+        kw: dict = {"window_blocks": 2, "block_len": 16, "decay_max": 1.0, "dtype": wa.dtype, **overrides}
+        layer = cls(dim, heads=heads, head_dim=head_dim, kv_heads=kv_heads, bias="proj_out.bias" in sd,
+                    in_proj_bias=True, **kw)  # fmt: skip
+        v_bias = sd.get("proj_v.bias", torch.zeros(inner, dtype=wa.dtype, device=wa.device))
+        with torch.no_grad():
+            layer.in_proj.weight.copy_(torch.cat([wa, wb, wc, wv], dim=0))
+            layer.in_proj.bias.copy_(torch.cat([sd["proj_a.bias"], sd["proj_b.bias"], sd["proj_c.bias"], v_bias]))
+            layer.out_proj.weight.copy_(wo)
+            if "proj_out.bias" in sd:
+                layer.out_proj.bias.copy_(sd["proj_out.bias"])
+        return layer
 
     # ------------------------------------------------------------ projections
 
