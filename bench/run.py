@@ -105,7 +105,6 @@ def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[
                   log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:  # fmt: skip
     import swrgen
     from bench.ops.swr import time_kernels
-    from swrgen.ops import fastpath
     from swrgen.spec import default_spec
     from swrgen.tune import lookup
     from swrgen.tune.search import check_program, device_arch
@@ -118,8 +117,8 @@ def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[
             spec = default_spec(window_blocks=k, output_dtype=out)
             try:
                 t0 = time.perf_counter()
-                program = swrgen.load(spec).program
-                program.module(device)  # compile/load now, so it is not in the first timing
+                program = swrgen.load(spec).kernels
+                program.on(device.index)  # compile/load now, so it is not in the first timing
                 load_s = time.perf_counter() - t0
                 err_f, err_b = check_program(program, spec, (2, 8, HEAD_DIM, 4096 + 24), seed=k, device=device)
                 checks.append(dict(k=k, out=out, err_fwd=err_f, err_bwd=err_b, load_s=load_s))
@@ -134,7 +133,7 @@ def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[
                 try:
                     shape4 = (b, h, HEAD_DIM, length)
                     row["tuned"] = lookup(spec, arch, shape4)
-                    fwd_program, bwd_program = (fastpath.resolve(program, device, shape4, d) for d in ("fwd", "bwd"))
+                    fwd_program, bwd_program = (program.for_shape(device.index, shape4, d) for d in ("fwd", "bwd"))
                     row["fwd_target"], row["bwd_target"] = knobs(fwd_program.spec), knobs(bwd_program.spec)
                     row.update(time_kernels(fwd_program, bwd_program, (b, h, length), bw, args.warmup_ms,
                                             args.rep_ms))  # fmt: skip

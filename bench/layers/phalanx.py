@@ -1,6 +1,8 @@
 """Layer-level forward+backward: Phalanx against sliding-window and causal attention layers (GPU).
 
     python bench/layers/phalanx.py [--dim 1024] [--batch 2] [--lengths 2048 8192 32768] [--json F]
+    python bench/layers/phalanx.py --packed [--dim 1024]     # packed (cu_seqlens) vs the same tokens as a batch
+    python bench/layers/phalanx.py --chunks 4 [--batch 2]    # chunked training with the state handed over
 
 Same model width D for every layer, bf16 parameters and activations:
   phalanx          swrgen.nn.Phalanx(D, head_dim=16, window_blocks=2)   (fused gating + SWR kernels)
@@ -47,12 +49,87 @@ def time_layer(layer: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     return gpu, host
 
 
+def time_fn(step) -> tuple[float, float]:
+    """(median GPU ms, host ms to issue one) of ``step()``."""
+    gpu = common.bench_ms(step)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        step()
+    host = (time.perf_counter() - start) / 20 * 1e3
+    torch.cuda.synchronize()
+    return gpu, host
+
+
+def packed_rows(dim: int) -> list[dict]:
+    """The Phalanx layer's fwd+bwd on the same tokens as a fixed batch [B, L] and packed [1, B*L]: sequences of
+    L (the boundaries of the batch), and documents of random lengths (cu_seqlens of a pretraining batch)."""
+    from swrgen.nn import Phalanx
+
+    layer = Phalanx(dim, head_dim=16, window_blocks=2).to(device="cuda", dtype=torch.bfloat16)
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for batch, length in ((8, 8192), (32, 2048)):
+        tokens = batch * length
+        x = torch.randn(batch, length, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        xp = x.detach().reshape(1, tokens, dim).requires_grad_()
+        even = torch.arange(0, tokens + 1, length, dtype=torch.int64)
+        cuts = torch.randint(1, tokens, (batch * 4 - 1,), generator=g).unique().sort().values
+        docs = torch.cat([torch.zeros(1, dtype=torch.int64), cuts, torch.tensor([tokens])])
+        dy, dyp = torch.randn_like(x), torch.randn_like(xp)
+        row: dict = {"B": batch, "L": length, "D": dim, "tokens": tokens, "documents": len(docs) - 1}
+        steps = {"fixed": lambda: layer(x).backward(dy),
+                 "packed_even": lambda: layer(xp, cu_seqlens=even).backward(dyp),
+                 "packed_docs": lambda: layer(xp, cu_seqlens=docs).backward(dyp)}  # fmt: skip
+        for name, step in steps.items():
+            row[name], row[name + "_host"] = time_fn(step)
+        for name in ("packed_even", "packed_docs"):
+            row[name + "_vs_fixed"] = row[name] / row["fixed"]
+        print(f"B={batch} L={length} D={dim}: fixed {row['fixed']:.3f} ms, packed as the batch {row['packed_even']:.3f} "
+              f"ms ({row['packed_even_vs_fixed']:.3f}x), {row['documents']} documents {row['packed_docs']:.3f} ms "
+              f"({row['packed_docs_vs_fixed']:.3f}x)", flush=True)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def chunked_rows(dim: int, batch: int, chunks: int, length: int = 32768) -> list[dict]:
+    """Chunked training: ``chunks`` chunks of length/chunks tokens with the state handed over (gradients
+    through it), forward+backward, against one pass over ``length`` tokens."""
+    from swrgen.nn import Phalanx
+
+    layer = Phalanx(dim, head_dim=16, window_blocks=2).to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(batch, length, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    n = length // chunks
+
+    def one_pass() -> None:
+        layer(x).backward(dy)
+
+    def chunked() -> None:
+        state, outs = None, []
+        for c in range(chunks):
+            out, state = layer(x[:, c * n : (c + 1) * n], state=state, return_state=True)
+            outs.append(out)
+        torch.cat(outs, dim=1).backward(dy)
+
+    row = {"B": batch, "L": length, "D": dim, "chunks": chunks}
+    row["one_pass"], row["one_pass_host"] = time_fn(one_pass)
+    row["chunked"], row["chunked_host"] = time_fn(chunked)
+    row["chunked_vs_one_pass"] = row["chunked"] / row["one_pass"]
+    print(f"B={batch} L={length} D={dim}: one pass {row['one_pass']:.3f} ms, {chunks} chunks with the state "
+          f"{row['chunked']:.3f} ms ({row['chunked_vs_one_pass']:.3f}x)", flush=True)  # fmt: skip
+    return [row]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/layers/phalanx.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dim", type=int, default=1024, help="model width D")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--lengths", type=int, nargs="*", default=[2048, 8192, 32768], help="sequence lengths L")
     ap.add_argument("--json", default=None, help="write every number here")
+    ap.add_argument("--packed", action="store_true", help="packed (cu_seqlens) vs the same tokens as a batch")
+    ap.add_argument("--chunks", type=int, default=0, help="chunked training with N chunks of --length-total tokens")
+    ap.add_argument("--length-total", type=int, default=32768, help="tokens per sequence for --chunks")
     return ap
 
 
@@ -60,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common.require_cuda("bench/layers/phalanx.py")
     from swrgen.nn import Phalanx
+
+    if args.packed or args.chunks:
+        print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  D={args.dim} (fwd+bwd ms, medians)")
+        rows = packed_rows(args.dim) if args.packed else []
+        if args.chunks:
+            rows += chunked_rows(args.dim, args.batch, args.chunks, args.length_total)
+        common.write_json(args.json, {"device": torch.cuda.get_device_name(), "rows": rows})
+        return 0
 
     rows = []
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  D={args.dim} B={args.batch} (fwd+bwd ms)")

@@ -47,12 +47,8 @@ def raw_launch(program, a: torch.Tensor, x: torch.Tensor, stream_object: bool) -
     from swrgen.ops.swr import launch
 
     y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    if hasattr(launch, "forward_plan"):  # this tree's plans
-        plan = launch.forward_plan(program, a, x).launch
-        kernel, grid, threads, params = plan.kernel, plan.grid, plan.threads, plan.params
-    else:  # an older tree: its cached _ForwardPlan
-        old = launch._forward_plan(program, a, x, None, 0)
-        kernel, grid, threads, params = old.kernel, old.grid, old.threads, old.params
+    plan = launch.forward_plan(program, a, x)
+    kernel, grid, threads, params = plan.kernel, plan.grid, plan.threads, plan.params
     params.x, params.a, params.y = x.data_ptr(), a.data_ptr(), y.data_ptr()
     args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
     address = ctypes.addressof(args)
@@ -99,7 +95,7 @@ def paths(length: int) -> dict[str, Callable[[], Callable[[], Any]]]:
     P = torch.randn(1, length, layout.width, device="cuda", generator=g).bfloat16()
     fused_spec = default_spec(head_dim=16, window_blocks=2, input_dtype="bf16", gate_dtype="bf16",
                               output_dtype="bf16", fused_gating=True)  # fmt: skip
-    fused_program = swrgen.load(fused_spec).program
+    fused_program = swrgen.load(fused_spec).kernels
     ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
     dy = torch.randn(x.shape, device="cuda", generator=g)
 
@@ -116,17 +112,17 @@ def paths(length: int) -> dict[str, Callable[[], Callable[[], Any]]]:
     return {
         "swrgen.swr(a, x) inference": lambda: lambda: swrgen.swr(a, x),
         "SwrOp op(a, x) under no_grad": lambda: no_grad(lambda: op(a, x)),
-        "launch.forward(program, a, x)": lambda: lambda: launch.forward(op.program, a, x),
+        "launch.forward(kernels, a, x)": lambda: lambda: launch.forward(op.kernels, a, x),
         "torch.empty(x.shape, ...) alone": lambda: lambda: torch.empty(x.shape, dtype=torch.float32, device=x.device),
         "torch.empty_like(x, ...) alone": lambda: (
             lambda: torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
         ),
-        "raw cuLaunchKernel, int stream": lambda: raw_launch(op.program, a, x, stream_object=False),
-        "raw cuLaunchKernel, CUstream": lambda: raw_launch(op.program, a, x, stream_object=True),
+        "raw cuLaunchKernel, int stream": lambda: raw_launch(op.kernels, a, x, stream_object=False),
+        "raw cuLaunchKernel, CUstream": lambda: raw_launch(op.kernels, a, x, stream_object=True),
         "torch add_ (for scale)": lambda: lambda: x.add_(0),
         "CUDA graph replay of swrgen.swr": lambda: graph_replay(lambda: swrgen.swr(a, x)),
         "swrgen.phalanx_gating(P, heads=1) inference": lambda: lambda: swrgen.phalanx_gating(P, heads=1),
-        "fused launch.forward(program, P, ...)": lambda: lambda: fused_launch.forward(fused_program, P, layout, 0.8),
+        "fused launch.forward(kernels, P, ...)": lambda: lambda: fused_launch.forward(fused_program, P, layout, 0.8),
         "swrgen.swr fwd+bwd (autograd.grad)": lambda: fwd_bwd,
     }
 
@@ -150,7 +146,7 @@ def tiny_call_costs(log: Callable[[str], None], n: int = 1000) -> dict[str, Any]
     rows: dict[str, Callable[[], Any]] = {
         "swrgen.swr(a, x)": lambda: swrgen.swr(a, x),
         "op(a, x)": lambda: op(a, x),
-        "launch.forward(program, a, x)": lambda: launch.forward(op.program, a, x),
+        "launch.forward(kernels, a, x)": lambda: launch.forward(op.kernels, a, x),
         "torch add_ (for scale)": lambda: x.add_(0),
     }
     for name, fn in rows.items():
@@ -170,7 +166,7 @@ def tiny_call_costs(log: Callable[[str], None], n: int = 1000) -> dict[str, Any]
         out["CUDA graph error"] = f"{type(err).__name__}: {err}"
         log(f"launch overhead CUDA graph: FAILED {out['CUDA graph error']}")
     try:
-        out["kernel time (events, us)"] = 1e3 * common.bench_ms(lambda: launch.forward(op.program, a, x), 5, 20)
+        out["kernel time (events, us)"] = 1e3 * common.bench_ms(lambda: launch.forward(op.kernels, a, x), 5, 20)
     except Exception as err:
         log(f"kernel time of the tiny call: FAILED {type(err).__name__}: {err}")
     for key, val in out.items():

@@ -65,7 +65,7 @@ def time_shape(batch: int, length: int, dim: int, specs: list, bw: float) -> lis
         t_unfused = common.bench_ms(lambda: unfused(P, layout, DECAY_MAX))
     rows = []
     for spec in specs:
-        program = swrgen.load(spec).program
+        program = swrgen.load(spec).kernels
         t_f = common.bench_ms(lambda program=program: launch.forward(program, P, layout, DECAY_MAX))
         t_b = common.bench_ms(lambda program=program: launch.backward(program, P, dZ, layout, DECAY_MAX))
         row = {"B": batch, "L": length, "D": dim, "spec": spec.target.to_dict(), "fwd_ms": t_f, "bwd_ms": t_b,
@@ -83,21 +83,21 @@ def tuned_rows(shapes: list[tuple[int, int, int]], bw: float) -> list[dict]:
     import swrgen
     from bench.ops.swr import print_tuned
     from swrgen.ops.phalanx import GatingLayout
-    from swrgen.ops.swr.op import _default_key
+    from swrgen.ops.swr.op import default_key
 
     rows = []
-    key = _default_key(16, False, torch.bfloat16, torch.bfloat16, 2, 16, torch.bfloat16, fused_gating=True)
+    key = default_key(16, False, torch.bfloat16, torch.bfloat16, 2, 16, torch.bfloat16, True)
     for b, length, dim in shapes:
         heads = dim // 16
         layout = GatingLayout(heads, heads, 16)
         g = torch.Generator(device="cuda").manual_seed(0)
         P = torch.randn(b, length, layout.width, device="cuda", generator=g).bfloat16()
         dZ = torch.randn(b, length, layout.inner, device="cuda", generator=g).bfloat16()
-        op_args = (heads, heads, 16, 2, 16, DECAY_MAX, key)
+        op_args = (None, None, None, None, heads, heads, 16, 2, 16, DECAY_MAX, key, False)  # no state, no packing
 
         def run(P=P, dZ=dZ, op_args=op_args, heads=heads):
             z = swrgen.phalanx_gating(P, heads=heads)
-            dP = torch.ops.swrgen.phalanx_bwd(P, dZ, *op_args)
+            dP = torch.ops.swrgen.phalanx_bwd(P, dZ, *op_args)[0]
             return (lambda: swrgen.phalanx_gating(P, heads=heads),
                     lambda: torch.ops.swrgen.phalanx_bwd(P, dZ, *op_args), (z, dP))  # fmt: skip
 

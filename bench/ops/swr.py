@@ -44,7 +44,7 @@ def time_kernels(fwd_program, bwd_program, shape: tuple[int, int, int], bw: floa
 
     b, h, length = shape
     a, x = common.swr_inputs(b, h, length)
-    y = launch.forward(fwd_program, a, x)
+    y, _, _ = launch.forward(fwd_program, a, x)
     dy = torch.randn_like(y)
     fwd = common.bench_ms(lambda: launch.forward(fwd_program, a, x), warmup_ms, rep_ms)
     bwd = common.bench_ms(lambda: launch.backward(bwd_program, a, x, dy), warmup_ms, rep_ms)
@@ -68,7 +68,7 @@ def roofline(args: argparse.Namespace, bw: float) -> list[dict]:
             spec = default_spec(window_blocks=k, output_dtype=out)
             if args.tune:
                 spec = spec.replace_target(**args.tune)
-            program = swrgen.load(spec).program
+            program = swrgen.load(spec).kernels
             for b, h, length in args.shapes or DEFAULT_SHAPES:
                 row: dict[str, Any] = dict(k=k, out=out, B=b, H=h, L=length)
                 row.update(time_kernels(program, program, (b, h, length), bw))
@@ -114,10 +114,10 @@ def sweep(args: argparse.Namespace, bw: float) -> list[dict]:
             ref = None
             print(f"{torch.cuda.get_device_name()} copy {bw / 1e12:.3f} TB/s; k={k} B,H,L={b},{h},{length}")
             for spec in sweep_specs(k, grid):
-                prog = swrgen.load(spec).program
-                y = launch.forward(prog, a, x)
+                prog = swrgen.load(spec).kernels
+                y, _, _ = launch.forward(prog, a, x)
                 dy = torch.ones_like(y) * 0.5
-                got = (y, *launch.backward(prog, a, x, dy))
+                got = (y, *launch.backward(prog, a, x, dy)[:2])
                 ref = ref or got
                 same = all(torch.equal(u, v) for u, v in zip(got, ref, strict=True))
                 f = common.bench_ms(lambda p=prog, a=a, x=x: launch.forward(p, a, x))
@@ -137,13 +137,13 @@ def sweep(args: argparse.Namespace, bw: float) -> list[dict]:
 
 def tuned_rows(args: argparse.Namespace, bw: float) -> list[dict]:
     import swrgen
-    from swrgen.ops.swr.op import _default_key
+    from swrgen.ops.swr.op import default_key
 
     rows = []
     for k in args.k or [2]:
         for out in args.out or ["fp32", "bf16"]:
             out_dtype = OUT_DTYPES[out]
-            key = _default_key(16, False, torch.bfloat16, torch.bfloat16, k, 16, out_dtype)
+            key = default_key(16, False, torch.bfloat16, torch.bfloat16, k, 16, out_dtype)
             for b, h, length in args.shapes or DEFAULT_SHAPES:
                 a, x = common.swr_inputs(b, h, length)
                 g = torch.Generator(device="cuda").manual_seed(1)
@@ -151,9 +151,10 @@ def tuned_rows(args: argparse.Namespace, bw: float) -> list[dict]:
 
                 def run(a=a, x=x, dy=dy, key=key, out_dtype=out_dtype, k=k):
                     y = swrgen.swr(a, x, window_blocks=k, out_dtype=out_dtype)
-                    grads = torch.ops.swrgen.swr_bwd(a, x, dy, k, 16, key, None)
+                    args = (a, x, dy, None, None, None, None, k, 16, key, False)  # no state, no packing
+                    grads = torch.ops.swrgen.swr_bwd(*args)[:2]
                     return (lambda: swrgen.swr(a, x, window_blocks=k, out_dtype=out_dtype),
-                            lambda: torch.ops.swrgen.swr_bwd(a, x, dy, k, 16, key, None), (y, *grads))  # fmt: skip
+                            lambda: torch.ops.swrgen.swr_bwd(*args), (y, *grads))  # fmt: skip
 
                 (tf, tb), (uf, ub), same = common.tuned_and_untuned(run)
                 fb, bb = common.swr_bytes(x, a, dy.element_size())
@@ -175,11 +176,71 @@ def print_tuned(r: dict) -> None:
 # ------------------------------------------------------------------ main
 
 
+# ------------------------------------------------------------------ --autograd: the path training takes
+
+
+AUTOGRAD_CASES = [((4, 64, 8192), "fp32"), ((8, 64, 2048), "bf16"), ((1, 64, 32768), "fp32"), ((8, 64, 2048), "fp32"),
+                  ((4, 64, 8192), "bf16"), ((1, 128, 131072), "fp32")]  # fmt: skip
+
+
+def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
+    """What training sees against the kernels launched directly: the forward and backward through autograd
+    (``torch.autograd.grad`` with a dense upstream gradient) against ``launch.forward`` / ``launch.backward`` of
+    the same kernel set and shape, GPU medians; and the host time to issue one training call (fwd + bwd)
+    beside an inference call, at a tiny shape where the host is all there is."""
+    import swrgen
+    from swrgen.ops.swr import launch
+    from swrgen.ops.swr.op import default_kernels
+
+    rows = []
+    cases = [(s, o) for s in args.shapes for o in (args.out or ["fp32"])] if args.shapes else AUTOGRAD_CASES
+    for (b, h, length), out in cases:
+        out_dtype = OUT_DTYPES[out]
+        a, x = common.swr_inputs(b, h, length)
+        ks = default_kernels(16, False, x.dtype, a.dtype, 2, 16, out_dtype)
+        fwd_ks, bwd_ks = (ks.for_shape(x.get_device(), tuple(x.shape), d) for d in ("fwd", "bwd"))
+        dy = torch.randn(x.shape, device="cuda").to(out_dtype)
+        ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+        y = swrgen.swr(ag, xg, out_dtype=out_dtype)
+        t = {
+            "kernel_fwd": common.bench_ms(lambda: launch.forward(fwd_ks, a, x)),
+            "kernel_bwd": common.bench_ms(lambda: launch.backward(bwd_ks, a, x, dy)),
+            "op_fwd_inference": common.bench_ms(lambda: swrgen.swr(a, x, out_dtype=out_dtype)),
+            "autograd_fwd": common.bench_ms(lambda: swrgen.swr(ag, xg, out_dtype=out_dtype)),
+            "autograd_bwd": common.bench_ms(lambda: torch.autograd.grad(y, (ag, xg), dy, retain_graph=True)),
+            "autograd_fwd_bwd": common.bench_ms(
+                lambda: torch.autograd.grad(swrgen.swr(ag, xg, out_dtype=out_dtype), (ag, xg), dy)),
+        }  # fmt: skip
+        fb, bb = common.swr_bytes(x, a, dy.element_size())
+        row = dict(B=b, H=h, L=length, out=out, **t, fwd_floor_ms=fb / bw * 1e3, bwd_floor_ms=bb / bw * 1e3,
+                   bwd_autograd_over_kernel=t["autograd_bwd"] / t["kernel_bwd"],
+                   fwd_autograd_over_kernel=t["autograd_fwd"] / t["kernel_fwd"])  # fmt: skip
+        rows.append(row)
+        print(f"{b}x{h}x{length} {out}: fwd kernel {t['kernel_fwd']:.4f} / autograd {t['autograd_fwd']:.4f} ms "
+              f"({row['fwd_autograd_over_kernel']:.3f}x); bwd kernel {t['kernel_bwd']:.4f} / autograd "
+              f"{t['autograd_bwd']:.4f} ms ({row['bwd_autograd_over_kernel']:.3f}x); fwd+bwd {t['autograd_fwd_bwd']:.4f}"
+              f" ms", flush=True)  # fmt: skip
+    from bench.ops.host import per_call_us
+
+    a, x = common.swr_inputs(1, 1, 16)
+    ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(x.shape, device="cuda")
+    host = {"inference call": per_call_us(lambda: swrgen.swr(a, x), 2000),
+            "training call (fwd + autograd.grad)": per_call_us(
+                lambda: torch.autograd.grad(swrgen.swr(ag, xg), (ag, xg), dy), 500),
+            "torch add_ (for scale)": per_call_us(lambda: x.add_(0), 2000)}  # fmt: skip
+    for name, us in host.items():
+        print(f"host {name}: {us:.1f} us/call", flush=True)
+    rows.append({"host_us": host, "shape": [1, 1, 16, 16]})
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/ops/swr.py", description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="time a grid of tuning configs (see --grid)")
     mode.add_argument("--tuned", action="store_true", help="the ops' path with and without the stored tuned configs")
+    mode.add_argument("--autograd", action="store_true", help="the training path (autograd) against the kernels alone")
     ap.add_argument("--shapes", nargs="*", type=common.shape_type("B,H,L"), default=[],
                     help="B,H,L shapes (default: the four of the table; --sweep: 4,64,8192)")  # fmt: skip
     ap.add_argument("--k", type=int, nargs="*", default=[], help="window_blocks (default 2)")
@@ -199,7 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep:
         print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.3f} TB/s  torch {torch.__version__}"
               + ("  (median ms; % of the copy floor; untuned = SWRGEN_TUNED=0)" if args.tuned else ""))  # fmt: skip
-    rows = sweep(args, bw) if args.sweep else tuned_rows(args, bw) if args.tuned else roofline(args, bw)
+    if args.sweep:
+        rows = sweep(args, bw)
+    elif args.tuned:
+        rows = tuned_rows(args, bw)
+    elif args.autograd:
+        rows = autograd_rows(args, bw)
+    else:
+        rows = roofline(args, bw)
     common.write_json(args.json, {"device": torch.cuda.get_device_name(), "copy_Bps": bw, "torch": torch.__version__,
                                   "rows": rows})  # fmt: skip
     return 0

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = [(label, swrgen.load(p)) for label, p in zip(labels, args.programs, strict=True)]
     groups: dict[object, list] = {}
     for label, op in ops:
-        groups.setdefault(op.spec.recurrence, []).append((label, op.program))
+        groups.setdefault(op.spec.recurrence, []).append((label, op.kernels))
     bw = common.copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.3f} TB/s  torch {torch.__version__}  rounds {args.rounds}")
     for rec, members in groups.items():
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             dy = torch.randn(shape, device="cuda").to(out_dtype)
             first = None
             for label, prog in members:
-                got = (launch.forward(prog, a, x, poison=float("nan")),
-                       *launch.backward(prog, a, x, dy, poison=float("nan")))  # fmt: skip
+                got = (launch.forward(prog, a, x, poison=float("nan"))[0],
+                       *launch.backward(prog, a, x, dy, poison=float("nan"))[:2])  # fmt: skip
                 if first is None:
                     first = got
                 elif not all(torch.equal(u, v) for u, v in zip(got, first, strict=True)):

@@ -31,13 +31,13 @@ def plain() -> None:
     from swrgen.spec import default_spec
 
     for k in (1, 2, 3):
-        prog = swrgen.load(default_spec(window_blocks=k)).program
+        prog = swrgen.load(default_spec(window_blocks=k)).kernels
         for length in (1, 15, 16, 17, 1000, 8193):
             for offset in (0, 1):  # offset 1 breaks 16-byte alignment -> the element-wise kernels
                 x = torch.randn(2, 3, 16, length + offset, device="cuda").bfloat16()[..., offset:]
                 a = torch.rand(2, 3, length + offset, device="cuda").bfloat16()[..., offset:]
-                y = launch.forward(prog, a, x)
-                dx, da = launch.backward(prog, a, x, torch.randn_like(y))
+                y, _, _ = launch.forward(prog, a, x)
+                dx, da, _ = launch.backward(prog, a, x, torch.randn_like(y))
                 torch.cuda.synchronize()
                 assert torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(da).all()
     # Packed sequences (element-wise and vector kernels) and a resumed stream.
@@ -66,7 +66,7 @@ def fused(quick: bool) -> None:
     for k, bl, dtype in cases:
         spec = default_spec(window_blocks=k, block_len=bl, input_dtype=dtype, gate_dtype=dtype, output_dtype=dtype,
                             fused_gating=True)  # fmt: skip
-        program = swrgen.load(spec).program
+        program = swrgen.load(spec).kernels
         tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         for heads, kv in ((8, 8), (8, 2), (6, 3)):  # aligned (vec), aligned GQA, unaligned (scalar)
             layout = GatingLayout(heads, kv, 16)
@@ -74,8 +74,8 @@ def fused(quick: bool) -> None:
                 for offset in (0,) if quick else (0, 1):  # offset 1: misaligned base -> the scalar kernels
                     buf = torch.randn(2 * length * layout.width + offset, device="cuda", dtype=tdt)
                     P = buf[offset:].view(2, length, layout.width)
-                    Z = launch.forward(program, P, layout, 0.8)
-                    dP = launch.backward(program, P, torch.randn_like(Z), layout, 0.8)
+                    Z, _, _ = launch.forward(program, P, layout, 0.8)
+                    dP, _ = launch.backward(program, P, torch.randn_like(Z), layout, 0.8)
                     torch.cuda.synchronize()
                     assert torch.isfinite(Z).all() and torch.isfinite(dP).all(), (k, bl, dtype, heads, length)
     print("edge_check fused: ok")

@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
     b, h, length = args.shape
     spec = default_spec(window_blocks=args.k)
-    prog = swrgen.load(spec.replace_target(**args.tune) if args.tune else spec).program
+    prog = swrgen.load(spec.replace_target(**args.tune) if args.tune else spec).kernels
     x = torch.randn(b, h, 16, length, device="cuda").bfloat16()
     a = (0.5 + 0.5 * torch.rand(b, h, length, device="cuda")).bfloat16()
     for _ in range(2):
-        y = launch.forward(prog, a, x)
+        y, _, _ = launch.forward(prog, a, x)
         launch.backward(prog, a, x, torch.randn_like(y))
     torch.cuda.synchronize()
     return 0
