@@ -11,7 +11,7 @@ import swrgen
 from swrgen.ops.swr import launch
 from swrgen.ops.swr.reference import swr_reference
 from swrgen.ops.swr.state import SwrState, decode_step, final_state, swr_with_state
-from tests.gpu_util import TUNING, make_inputs, random_state, rel_err, spec_for
+from tests.gpu_util import TUNING, make_inputs, random_state, rel_err, spec_for, torch_dtype
 
 pytestmark = pytest.mark.gpu
 
@@ -26,8 +26,8 @@ def reference_with_state(a, x, k, bl, data, positions, dy, d_out):
     d64 = data.detach().double().cpu().requires_grad_()
     y, new = swr_with_state(a64, x64, k, bl, SwrState(d64, positions, bl))
     loss = (y * dy.double().cpu()).sum() + (new.data * d_out.double().cpu()).sum()
-    da, dx, dd = torch.autograd.grad(loss, (a64, x64, d64))
-    return y.detach(), new.data.detach(), da, dx, dd
+    da, dx, dd = torch.autograd.grad(loss, (a64, x64, d64), allow_unused=True)  # k = 1 at a tile edge: no state
+    return y.detach(), new.data.detach(), da, dx, torch.zeros_like(d64) if dd is None else dd
 
 
 # --- chunked training ---------------------------------------------------------------------------------------
@@ -84,23 +84,28 @@ def test_many_chunks_with_short_ones_chain(k, bl, per_channel):
 @pytest.mark.parametrize(("k", "bl"), K_BL)
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("length", [1, 5, 16, 40, 1000])
-def test_state_in_and_out_gradients(k, bl, per_channel, length):
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_state_in_and_out_gradients(k, bl, per_channel, length, dtype):
     positions = [0, 1, bl - 1, bl, 3 * bl + 5]
     n = len(positions)
-    a, x = make_inputs(n, 2, 16, length, per_channel=per_channel, seed=length + k + bl)
+    tol = 1e-4 if dtype == "fp32" else 5e-3  # fp32 inputs: the kernels' own fp32 rounding only
+    a, x = make_inputs(n, 2, 16, length, per_channel=per_channel, seed=length + k + bl, dtype=torch_dtype(dtype))
     data = random_state(n, 2, 16, k, bl, positions, seed=length)
     dy = torch.randn(x.shape, device="cuda")
     d_out = torch.randn(data.shape, device="cuda")
     ry, rnew, ra, rx, rd = reference_with_state(a, x, k, bl, data, positions, dy, d_out)
-    ks = swrgen.load(spec_for(k=k, bl=bl, per_channel=per_channel)).kernels
+    ks = swrgen.load(spec_for(k=k, bl=bl, per_channel=per_channel, dtype=dtype)).kernels
     pos = torch.tensor(positions, device="cuda")
     for phases in (None, tuple(p % bl for p in positions)):  # device positions only, or known on the host
         state = launch.StateArgs(data=data.float().cuda().contiguous(), pos=pos, phases=phases)
         y, new, new_pos = launch.forward(ks, a, x, state=state, want_state=True, poison=NAN)
         assert new_pos.tolist() == [p + length for p in positions]
-        assert rel_err(y, ry) <= 2e-3 and rel_err(new, rnew) <= 1e-4
+        assert rel_err(y, ry) <= min(tol, 2e-3), "y"
+        assert rel_err(new, rnew) <= 1e-4, "new state"
         dx, da, dd = launch.backward(ks, a, x, dy, state=state, d_state_out=d_out, want_d_state=True, poison=NAN)
-        assert rel_err(dx, rx) <= 5e-3 and rel_err(da, ra) <= 5e-3 and rel_err(dd, rd) <= 5e-3
+        assert rel_err(dx, rx) <= tol, "dx"
+        assert rel_err(da, ra) <= tol, "da"
+        assert rel_err(dd, rd) <= tol, "d state"
 
 
 def test_public_api_state_gradients():
@@ -215,7 +220,7 @@ def test_kernel_state_continues_on_the_cpu_and_by_decode(k, bl):
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(torch.cat([y1, torch.stack(ys, -1)], -1).double(), ref.cuda(), rtol=1e-4, atol=1e-4)
     fs = final_state(a.double().cpu(), x.double().cpu(), k, bl)
-    torch.testing.assert_close(s.data.double().cpu(), fs.data, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.data.double().cpu(), fs.data.double(), rtol=1e-4, atol=1e-4)
 
 
 def test_one_graph_of_decode_step_serves_every_position():

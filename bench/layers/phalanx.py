@@ -101,16 +101,19 @@ def chunked_rows(dim: int, batch: int, chunks: int, length: int = 32768) -> list
     x = torch.randn(batch, length, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     n = length // chunks
+    # The chunks as a training loop has them: tensors of their own (a loader's batches), gradients to each.
+    xs = [x.detach()[:, c * n : (c + 1) * n].clone().requires_grad_() for c in range(chunks)]
+    dys = [dy[:, c * n : (c + 1) * n].contiguous() for c in range(chunks)]
 
     def one_pass() -> None:
         layer(x).backward(dy)
 
     def chunked() -> None:
-        state, outs = None, []
-        for c in range(chunks):
-            out, state = layer(x[:, c * n : (c + 1) * n], state=state, return_state=True)
-            outs.append(out)
-        torch.cat(outs, dim=1).backward(dy)
+        state, loss = None, 0
+        for xc, dyc in zip(xs, dys, strict=True):
+            out, state = layer(xc, state=state, return_state=True)
+            loss = loss + (out * dyc).sum()
+        loss.backward()
 
     row = {"B": batch, "L": length, "D": dim, "chunks": chunks}
     row["one_pass"], row["one_pass_host"] = time_fn(one_pass)

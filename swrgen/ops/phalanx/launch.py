@@ -13,6 +13,8 @@ from swrgen import constants
 from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.swr.launch import Sequences, StateArgs, _geometry, _packed_fields, _plan, _state_fields, ceil_div
 from swrgen.ops.swr.launch import aligned, fresh_rows_aligned, make_plan, rows_aligned
+from swrgen.ops.swr.launch import tuning_shape as packed_tuning_shape
+from swrgen.tune.buckets import bucket_of
 
 __all__ = ["aligned", "backward", "decode", "forward", "forward_plan", "tuning_shape", "use_vector_kernel"]
 from swrgen.runtime.kernels import DeviceKernels, KernelSet
@@ -40,9 +42,10 @@ def _params(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: flo
     return p
 
 
-def tuning_shape(P: torch.Tensor, layout: GatingLayout) -> tuple[int, int, int, int]:
-    """What the tuned store buckets for the fused kernels: (B, H, 16, L), one warp row per head."""
-    return (P.shape[0], layout.heads, layout.head_dim, P.shape[1])
+def tuning_shape(P: torch.Tensor, layout: GatingLayout, seqs: Sequences | None = None) -> tuple[int, int, int, int]:
+    """What the tuned store buckets for the fused kernels: (B, H, 16, L), one warp row per head; a packed batch
+    as a batch of its sequences (``swrgen.ops.swr.launch.tuning_shape``)."""
+    return packed_tuning_shape((P.shape[0], layout.heads, layout.head_dim, P.shape[1]), seqs)
 
 
 def use_vector_kernel(layout: GatingLayout, *tensors: torch.Tensor) -> bool:
@@ -60,7 +63,9 @@ def forward_plan(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max
     """The fused forward's launch plan for P (cached on ``ks``; the tuned variant's kernels)."""
     batch, length, _ = P.shape
     stateful = state is not None or want_state
-    key = ("fwd", seqs is None, state is not None, want_state, _geometry(P), layout, decay_max)
+    shape = tuning_shape(P, layout, seqs)
+    packed = None if seqs is None else bucket_of(shape)  # packed: its tuning bucket
+    key = ("fwd", packed, state is not None, want_state, _geometry(P), layout, decay_max)
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, P, layout, decay_max, stateful, seqs is not None)
@@ -69,7 +74,7 @@ def forward_plan(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max
         name = f"phalanx_fwd{'_state' if want_state else ''}_{'vec' if vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    return _plan(ks, P, key, "fwd", build, tuning_shape(P, layout))
+    return _plan(ks, P, key, "fwd", build, shape)
 
 
 def forward(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: float, *,
@@ -129,7 +134,9 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
             if t is not None:
                 t.fill_(poison)
     stateful = state is not None or d_state_out is not None
-    key = ("bwd", seqs is None, stateful, _geometry(P, dZ), layout, decay_max)
+    shape = tuning_shape(P, layout, seqs)
+    packed = None if seqs is None else bucket_of(shape)  # packed: its tuning bucket
+    key = ("bwd", packed, stateful, _geometry(P, dZ), layout, decay_max)
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, P, layout, decay_max, stateful, seqs is not None)
@@ -139,7 +146,7 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
         name = f"phalanx_bwd{'_state' if stateful else ''}_{'vec' if vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    plan = _plan(ks, P, key, "bwd", build, tuning_shape(P, layout))
+    plan = _plan(ks, P, key, "bwd", build, shape)
     dbc_ptr = 0 if dbc is None else dbc.data_ptr()
     if not stateful and seqs is None:
         plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=dbc_ptr)

@@ -23,6 +23,7 @@ from swrgen import constants
 from swrgen.runtime.kernels import DeviceKernels, KernelSet
 from swrgen.runtime.params import KernelParams
 from swrgen.runtime.plan import LaunchPlan, grid_for
+from swrgen.tune.buckets import bucket_of
 
 
 def ceil_div(n: int, d: int) -> int:
@@ -187,6 +188,14 @@ def _packed_fields(ks: KernelSet, x: torch.Tensor, seqs: Sequences, state: State
     return fields, p.rows * total
 
 
+def tuning_shape(shape: tuple[int, int, int, int], seqs: Sequences | None) -> tuple[int, int, int, int]:
+    """What the tuned store buckets a call by: x's [B, H, DH, L]; a packed batch of S sequences as a batch of
+    S sequences of their mean length (its warps walk sequences that long, not the whole buffer)."""
+    if seqs is None or seqs.count == 0:
+        return shape
+    return (seqs.count, shape[1], shape[2], max(1, shape[3] // seqs.count))
+
+
 def _plan(ks: KernelSet, x: torch.Tensor, key: tuple, direction: str, build,
           shape: tuple[int, int, int, int] | None = None) -> LaunchPlan:  # fmt: skip
     """The cached plan of ``ks`` for ``key`` on x's device, made by ``build(variant, dev)`` on a miss from
@@ -216,7 +225,8 @@ def forward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, seqs: Sequence
                  state: StateArgs | None = None, want_state: bool = False) -> LaunchPlan:  # fmt: skip
     """The forward's launch plan for these inputs (cached on ``ks``; the tuned variant's kernels)."""
     vec = offsets_fit_vectors(ks.spec.recurrence.block_len, x.shape[-1], seqs, state)
-    key = ("fwd", seqs is None, state is not None, want_state, vec, _geometry(x, a))
+    packed = None if seqs is None else bucket_of(tuning_shape(tuple(x.shape), seqs))  # packed: its tuning bucket
+    key = ("fwd", packed, state is not None, want_state, vec, _geometry(x, a))
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, a, x, seqs, state)
@@ -226,7 +236,7 @@ def forward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, seqs: Sequence
         name = f"swr_fwd{'_state' if want_state else ''}_{'vec' if use_vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    return _plan(ks, x, key, "fwd", build)
+    return _plan(ks, x, key, "fwd", build, tuning_shape(tuple(x.shape), seqs))
 
 
 def forward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, *, seqs: Sequences | None = None,
@@ -298,7 +308,8 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
     if x.numel() == 0 and not want_d_state:
         return dx, torch.zeros_like(a), d_state
     vec = offsets_fit_vectors(ks.spec.recurrence.block_len, length, seqs, state)
-    key = ("bwd", seqs is None, stateful, vec, _geometry(x, a, dy))
+    packed = None if seqs is None else bucket_of(tuning_shape(tuple(x.shape), seqs))  # packed: its tuning bucket
+    key = ("bwd", packed, stateful, vec, _geometry(x, a, dy))
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, a, x, seqs, state)
@@ -308,7 +319,7 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
         name = f"swr_bwd{'_state' if stateful else ''}_{'vec' if use_vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    plan = _plan(ks, x, key, "bwd", build)
+    plan = _plan(ks, x, key, "bwd", build, tuning_shape(tuple(x.shape), seqs))
     if not stateful and seqs is None:
         plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da_buf.data_ptr())
     else:
