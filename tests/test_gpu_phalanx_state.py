@@ -100,6 +100,8 @@ def test_state_in_and_out_gradients(k, length, dtype, heads, kv_heads):
     Z, new, new_pos = launch.forward(ks, P, layout, DM, state=state, want_state=True, poison=NAN)
     assert new_pos.tolist() == [p + length for p in positions]
     assert rel_err(Z, rZ) <= tol, "Z"
+    Z_only, _, _ = launch.forward(ks, P, layout, DM, state=state, poison=NAN)  # continuing without the new state
+    assert torch.equal(Z_only, Z)
     assert rel_err(new, rnew) <= min(tol, 2e-3), "new state"
     dP, dd = launch.backward(ks, P, dZ, layout, DM, state=state, d_state_out=d_out, want_d_state=True, poison=NAN)
     check_blocks(dP, rdP, layout, tol)

@@ -101,6 +101,8 @@ def test_state_in_and_out_gradients(k, bl, per_channel, length, dtype):
         y, new, new_pos = launch.forward(ks, a, x, state=state, want_state=True, poison=NAN)
         assert new_pos.tolist() == [p + length for p in positions]
         assert rel_err(y, ry) <= min(tol, 2e-3), "y"
+        y_only, _, _ = launch.forward(ks, a, x, state=state, poison=NAN)  # continuing without the new state
+        assert torch.equal(y_only, y)
         assert rel_err(new, rnew) <= 1e-4, "new state"
         dx, da, dd = launch.backward(ks, a, x, dy, state=state, d_state_out=d_out, want_d_state=True, poison=NAN)
         assert rel_err(dx, rx) <= tol, "dx"

@@ -71,7 +71,8 @@ def forward_plan(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max
         p = _params(variant, P, layout, decay_max, stateful, seqs is not None)
         p.szb, p.szt = length * layout.inner, layout.inner  # Z is a fresh contiguous tensor (aligned base)
         vec = use_vector_kernel(layout, P) and fresh_rows_aligned((batch, length, layout.inner), P.element_size())
-        name = f"phalanx_fwd{'_state' if want_state else ''}_{'vec' if vec else 'scalar'}"
+        # The fused kernels read a state only in their *_state entry points (their plain ones start from zero).
+        name = f"phalanx_fwd{'_state' if stateful else ''}_{'vec' if vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
     return _plan(ks, P, key, "fwd", build, shape)

@@ -181,7 +181,8 @@ def _packed_fields(ks: KernelSet, x: torch.Tensor, seqs: Sequences, state: State
                    plan: LaunchPlan) -> tuple[dict[str, int], int]:  # fmt: skip
     """The packed batch's fields and work items for ``plan``."""
     t, r = ks.spec.target, ks.spec.recurrence
-    total, offsets = seqs.chunk_offsets(x.device, r.block_len, t.tiles_per_warp, None if state is None else state.phases)
+    phases = (0,) * seqs.count if state is None else state.phases  # no state: every sequence starts a tile
+    total, offsets = seqs.chunk_offsets(x.device, r.block_len, t.tiles_per_warp, phases)
     p = plan.params
     fields = {"seq_start": seqs.device_starts(x.device).data_ptr(), "seq_chunk": offsets.data_ptr(),
               "num_seqs": seqs.count, "chunks": total}  # fmt: skip
