@@ -99,6 +99,7 @@ def _check_length(name: str, value: object) -> int:
     return value
 
 
+@torch.compiler.disable
 def cp_context(group: dist.ProcessGroup, length: int, cu_seqlens=None) -> CPContext:
     """Agree on the slice layout of one batch: this rank holds ``length`` tokens (of every batch entry, or of
     the packed buffer with global ``cu_seqlens``). One all-gather; every rank must call it (it is a
@@ -358,12 +359,23 @@ class _Batch:
 # ---------------------------------------------------------------- one call on one rank
 
 
-class _Run:
-    """One context-parallel call on this rank: its op, plan and peers (kept from forward to backward)."""
+class GroupComm:
+    """Point-to-point messages between neighbouring ranks of a process group."""
 
-    def __init__(self, part: _Part, plan: SlicePlan, group: dist.ProcessGroup, rank: int) -> None:
-        self.part, self.plan, self.group = part, plan, group
-        self.prev, self.next = rank - 1, rank + 1
+    def __init__(self, group: dist.ProcessGroup, rank: int) -> None:
+        self.group, self.rank = group, rank
+
+    def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> _Batch:
+        """Start sending / receiving ``(tensor, group rank)`` pairs; returns what to wait on."""
+        return _Batch(self.group, sends, recvs)
+
+
+class _Run:
+    """One context-parallel call on this rank: its op, plan and messages (kept from forward to backward)."""
+
+    def __init__(self, part: _Part, plan: SlicePlan, comm: GroupComm) -> None:
+        self.part, self.plan, self.comm = part, plan, comm
+        self.prev, self.next = comm.rank - 1, comm.rank + 1
         self.seqs = part.seqs(plan)
 
     def main_state(self, data_in: torch.Tensor | None) -> torch.Tensor | None:
@@ -402,7 +414,7 @@ class _Run:
         _mark("fwd", "start", part.device)
         sends = [(self.tail_state(inputs), self.next)] if plan.send and not plan.short else []
         data_in = part.state(plan.rows, fresh=False) if plan.recv else None
-        batch = _Batch(self.group, sends, [(data_in, self.prev)] if data_in is not None else [])
+        batch = self.comm.post(sends, [(data_in, self.prev)] if data_in is not None else [])
         batch.wait_recvs()
         _mark("fwd", "halo", part.device)
         later = None
@@ -412,7 +424,7 @@ class _Run:
             else:
                 out, new_all = part.forward(inputs, self.seqs, self.main_state(data_in), plan.pos, True)
                 new = new_all[-plan.rows :].contiguous()
-            later = _Batch(self.group, [(new, self.next)], [])
+            later = self.comm.post([(new, self.next)], [])
         elif plan.length == 0:
             out = part.empty_out(inputs)
         else:
@@ -430,7 +442,7 @@ class _Run:
         if plan.recv and not plan.short:
             sends.append((self.head_grad(inputs, data_in, dout), self.prev))
         d_out = part.state(plan.rows, fresh=False) if plan.send else None
-        batch = _Batch(self.group, sends, [(d_out, self.next)] if d_out is not None else [])
+        batch = self.comm.post(sends, [(d_out, self.next)] if d_out is not None else [])
         batch.wait_recvs()
         _mark("bwd", "halo", part.device)
         d_new = d_out
@@ -443,7 +455,7 @@ class _Run:
             grads, d_state = part.backward(inputs, self.seqs, self.main_state(data_in),
                                            plan.pos if plan.recv else None, dout, d_new, plan.short)  # fmt: skip
         if plan.short:
-            later = _Batch(self.group, [(d_state[: plan.rows].contiguous(), self.prev)], [])
+            later = self.comm.post([(d_state[: plan.rows].contiguous(), self.prev)], [])
         _mark("bwd", "end", part.device)
         batch.wait()
         if later is not None:
@@ -469,7 +481,7 @@ class _ContextParallelFunction(torch.autograd.Function):
         return (None, *grads)
 
 
-def _execute(run: _Run, inputs: tuple[torch.Tensor, ...], grad: bool) -> torch.Tensor:
+def execute(run: _Run, inputs: tuple[torch.Tensor, ...], grad: bool) -> torch.Tensor:
     if grad:
         return _ContextParallelFunction.apply(run, *inputs)
     out, _ = run.forward(inputs)
@@ -522,11 +534,17 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
 
     length = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() >= 1 else -1
     args, layout = _resolve(group, ctx, checks, length)
-    k, bl, dt = args["k"], args["bl"], args["out_dtype"]
-    ks = swr_op.default_kernels(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, dt) if x.is_cuda else None
+    run = swr_run(a, x, args["k"], args["bl"], args["out_dtype"], layout, GroupComm(group, layout.rank))
+    return execute(run, (a, x), grad)
+
+
+def swr_run(a: torch.Tensor, x: torch.Tensor, k: int, bl: int, out_dtype: torch.dtype, layout: SliceLayout,
+            comm) -> _Run:  # fmt: skip
+    """The run of a checked swr call on ``layout.rank`` with messages through ``comm`` (a GroupComm, or the
+    in-process one of :mod:`swrgen.distributed.testing`)."""
+    ks = swr_op.default_kernels(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype) if x.is_cuda else None
     plan = lay.slice_plan(layout, x.shape[0], k, bl)
-    run = _Run(_SwrPart(ks, k, bl, dt, x), plan, group, layout.rank)
-    return _execute(run, (a, x), grad)
+    return _Run(_SwrPart(ks, k, bl, out_dtype, x), plan, comm)
 
 
 @torch.compiler.disable
@@ -562,10 +580,16 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
 
     length = P.shape[1] if isinstance(P, torch.Tensor) and P.dim() >= 2 else -1
     args, layout = _resolve(group, ctx, checks, length)
-    k, bl, gl = args["k"], args["bl"], args["layout"]
+    run = phalanx_run(P, args["layout"], args["k"], args["bl"], float(decay_max), layout,
+                      GroupComm(group, layout.rank))  # fmt: skip
+    return execute(run, (P,), grad)
+
+
+def phalanx_run(P: torch.Tensor, gating: GatingLayout, k: int, bl: int, decay_max: float, layout: SliceLayout,
+                comm) -> _Run:  # fmt: skip
+    """The run of a checked phalanx_gating call (see :func:`swr_run`)."""
     ks = None
     if P.is_cuda:
-        ks = swr_op.default_kernels(head_dim, False, P.dtype, P.dtype, k, bl, P.dtype, True)
+        ks = swr_op.default_kernels(gating.head_dim, False, P.dtype, P.dtype, k, bl, P.dtype, True)
     plan = lay.slice_plan(layout, P.shape[0], k, bl)
-    run = _Run(_PhalanxPart(ks, k, bl, gl, float(decay_max), P), plan, group, layout.rank)
-    return _execute(run, (P,), grad)
+    return _Run(_PhalanxPart(ks, k, bl, gating, decay_max, P), plan, comm)
