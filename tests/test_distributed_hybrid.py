@@ -66,7 +66,7 @@ def _reference(model: HybridLM, tokens: torch.Tensor) -> tuple[HybridLM, list[fl
 
 
 def _lengths(total: int, world: int) -> list[int]:
-    """Uneven slices, one of them shorter than a tile."""
+    """Uneven slices, off tile edges (at 4 ranks one is shorter than a tile: a short slice in the chain)."""
     base = [total // world] * world
     base[0] += total - sum(base)
     if world > 1:
@@ -77,9 +77,10 @@ def _lengths(total: int, world: int) -> list[int]:
 
 
 def case_train(rank: int, world: int, parallel: str, wrapper: str, compiled: str | None) -> dict:
-    """parallel: "cp" (every rank a slice of each sequence), "dp" (every rank its own sequences) or
-    "cp+dp" is not needed here: cp with a wrapper reduces the gradients of the slices like DP would.
-    wrapper: "none" (all-reduce by hand), "ddp", "fsdp". compiled: None or a torch.compile backend."""
+    """``STEPS`` AdamW steps against one process on the whole batch. parallel: "cp" (every rank a slice of
+    each sequence; a wrapper then sums the slices' gradients over the ranks) or "dp" (every rank its own
+    sequences). wrapper: "none" (gradients all-reduced by hand), "ddp" or "fsdp" (FSDP2 fully_shard per
+    block and the model). compiled: None (eager) or a torch.compile backend."""
     torch.manual_seed(0)
     base = HybridLM(CONFIG).double()
     if parallel == "cp":

@@ -194,7 +194,7 @@ class _Part:
     def seqs(self, plan: SlicePlan) -> launch.Sequences | None:
         return None if plan.starts is None else launch.Sequences(list(plan.starts))
 
-    # Implemented per op: length, narrow, narrow_out, empty_out, zero_grads, forward, backward.
+    # Per op: narrow, narrow_out (the output gradient), empty_out, zero_grads, forward, backward.
 
 
 class _SwrPart(_Part):
