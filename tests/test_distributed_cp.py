@@ -382,3 +382,35 @@ def test_slice_plan_edges():
     packed = SliceLayout.from_lengths(1, [10, 10], (0, 4, 4, 15, 20))
     p = slice_plan(packed, 1, k, bl)
     assert p.recv and not p.send and p.starts == (0, 5, 10) and p.pos == (6, 0)
+
+
+# ---------------------------------------------------------------- the harness: a failing case fails, never hangs
+
+
+def case_stuck(rank: int, world: int, how: str) -> None:
+    from datetime import timedelta
+
+    from swrgen.distributed import context_parallel
+
+    if how == "sleep" and rank == 0:
+        import time
+
+        time.sleep(600)
+    if how == "missing_message":  # rank 0 waits for a state that rank 1 never sends
+        context_parallel.P2P_TIMEOUT = timedelta(seconds=2)
+        if rank == 0:
+            buf = torch.zeros(3)
+            context_parallel.GroupComm(dist.group.WORLD, 0).post([], [(buf, 1)]).wait_recvs()
+
+
+@pytest.mark.parametrize("how", ["sleep", "missing_message"])
+def test_stuck_case_fails_in_time(pool2, how):
+    import time
+
+    from swrgen.distributed.testing import CaseFailed
+
+    start = time.monotonic()
+    with pytest.raises(CaseFailed):
+        pool2.run(case_stuck, how, timeout_s=4)
+    assert time.monotonic() - start < 30
+    pool2.run(case_swr_no_grad, [4, 4], 1)  # the pool was restarted and works
