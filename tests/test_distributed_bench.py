@@ -3,6 +3,8 @@ needs one otherwise."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +61,16 @@ def test_smoke_run_under_torchrun(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "bench/distributed/cp_scaling.py", "--device", "cpu", "--dim", "32", "--kv-heads", "1", "--tokens", "300",
            "--weak-tokens", "100", "--steps", "2", "--warmup", "1", "--json", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # A session of its own: on a timeout the launcher *and* its workers go (killing torchrun alone orphans them).
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["world"] == 2
     assert [r["ranks"] for r in data["strong"]] == [1, 2] and [r["ranks"] for r in data["weak"]] == [1, 2]
