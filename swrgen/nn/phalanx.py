@@ -221,17 +221,20 @@ class Phalanx(nn.Module):
         return self.fused
 
     def forward(self, x: torch.Tensor, state: SwrState | None = None, return_state: bool = False,
-                cu_seqlens: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, SwrState]:  # fmt: skip
+                cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+                cp_group=None) -> torch.Tensor | tuple[torch.Tensor, SwrState]:  # fmt: skip
         """``x`` ``[B, L, dim]`` -> ``[B, L, dim]`` (and the state after it when ``return_state``).
 
         ``state``: continue every sequence after the tokens it has seen (each at its own position).
         ``cu_seqlens``: ``x`` is ``[1, T, dim]`` holding packed sequences ``[cu[i], cu[i+1])``, each run alone;
         with a state, the state has one row per packed sequence (chunked prefill of several prompts).
+        ``cp_group``: context parallelism (a ProcessGroup or a ``swrgen.distributed.CPContext``): ``x`` is this
+        rank's contiguous slice of the sequences (any length, 0 included; ``cu_seqlens`` in global offsets).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, L, dim={self.dim}]; got {list(getattr(x, 'shape', []))}")
         batch, length = x.shape[:2]
-        if cu_seqlens is None and length < 1:
+        if cu_seqlens is None and length < 1 and cp_group is None:  # a context-parallel slice may be empty
             raise ValueError("x must hold at least one token (L >= 1)")
         k, bl = self.window_blocks, self.block_len
         if state is not None:
@@ -239,7 +242,7 @@ class Phalanx(nn.Module):
         if self._use_fused(x):
             out = phalanx_gating(self.in_proj(x), heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
                                  window_blocks=k, block_len=bl, decay_max=self.decay_max, cu_seqlens=cu_seqlens,
-                                 initial_state=state, return_state=return_state)  # fmt: skip
+                                 initial_state=state, return_state=return_state, cp_group=cp_group)  # fmt: skip
             Z, new_state = out if return_state else (out, None)
             y = self.out_proj(Z)
             return (y, new_state) if return_state else y
@@ -248,7 +251,7 @@ class Phalanx(nn.Module):
         a_t = A.transpose(1, 2).contiguous()  # [B, H, L]
         x_t = X.permute(0, 2, 3, 1).contiguous()  # [B, H, DH, L]
         out = swr(a_t, x_t, window_blocks=k, block_len=bl, cu_seqlens=cu_seqlens, initial_state=state,
-                  return_state=return_state)  # fmt: skip
+                  return_state=return_state, cp_group=cp_group)  # fmt: skip
         y, new_state = out if return_state else (out, None)
         Y = y.permute(0, 3, 1, 2).to(V.dtype)  # [B, L, H, DH]
         Z = Y * C + V

@@ -246,7 +246,7 @@ class _GatingCall:
 def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, head_dim: int = 16,
                    window_blocks: int = 2, block_len: int = 16, decay_max: float = 0.8,
                    spec: Spec | str | Path | None = None, cu_seqlens=None, initial_state: SwrState | None = None,
-                   return_state: bool = False):  # fmt: skip
+                   return_state: bool = False, cp_group=None):  # fmt: skip
     """Z [B, L, H*DH] from the Phalanx projections P [B, L, H + 2*KVH*DH + H*DH] (columns A | B | C | V):
 
         a = decay_max * sigmoid(P_A),  y = SWR(a, sigmoid(P_B) * P_V),  Z = y * P_C + P_V
@@ -258,7 +258,16 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
     cu_seqlens: int [S+1] offsets of sequences packed in a [1, T, N] P (tiles aligned to each sequence's
     start, nothing crosses one). initial_state / return_state: continue each sequence (batch entry or packed
     sequence) from its SWR state and return ``(Z, new_state)``, differentiable like ``swrgen.swr``'s.
+    cp_group: context parallelism across a process group, as in ``swrgen.swr``.
     """
+    if cp_group is not None:  # validated (on every rank at once) and run by swrgen.distributed
+        from swrgen.distributed import context_parallel
+
+        return context_parallel.phalanx_gating(P, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                               window_blocks=window_blocks, block_len=block_len,
+                                               decay_max=decay_max, spec=spec, cu_seqlens=cu_seqlens,
+                                               initial_state=initial_state, return_state=return_state,
+                                               cp_group=cp_group)  # fmt: skip
     key = None
     if spec is None and cu_seqlens is None and initial_state is None and not return_state and swr_op.direct_ok(P):
         # The scalar arguments' types too: heads=True or heads=2.0 must not be served the plan of heads=1 or 2.

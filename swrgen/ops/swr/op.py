@@ -513,7 +513,7 @@ default_key._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, block_len: int | None = None,
         spec: Spec | str | Path | None = None, out_dtype: torch.dtype | None = None, cu_seqlens=None,
-        initial_state: SwrState | None = None, return_state: bool = False):  # fmt: skip
+        initial_state: SwrState | None = None, return_state: bool = False, cp_group=None):  # fmt: skip
     """Sliding Window Recurrence over the jagged window of ``window_blocks`` tiles of ``block_len`` tokens.
 
     a: gates [B, H, L] (per head) or [B, H, DH, L] (per channel); x: inputs [B, H, DH, L].
@@ -526,7 +526,17 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
     initial_state: continue every sequence (batch entry, or packed sequence) after its ``pos`` tokens;
     return_state: also return the state after the call, ``(y, new_state)``. Both are differentiable:
     ``y1, s = swr(a1, x1, return_state=True); y2 = swr(a2, x2, initial_state=s)`` trains like one pass.
+
+    cp_group: context parallelism: a torch.distributed ProcessGroup (or a ``swrgen.distributed.CPContext``)
+    whose rank r holds the r-th contiguous slice of every sequence (``cu_seqlens`` then in global offsets);
+    see ``swrgen.distributed.context_parallel.swr`` and docs/context-parallel.md.
     """
+    if cp_group is not None:  # validated (on every rank at once) and run by swrgen.distributed
+        from swrgen.distributed import context_parallel
+
+        return context_parallel.swr(a, x, window_blocks=window_blocks, block_len=block_len, spec=spec,
+                                    out_dtype=out_dtype, cu_seqlens=cu_seqlens, initial_state=initial_state,
+                                    return_state=return_state, cp_group=cp_group)  # fmt: skip
     key = None
     if spec is None and cu_seqlens is None and initial_state is None and not return_state and direct_ok(a, x):
         # The scalar arguments' types too: window_blocks=True must not be served the plan of window_blocks=1.
