@@ -242,10 +242,15 @@ def build(spec: str, out_root: str, archs: tuple[str, ...], no_compile: bool) ->
     click.echo(f"{s.name}: wrote {result.folder}/swr.cu and manifest.json")
     for arch, res in result.compiled.items():
         usage = ", ".join(
-            f"{k}: {u.registers} regs, {u.spill_store_bytes}B spill, {u.stack_bytes}B stack"
+            f"{k}: {u.registers} regs, {_spill(u.spill_store_bytes)}, {u.stack_bytes}B stack"
             for k, u in sorted(res.resources.items())
         )
         click.echo(f"  {arch}: {len(res.cubin)} bytes cubin  [{usage}]")
+
+
+def _spill(nbytes: int | None) -> str:
+    """Spill stores as NVRTC's log reports them; some NVRTC builds log nothing (the cubin does not record it)."""
+    return "spill not reported" if nbytes is None else f"{nbytes}B spill"
 
 
 @main.command()

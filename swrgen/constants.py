@@ -32,8 +32,8 @@ SHARED_ROW_SKEW = 32  # staged row strides are this far past a multiple of SHARE
 # Dynamic shared memory a CTA may opt in to (CUDA C++ Programming Guide, compute capabilities table).
 MAX_SHARED_BYTES_PER_CTA = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448,
                             "sm_90a": 232448, "sm_100a": 232448, "sm_120": 101376}  # fmt: skip
-DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024
-DECODE_THREADS = 256  # threads per CTA of the decode kernels (one thread per sequence, head and channel)  # above this a kernel must opt in (cuFuncSetAttribute)
+DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024  # above this a kernel must opt in (cuFuncSetAttribute)
+DECODE_THREADS = 256  # threads per CTA of the decode kernels (one thread per sequence, head and channel)
 
 # --- Allowed spec values ---
 HEAD_DIMS = (16, 32, 64)

@@ -133,7 +133,8 @@ def _slug(heading: str) -> str:
 def test_docs_index_lists_every_page() -> None:
     index = (ROOT / "docs" / "README.md").read_text()
     pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"README.md"}
-    assert pages == {"semantics.md", "algorithms.md", "performance.md", "code-map.md", "serving.md", "context-parallel.md"}
+    assert pages == {"semantics.md", "algorithms.md", "performance.md", "code-map.md", "serving.md",
+                     "context-parallel.md"}
     for page in pages:
         assert f"]({page})" in index, f"docs/README.md does not list {page}"
 

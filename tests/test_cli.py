@@ -611,3 +611,10 @@ def test_broken_pipe_is_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "load_spec", gone)
     result = run("list")
     assert result.exit_code == 1 and result.output == ""
+
+
+def test_build_report_says_when_nvrtc_logs_no_spills() -> None:
+    from swrgen.cli import _spill
+
+    assert _spill(None) == "spill not reported"
+    assert _spill(0) == "0B spill" and _spill(24) == "24B spill"

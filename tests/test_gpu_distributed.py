@@ -18,9 +18,8 @@ import torch.distributed as dist
 
 import swrgen
 from swrgen.distributed.testing import WorkerPool, free_port, simulate_phalanx_gating, simulate_swr
-from tests.gpu_util import requires_cuda
 
-pytestmark = [requires_cuda, pytest.mark.gpu]
+pytestmark = pytest.mark.gpu  # skipped without CUDA (conftest)
 
 LAYOUTS = [[64, 64], [40, 7, 0, 81], [1, 2, 3, 122], [16, 16, 16, 80], [100, 28]]
 

@@ -3,6 +3,8 @@ state slots, and the layer on every CUDA path (plain, packed, state, chunked tra
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -66,7 +68,7 @@ def test_packed_equals_each_sequence_alone(k, lens, kv_heads):
     seqs = Sequences(cu)
     Z, _, _ = launch.forward(ks, P, layout, DM, seqs=seqs, poison=NAN)
     dP, _ = launch.backward(ks, P, dZ, layout, DM, seqs=seqs, poison=NAN)
-    for s, e in zip(cu[:-1], cu[1:], strict=True):
+    for s, e in itertools.pairwise(cu):
         if e == s:
             continue
         P64 = P[:, s:e].double().requires_grad_()
@@ -123,7 +125,7 @@ def test_packed_sequences_with_states(k):
     Pg = P.clone().requires_grad_()
     Z, new = swrgen.phalanx_gating(Pg, heads=4, window_blocks=k, cu_seqlens=cu, initial_state=st, return_state=True)
     dP, dd = torch.autograd.grad((Z * dZ).sum() + (new.data * d_out).sum(), (Pg, st.data))
-    for i, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+    for i, (s, e) in enumerate(itertools.pairwise(cu)):
         if e == s:
             torch.testing.assert_close(new.data[i, ..., 2:], st.data[i, ..., 2:])
             continue

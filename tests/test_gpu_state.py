@@ -4,6 +4,8 @@ the gradients of the old and the new state, against float64; bitwise-identical a
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -64,7 +66,7 @@ def test_many_chunks_with_short_ones_chain(k, bl, per_channel):
     x.requires_grad_()
     cuts = [0, 3, 3 + bl, 4 + bl, 9 + 2 * bl, 9 + 2 * bl + 1, L]
     ys, st = [], None
-    for c0, c1 in zip(cuts[:-1], cuts[1:], strict=True):
+    for c0, c1 in itertools.pairwise(cuts):
         y, st = swrgen.swr(a[..., c0:c1], x[..., c0:c1], window_blocks=k, block_len=bl, initial_state=st,
                            return_state=True)  # fmt: skip
         ys.append(y)
@@ -147,7 +149,7 @@ def test_packed_sequences_continue_their_own_states(k, aligned):
     assert new.positions() == [p + n for p, n in zip(positions, lens, strict=True)]
     assert new.pos.tolist() == new.positions()
     ga, gx, gd = torch.autograd.grad((y * dy).sum() + (new.data * d_out).sum(), (ag, xg, st.data))
-    for i, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+    for i, (s, e) in enumerate(itertools.pairwise(cu)):
         if e == s:  # an empty sequence: its state goes through (the carriers; w, g at a tile edge)
             torch.testing.assert_close(new.data[i, ..., 2:], st.data[i, ..., 2:])
             continue
@@ -195,7 +197,7 @@ def test_state_kernels_identical_across_tuning(k):
             y, new, _ = launch.forward(ks, a, x, state=state, want_state=True, poison=NAN)
             dx, da, dd = launch.backward(ks, a, x, dy, state=state, d_state_out=d_out, want_d_state=True, poison=NAN)
             outs.append((spec.target, (y, new, dx, da, dd)))
-    ry, rnew, ra, rx, rd = reference_with_state(a, x, k, bl, data, positions, dy, d_out)
+    ry, _rnew, _ra, _rx, rd = reference_with_state(a, x, k, bl, data, positions, dy, d_out)
     assert rel_err(outs[0][1][0], ry) <= 2e-3 and rel_err(outs[0][1][4], rd) <= 5e-3
     for target, got in outs[1:]:
         for name, u, v in zip(("y", "new state", "dx", "da", "dstate"), got, outs[0][1], strict=True):

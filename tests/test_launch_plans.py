@@ -103,7 +103,8 @@ class _FakeKernel:
             time.sleep(self.delay)
         self.launches.append(SimpleNamespace(grid=grid, threads=threads, stream=stream, config=config, first=first,
                                              after=(params.x, params.y), work=params.work,
-                                             state=params.state, seq_start=params.seq_start))  # fmt: skip
+                                             state=params.state, state_out=params.state_out,
+                                             seq_start=params.seq_start))  # fmt: skip
 
     def max_active_ctas_per_sm(self, threads: int) -> int:
         return 2
@@ -339,7 +340,8 @@ def test_pinned_kernel_sets_never_swap_knobs(fake_cuda) -> None:
     store.save(spec, "sm_90a", (1, 2, 16, 32), {"target": {"tiles_per_warp": 3}})
     templated = KernelSet(Program(spec))
     tuned = templated.for_shape(-1, (1, 2, 16, 32), "fwd")
-    assert tuned is not templated and tuned.spec.target.tiles_per_warp == 3 and tuned.for_shape(-1, (1,), "fwd") is tuned
+    assert tuned is not templated and tuned.spec.target.tiles_per_warp == 3
+    assert tuned.for_shape(-1, (1,), "fwd") is tuned
 
 
 def test_plans_made_inside_store_disabled_are_not_kept(fake_cuda) -> None:
@@ -413,8 +415,12 @@ def test_packed_and_state_calls_reuse_their_plan_and_set_the_work(fake_cuda) -> 
     assert launches[-1].seq_start is not None and launches[-1].work == 2 * 3  # 2 rows x 3 sequences of 1 chunk
     a, x = _inputs(L=96)  # rows of 16-byte multiples, and a phase (0) the host knows: the vector kernel
     state = swrgen.ops.swr.state.SwrState.zeros(1, 2, 16, 2)
-    y, new = swrgen.swr(a, x, initial_state=state, return_state=True)
+    _y, new = swrgen.swr(a, x, initial_state=state, return_state=True)
     assert fake_cuda.made[-1][1] == "swr_fwd_state_vec" and new.positions() == [96]
     state.host_pos = None  # positions only on the device: the phases are unknown, so element-wise
     swrgen.swr(a, x, initial_state=state, return_state=True)
     assert fake_cuda.made[-1][1] == "swr_fwd_state_scalar"
+    swrgen.swr(a, x, initial_state=state)  # a state in, none out: still the kernel that reads it
+    assert fake_cuda.made[-1][1] == "swr_fwd_state_scalar"
+    launch = ks.on(-1).kernels["swr_fwd_state_scalar"].launches[-1]
+    assert launch.state and not launch.state_out

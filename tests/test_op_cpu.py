@@ -10,10 +10,9 @@ import torch
 from conftest import REPO, SPECS_DIR
 
 import swrgen
-from swrgen.ops.swr.state import SwrState
 from swrgen.ops.swr.reference import swr_reference
+from swrgen.ops.swr.state import SwrState
 from swrgen.spec import load_spec
-
 
 
 def make(B=2, H=3, DH=16, L=45, dtype=torch.float32, per_channel=False, seed=0, requires_grad=False):

@@ -204,3 +204,20 @@ def test_data_report_only_collects(capsys: pytest.CaptureFixture[str]) -> None:
     assert quality.main(["--smoke", "--data-report"]) == 0
     text = capsys.readouterr().out
     assert "stdlib" in text and "train:" in text and "step" not in text
+
+
+@pytest.mark.parametrize("local", ["phalanx", "swa", "causal"])
+def test_models_are_causal(local: str) -> None:
+    """A next-byte model must not see the byte it predicts: changing token t changes no logit before t (a leak
+    would make a mixer's validation loss look better than it is), and does change the logits from t on."""
+    cfg, _ = quality.resolve_config(quality.parse_args(["--smoke", "--swa-impl", "sdpa"]))
+    torch.manual_seed(0)
+    model = quality.HybridLM(cfg, local, 2, torch.device("cpu")).eval()
+    length, t = 100, 57  # not a multiple of the block length; t mid-tile
+    seq = torch.randint(0, quality.VOCAB, (2, length))
+    other = seq.clone()
+    other[:, t] = (seq[:, t] + 1) % quality.VOCAB
+    with torch.no_grad():
+        a, b = model(seq), model(other)
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert (a[:, t:] - b[:, t:]).abs().amax() > 1e-4

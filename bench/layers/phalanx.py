@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
@@ -34,19 +35,7 @@ from bench.alternatives import SWA_WINDOW, Attention
 def time_layer(layer: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """(median GPU ms per fwd+bwd, host ms to issue one): when the two are close the layer is
     launch-bound at this size and the GPU time measures Python, not kernels."""
-    dy = torch.randn_like(x)
-
-    def step() -> None:
-        layer(x).backward(dy)
-
-    gpu = common.bench_ms(step)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        step()
-    host = (time.perf_counter() - start) / 20 * 1e3
-    torch.cuda.synchronize()
-    return gpu, host
+    return time_fn(partial(_train_step, layer, x, torch.randn_like(x)))
 
 
 def time_fn(step) -> tuple[float, float]:
@@ -59,6 +48,10 @@ def time_fn(step) -> tuple[float, float]:
     host = (time.perf_counter() - start) / 20 * 1e3
     torch.cuda.synchronize()
     return gpu, host
+
+
+def _train_step(layer, x: torch.Tensor, dy: torch.Tensor, **kwargs) -> None:
+    layer(x, **kwargs).backward(dy)
 
 
 def packed_rows(dim: int) -> list[dict]:
@@ -78,15 +71,16 @@ def packed_rows(dim: int) -> list[dict]:
         docs = torch.cat([torch.zeros(1, dtype=torch.int64), cuts, torch.tensor([tokens])])
         dy, dyp = torch.randn_like(x), torch.randn_like(xp)
         row: dict = {"B": batch, "L": length, "D": dim, "tokens": tokens, "documents": len(docs) - 1}
-        steps = {"fixed": lambda: layer(x).backward(dy),
-                 "packed_even": lambda: layer(xp, cu_seqlens=even).backward(dyp),
-                 "packed_docs": lambda: layer(xp, cu_seqlens=docs).backward(dyp)}  # fmt: skip
+        steps = {"fixed": partial(_train_step, layer, x, dy),
+                 "packed_even": partial(_train_step, layer, xp, dyp, cu_seqlens=even),
+                 "packed_docs": partial(_train_step, layer, xp, dyp, cu_seqlens=docs)}  # fmt: skip
         for name, step in steps.items():
             row[name], row[name + "_host"] = time_fn(step)
         for name in ("packed_even", "packed_docs"):
             row[name + "_vs_fixed"] = row[name] / row["fixed"]
-        print(f"B={batch} L={length} D={dim}: fixed {row['fixed']:.3f} ms, packed as the batch {row['packed_even']:.3f} "
-              f"ms ({row['packed_even_vs_fixed']:.3f}x), {row['documents']} documents {row['packed_docs']:.3f} ms "
+        print(f"B={batch} L={length} D={dim}: fixed {row['fixed']:.3f} ms, packed as the batch "
+              f"{row['packed_even']:.3f} ms ({row['packed_even_vs_fixed']:.3f}x), {row['documents']} documents "
+              f"{row['packed_docs']:.3f} ms "
               f"({row['packed_docs_vs_fixed']:.3f}x)", flush=True)  # fmt: skip
         rows.append(row)
     return rows

@@ -183,13 +183,27 @@ AUTOGRAD_CASES = [((4, 64, 8192), "fp32"), ((8, 64, 2048), "bf16"), ((1, 64, 327
                   ((4, 64, 8192), "bf16"), ((1, 128, 131072), "fp32")]  # fmt: skip
 
 
+def _autograd_steps(fwd_ks, bwd_ks, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype):
+    """(name, step) of each path ``autograd_rows`` times: the kernels alone, the op, the op under autograd."""
+    import swrgen
+    from swrgen.ops.swr import launch
+
+    ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+    y = swrgen.swr(ag, xg, out_dtype=out_dtype)
+    return [("kernel_fwd", lambda: launch.forward(fwd_ks, a, x)),
+            ("kernel_bwd", lambda: launch.backward(bwd_ks, a, x, dy)),
+            ("op_fwd_inference", lambda: swrgen.swr(a, x, out_dtype=out_dtype)),
+            ("autograd_fwd", lambda: swrgen.swr(ag, xg, out_dtype=out_dtype)),
+            ("autograd_bwd", lambda: torch.autograd.grad(y, (ag, xg), dy, retain_graph=True)),
+            ("autograd_fwd_bwd", lambda: torch.autograd.grad(swrgen.swr(ag, xg, out_dtype=out_dtype), (ag, xg), dy))]
+
+
 def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
     """What training sees against the kernels launched directly: the forward and backward through autograd
     (``torch.autograd.grad`` with a dense upstream gradient) against ``launch.forward`` / ``launch.backward`` of
     the same kernel set and shape, GPU medians; and the host time to issue one training call (fwd + bwd)
     beside an inference call, at a tiny shape where the host is all there is."""
     import swrgen
-    from swrgen.ops.swr import launch
     from swrgen.ops.swr.op import default_kernels
 
     rows = []
@@ -200,17 +214,7 @@ def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
         ks = default_kernels(16, False, x.dtype, a.dtype, 2, 16, out_dtype)
         fwd_ks, bwd_ks = (ks.for_shape(x.get_device(), tuple(x.shape), d) for d in ("fwd", "bwd"))
         dy = torch.randn(x.shape, device="cuda").to(out_dtype)
-        ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
-        y = swrgen.swr(ag, xg, out_dtype=out_dtype)
-        t = {
-            "kernel_fwd": common.bench_ms(lambda: launch.forward(fwd_ks, a, x)),
-            "kernel_bwd": common.bench_ms(lambda: launch.backward(bwd_ks, a, x, dy)),
-            "op_fwd_inference": common.bench_ms(lambda: swrgen.swr(a, x, out_dtype=out_dtype)),
-            "autograd_fwd": common.bench_ms(lambda: swrgen.swr(ag, xg, out_dtype=out_dtype)),
-            "autograd_bwd": common.bench_ms(lambda: torch.autograd.grad(y, (ag, xg), dy, retain_graph=True)),
-            "autograd_fwd_bwd": common.bench_ms(
-                lambda: torch.autograd.grad(swrgen.swr(ag, xg, out_dtype=out_dtype), (ag, xg), dy)),
-        }  # fmt: skip
+        t = {name: common.bench_ms(step) for name, step in _autograd_steps(fwd_ks, bwd_ks, a, x, dy, out_dtype)}
         fb, bb = common.swr_bytes(x, a, dy.element_size())
         row = dict(B=b, H=h, L=length, out=out, **t, fwd_floor_ms=fb / bw * 1e3, bwd_floor_ms=bb / bw * 1e3,
                    bwd_autograd_over_kernel=t["autograd_bwd"] / t["kernel_bwd"],
@@ -218,8 +222,8 @@ def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
         rows.append(row)
         print(f"{b}x{h}x{length} {out}: fwd kernel {t['kernel_fwd']:.4f} / autograd {t['autograd_fwd']:.4f} ms "
               f"({row['fwd_autograd_over_kernel']:.3f}x); bwd kernel {t['kernel_bwd']:.4f} / autograd "
-              f"{t['autograd_bwd']:.4f} ms ({row['bwd_autograd_over_kernel']:.3f}x); fwd+bwd {t['autograd_fwd_bwd']:.4f}"
-              f" ms", flush=True)  # fmt: skip
+              f"{t['autograd_bwd']:.4f} ms ({row['bwd_autograd_over_kernel']:.3f}x); fwd+bwd "
+              f"{t['autograd_fwd_bwd']:.4f} ms", flush=True)  # fmt: skip
     from bench.ops.host import per_call_us
 
     a, x = common.swr_inputs(1, 1, 16)

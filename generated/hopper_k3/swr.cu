@@ -489,7 +489,10 @@ __device__ __forceinline__ long long state_row(const Params& p, long long seq) {
   return index == nullptr ? seq : index[seq];
 }
 
-// Sequence `seq` of warp row `row` (16 channels of one head) and chunk `chunk` of its tiles.
+// Sequence `seq` of warp row `row` (16 channels of one head) and chunk `chunk` of its tiles. kPhase: read
+// the sequence's phase from p.pos (the *_state kernels); the plain kernels start every sequence at a tile,
+// and a phase held per warp instead of a compile-time 0 cost their backward ~40 registers (ptxas, sm_90a).
+template <bool kPhase>
 __device__ __forceinline__ WarpWork decode_rows(const Params& p, long long row, long long chunk, int lane) {
   WarpWork w;
   long long len = p.len, start = 0;
@@ -512,7 +515,7 @@ __device__ __forceinline__ WarpWork decode_rows(const Params& p, long long row, 
     len = seq_start[lo + 1] - start;
   }
   const long long* pos = static_cast<const long long*>(p.pos);
-  const long long phase = pos == nullptr ? 0 : pos[state_row(p, w.seq)] % kBlockLen;
+  const long long phase = (!kPhase || pos == nullptr) ? 0 : pos[state_row(p, w.seq)] % kBlockLen;
   w.channel = w.group * kChannelsPerWarp + lane / kLanesPerTile;
   w.base = start - phase;
   w.lo = phase;
@@ -524,9 +527,10 @@ __device__ __forceinline__ WarpWork decode_rows(const Params& p, long long row, 
 }
 
 // Plain kernels: consecutive warps walk consecutive chunks of one row.
+template <bool kPhase>
 __device__ __forceinline__ WarpWork decode_work(const Params& p, long long item, int lane) {
   const long long row = item / p.chunks;
-  return decode_rows(p, row, item - row * p.chunks, lane);
+  return decode_rows<kPhase>(p, row, item - row * p.chunks, lane);
 }
 
 // ---- Streaming state in and out (docs/algorithms.md, "State in and out") ----
@@ -618,7 +622,8 @@ constexpr int kFwdWarpBytes = 18496;
 constexpr bool kFwdOutInStage = false;
 static_assert(FwdStageX::kBytes == kTilesInFlight * kBlockLen * static_cast<int>(sizeof(in_t)), "x stage: one batch");
 
-// kState: also write each sequence's new state (state_out, pos_out): the *_state entry points.
+// kState: continue from a state (state, pos) and write each sequence's new one (state_out, pos_out; either
+// may be null): the *_state entry points. The plain ones start every sequence from zero at a tile.
 template <bool kVec, bool kState>
 __device__ __forceinline__ void fwd(const Params& p) {
   constexpr int kFlight = kVec ? kTilesInFlight : 1;  // element-wise loads: no batching (registers)
@@ -629,7 +634,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
   const long long stride = static_cast<long long>(gridDim.x) * kWarpsPerCta;
   for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
-    const WarpWork w = decode_work(p, item, lane);
+    const WarpWork w = decode_work<kState>(p, item, lane);
     if (w.tiles == 0) {  // an empty sequence at a tile boundary: its state goes through unchanged
       if constexpr (kState) {
         if (w.first == 0) store_state_unchanged(p, w, lane);
@@ -645,7 +650,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
 
     // Carriers of the tiles before the sequence start come from the state (zero without one); a partial
     // first tile resumes from the state's (w0, g0) as a virtual token at lo-1.
-    const float* st_in = state_in(p, w);
+    const float* st_in = kState ? state_in(p, w) : nullptr;
     float cv[kCarry], cp[kCarry];
     state_carriers(st_in, cv, cp);
     const bool resume = st_in != nullptr && w.lo > 0;
@@ -1062,7 +1067,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
   const int half_off = odd ? kTokensPerLane : 0;
   for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
-    const WarpWork w = decode_work(p, item, lane);
+    const WarpWork w = decode_work<kState>(p, item, lane);
     const float* dso = (kState && p.dstate_out != nullptr)
                            ? static_cast<const float*>(p.dstate_out) + state_offset(p, w) : nullptr;
     const float* st_in = kState ? state_in(p, w) : nullptr;

@@ -24,7 +24,8 @@ KERNEL_NAMES = ("swr_fwd_vec", "swr_fwd_scalar", "swr_bwd_vec", "swr_bwd_scalar"
                 "swr_fwd_state_vec", "swr_fwd_state_scalar", "swr_bwd_state_vec", "swr_bwd_state_scalar")  # fmt: skip
 # Added by fused_gating: the Phalanx layer's gating fused around the SWR, on its [B, L, N] projections.
 # "vec" needs 16-bit types and 16-byte aligned rows and column blocks; "scalar" takes any layout.
-FUSED_KERNEL_NAMES = (*(f"phalanx_{d}{s}_{k}" for d in ("fwd", "bwd") for s in ("", "_state") for k in ("vec", "scalar")),
+FUSED_KERNEL_NAMES = (*(f"phalanx_{d}{s}_{k}" for d in ("fwd", "bwd") for s in ("", "_state")
+                        for k in ("vec", "scalar")),
                       "phalanx_decode")  # one token per sequence, state in place in a pool of slots
 
 

@@ -20,7 +20,6 @@ from swrgen.runtime.program import Program
 from swrgen.spec import Spec, default_spec
 from swrgen.tune.store import STORE
 
-
 CALLS = 1024  # validated inference calls remembered
 
 

@@ -11,8 +11,18 @@ import torch
 
 from swrgen import constants
 from swrgen.ops.phalanx.layout import GatingLayout
-from swrgen.ops.swr.launch import Sequences, StateArgs, _geometry, _packed_fields, _plan, _state_fields, ceil_div
-from swrgen.ops.swr.launch import aligned, fresh_rows_aligned, make_plan, rows_aligned
+from swrgen.ops.swr.launch import (
+    Sequences,
+    StateArgs,
+    _geometry,
+    _plan,
+    aligned,
+    ceil_div,
+    fresh_rows_aligned,
+    launch_stateful,
+    make_plan,
+    rows_aligned,
+)
 from swrgen.ops.swr.launch import tuning_shape as packed_tuning_shape
 from swrgen.tune.buckets import bucket_of
 
@@ -102,20 +112,15 @@ def forward(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: flo
     if not stateful and seqs is None:
         plan.launch(P.data_ptr(), 0, Z.data_ptr())
         return Z, None, None
-    fields = {"x": P.data_ptr(), "y": Z.data_ptr(), **_state_fields(state)}
-    if want_state:
-        fields["state_out"], fields["pos_out"] = state_out.data_ptr(), pos_out.data_ptr()
-    work = None
-    if seqs is not None:
-        packed, work = _packed_fields(ks, P, seqs, state, plan)
-        fields.update(packed)
-    plan.launch_fields(fields, work)
+    launch_stateful(ks, plan, P, {"x": P.data_ptr(), "y": Z.data_ptr()}, seqs, state, state_out=state_out,
+                    pos_out=pos_out)  # fmt: skip
     return Z, state_out, pos_out
 
 
 def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout, decay_max: float, *,
              seqs: Sequences | None = None, state: StateArgs | None = None, d_state_out: torch.Tensor | None = None,
-             want_d_state: bool = False, poison: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+             want_d_state: bool = False,
+             poison: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """(dP [B, L, N] in P's dtype, the old state's gradient or None). Shared kv-heads: the kernel writes
     per-head dB, dC in fp32 and they are summed here over each group in a fixed order (deterministic)."""
     if dZ.stride(-1) != 1:
@@ -152,17 +157,8 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
     if not stateful and seqs is None:
         plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=dbc_ptr)
     else:
-        fields = {"x": P.data_ptr(), "dy": dZ.data_ptr(), "dx": dP.data_ptr(), "dbc": dbc_ptr,
-                  **_state_fields(state)}  # fmt: skip
-        if d_state_out is not None:
-            fields["dstate_out"] = d_state_out.data_ptr()
-        if d_state is not None:
-            fields["dstate"] = d_state.data_ptr()
-        work = None
-        if seqs is not None:
-            packed, work = _packed_fields(ks, P, seqs, state, plan)
-            fields.update(packed)
-        plan.launch_fields(fields, work)
+        fields = {"x": P.data_ptr(), "dy": dZ.data_ptr(), "dx": dP.data_ptr(), "dbc": dbc_ptr}
+        launch_stateful(ks, plan, P, fields, seqs, state, dstate_out=d_state_out, dstate=d_state)
     if dbc is not None:  # per-head dB, dC summed over each kv-group in a fixed order (deterministic)
         kv = layout.kv_heads * layout.head_dim
         sums = dbc.view(batch, length, 2, layout.kv_heads, layout.kv_group, layout.head_dim).sum(4)

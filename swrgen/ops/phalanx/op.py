@@ -169,7 +169,8 @@ def _phalanx_bwd(P: torch.Tensor, dZ: torch.Tensor, state: torch.Tensor | None, 
 @_phalanx_bwd.register_fake
 def _(P, dZ, state, pos, cu_seqlens, d_state_out, heads, kv_heads, head_dim, window_blocks, block_len, decay_max, key,
       want_d_state):  # fmt: skip
-    d_state = torch.empty_like(state) if (want_d_state and state is not None) else P.new_empty(_EMPTY, dtype=torch.float32)
+    want = want_d_state and state is not None
+    d_state = torch.empty_like(state) if want else P.new_empty(_EMPTY, dtype=torch.float32)
     return torch.empty_like(P, memory_format=torch.contiguous_format), d_state
 
 
@@ -366,8 +367,9 @@ def phalanx_decode(P: torch.Tensor, state_data: torch.Tensor, pos: torch.Tensor,
     if (not isinstance(state_data, torch.Tensor) or state_data.dim() != 4 or state_data.dtype != torch.float32
             or tuple(state_data.shape[1:]) != (layout.heads, layout.head_dim, width)
             or not state_data.is_contiguous()):  # fmt: skip
+        got = f"{getattr(state_data, 'dtype', None)} {list(getattr(state_data, 'shape', []))}"
         raise ValueError(f"state_data must be contiguous float32 [S, H={layout.heads}, DH={layout.head_dim}, "
-                         f"{width}]; got {getattr(state_data, 'dtype', None)} {list(getattr(state_data, 'shape', []))}")  # fmt: skip
+                         f"{width}]; got {got}")  # fmt: skip
     slots = state_data.shape[0]
     if not isinstance(pos, torch.Tensor) or pos.dtype != torch.int64 or tuple(pos.shape) != (slots,):
         raise ValueError(f"pos must be int64 [S = {slots}]; got {getattr(pos, 'dtype', None)} "

@@ -189,6 +189,20 @@ def _packed_fields(ks: KernelSet, x: torch.Tensor, seqs: Sequences, state: State
     return fields, p.rows * total
 
 
+def launch_stateful(ks: KernelSet, plan: LaunchPlan, t: torch.Tensor, fields: dict[str, int], seqs: Sequences | None,
+                    state: StateArgs | None, **buffers: torch.Tensor | None) -> None:  # fmt: skip
+    """Launch ``plan`` (a packed or state-carrying call: all but the plain path) with the data pointers in
+    ``fields``, the state's, the packed batch's (``t``: the input whose device holds them) and those of
+    ``buffers`` (``state_out``, ``pos_out``, ``dstate_out``, ``dstate``; None: a null pointer)."""
+    fields = {**fields, **_state_fields(state)}
+    fields.update({name: b.data_ptr() for name, b in buffers.items() if b is not None})
+    work = None
+    if seqs is not None:
+        packed, work = _packed_fields(ks, t, seqs, state, plan)
+        fields.update(packed)
+    plan.launch_fields(fields, work)
+
+
 def tuning_shape(shape: tuple[int, int, int, int], seqs: Sequences | None) -> tuple[int, int, int, int]:
     """What the tuned store buckets a call by: x's [B, H, DH, L]; a packed batch of S sequences as a batch of
     S sequences of their mean length (its warps walk sequences that long, not the whole buffer)."""
@@ -234,7 +248,8 @@ def forward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, seqs: Sequence
         _, heads, head_dim, length = x.shape
         p.syb, p.syh, p.syc = heads * head_dim * length, head_dim * length, length  # y is contiguous
         use_vec = vec and rows_aligned(x) and rows_aligned(a)  # y is fresh: aligned
-        name = f"swr_fwd{'_state' if want_state else ''}_{'vec' if use_vec else 'scalar'}"
+        # A state is read only by the *_state entry points (the plain ones start from zero at a tile).
+        name = f"swr_fwd{'_state' if state is not None or want_state else ''}_{'vec' if use_vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
     return _plan(ks, x, key, "fwd", build, tuning_shape(tuple(x.shape), seqs))
@@ -268,14 +283,8 @@ def forward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, *, seqs: Sequences 
     if not stateful and seqs is None:
         plan.launch(x.data_ptr(), a.data_ptr(), y.data_ptr())
         return y, None, None
-    fields = {"x": x.data_ptr(), "a": a.data_ptr(), "y": y.data_ptr(), **_state_fields(state)}
-    if want_state:
-        fields["state_out"], fields["pos_out"] = state_out.data_ptr(), pos_out.data_ptr()
-    work = None
-    if seqs is not None:
-        packed, work = _packed_fields(ks, x, seqs, state, plan)
-        fields.update(packed)
-    plan.launch_fields(fields, work)
+    launch_stateful(ks, plan, x, {"x": x.data_ptr(), "a": a.data_ptr(), "y": y.data_ptr()}, seqs, state,
+                    state_out=state_out, pos_out=pos_out)  # fmt: skip
     return y, state_out, pos_out
 
 
@@ -325,16 +334,8 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
         plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da_buf.data_ptr())
     else:
         fields = {"x": x.data_ptr(), "a": a.data_ptr(), "dy": dy.data_ptr(), "dx": dx.data_ptr(),
-                  "da": da_buf.data_ptr(), **_state_fields(state)}  # fmt: skip
-        if d_state_out is not None:
-            fields["dstate_out"] = d_state_out.data_ptr()
-        if d_state is not None:
-            fields["dstate"] = d_state.data_ptr()
-        work = None
-        if seqs is not None:
-            packed, work = _packed_fields(ks, x, seqs, state, plan)
-            fields.update(packed)
-        plan.launch_fields(fields, work)
+                  "da": da_buf.data_ptr()}  # fmt: skip
+        launch_stateful(ks, plan, x, fields, seqs, state, dstate_out=d_state_out, dstate=d_state)
     if partial:  # fp32 partials per 16-channel group, summed in a fixed order
         return dx, da_buf.sum(dim=2).to(a.dtype), d_state
     return dx, (da_buf if per_channel else da_buf.squeeze(2)), d_state

@@ -28,8 +28,12 @@ import torch
 from swrgen import constants
 from swrgen.ops.swr import launch
 from swrgen.ops.swr.state import SwrState, state_width
-from swrgen.ops.swr.tiled import swr_tiled_backward, swr_tiled_backward_state, swr_tiled_forward
-from swrgen.ops.swr.tiled import swr_tiled_forward_state
+from swrgen.ops.swr.tiled import (
+    swr_tiled_backward,
+    swr_tiled_backward_state,
+    swr_tiled_forward,
+    swr_tiled_forward_state,
+)
 from swrgen.ops.swr.varlen import check_cu_seqlens
 from swrgen.runtime.kernels import KernelSet
 from swrgen.runtime.program import Program
@@ -132,7 +136,8 @@ def backward_call(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tens
     """(da, dx, d_state or None)."""
     if x.is_cuda:
         dx, da, d_state = launch.backward(call.ks, a, x, dy, seqs=call.seqs, state=call.state_args(data),
-                                          d_state_out=d_data_out, want_d_state=want_d_state and data is not None)  # fmt: skip
+                                          d_state_out=d_data_out,
+                                          want_d_state=want_d_state and data is not None)  # fmt: skip
         return da, dx, d_state
     k, bl = call.window_blocks, call.block_len
     stateful = data is not None or d_data_out is not None
@@ -247,7 +252,8 @@ def _swr_bwd(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, state: torch.Te
 
 @_swr_bwd.register_fake
 def _(a, x, dy, state, pos, cu_seqlens, d_state_out, window_blocks, block_len, key, want_d_state):
-    d_state = torch.empty_like(state) if (want_d_state and state is not None) else x.new_empty(_EMPTY, dtype=torch.float32)
+    want = want_d_state and state is not None
+    d_state = torch.empty_like(state) if want else x.new_empty(_EMPTY, dtype=torch.float32)
     return (torch.empty_like(a, memory_format=torch.contiguous_format),
             torch.empty_like(x, memory_format=torch.contiguous_format), d_state)  # fmt: skip
 
@@ -336,7 +342,8 @@ def packed_sequences(cu_seqlens: object, shape: tuple[int, ...], total: int, dev
     """Checked ``cu_seqlens`` of a packed batch (batch 1 of ``shape``, ``total`` tokens) as host offsets: one
     device read for a tensor on the inputs' device; a CPU tensor or a list costs none."""
     if shape[0] != 1:
-        raise ValueError(f"with cu_seqlens the sequences are packed along the tokens in batch 1; got shape {list(shape)}")
+        raise ValueError("with cu_seqlens the sequences are packed along the tokens in batch 1; got shape "
+                         f"{list(shape)}")
     if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}; allowed: the "
                          "inputs' device or the CPU")  # fmt: skip

@@ -205,8 +205,9 @@ class SwrState:
             )
 
     def __repr__(self) -> str:
-        return (f"SwrState(N={self.data.shape[0]}, H={self.data.shape[1]}, DH={self.data.shape[2]}, "
-                f"window_blocks={self.window_blocks}, block_len={self.block_len}, {self.dtype}, {self.device})")  # fmt: skip
+        n, h, dh = self.data.shape[:3]
+        return (f"SwrState(N={n}, H={h}, DH={dh}, window_blocks={self.window_blocks}, "
+                f"block_len={self.block_len}, {self.dtype}, {self.device})")  # fmt: skip
 
 
 # ---------------------------------------------------------------- reference helpers
@@ -238,8 +239,9 @@ def _scan_tiles(a: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, g0: torch.Te
 
     Chunk token ``t`` sits at tile position ``phase + t`` (tile 0 is the partial tile the chunk continues).
     Returns ``(w, g)`` ``[B, H, DH, n, BL]`` for tiles ``first_tile .. ceil((phase+L)/BL)-1``; tile 0 starts
-    from ``(w0, g0)`` when ``phase > 0`` (its first ``phase`` slots and the slots past the chunk end are padding with a = 1,
-    u = 0, so the scan carries (w, g) through them unchanged), every other tile from ``(0, 1)``.
+    from ``(w0, g0)`` when ``phase > 0`` (its first ``phase`` slots and the slots past the chunk end are
+    padding with a = 1, u = 0, so the scan carries (w, g) through them unchanged), every other tile from
+    ``(0, 1)``.
     """
     BL = block_len
     L = x.shape[-1]

@@ -206,11 +206,12 @@ def swr_tiled_backward(
 #
 # The kernels continue a sequence from a state (docs/algorithms.md, "State in and out"): in virtual
 # coordinates the chunk's tokens sit at positions [ph, ph + L) of its tiles (ph = pos % BL), the state's
-# partial tile enters as virtual tokens (g0 the tile's first gate, w0 the input at ph - 1; the other positions
-# before ph u = 0, a = 1), and its carriers are those of the k-1 tiles before tile 0. The backward takes the gradient of the new state as
-# *injections* into the tiles it was read from, and returns the gradient of the old one: the virtual token's
-# dx, da, and the carriers' gradients by the reverse carriers of tiles -1 .. -(k-1). These functions mirror
-# that math per sequence, in float64, so the CPU tests check it against autograd of the reference.
+# partial tile enters as virtual tokens (g0 the tile's first gate, w0 the input at ph - 1; the other
+# positions before ph u = 0, a = 1), and its carriers are those of the k-1 tiles before tile 0. The backward
+# takes the gradient of the new state as *injections* into the tiles it was read from, and returns the
+# gradient of the old one: the virtual token's dx, da, and the carriers' gradients by the reverse carriers
+# of tiles -1 .. -(k-1). These functions mirror that math per sequence, in float64, so the CPU tests check
+# it against autograd of the reference.
 
 
 def _virtual_tiles(t: torch.Tensor, ph: int, nt: int, BL: int, fill: float) -> torch.Tensor:
@@ -261,7 +262,8 @@ def _carry(v_ext: torch.Tensor, p_ext: torch.Tensor, k: int, nt: int) -> torch.T
 
 
 def swr_tiled_forward_state(a: torch.Tensor, x: torch.Tensor, window_blocks: int, block_len: int,
-                            data: torch.Tensor | None, pos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                            data: torch.Tensor | None,
+                            pos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward of a chunk continuing each batch entry b from ``data[b]`` after ``pos[b]`` tokens.
 
     Returns float64 (y [B, H, DH, L], new state data [B, H, DH, 2 + 2(k-1)]).
@@ -288,8 +290,8 @@ def swr_tiled_forward_state(a: torch.Tensor, x: torch.Tensor, window_blocks: int
 
 
 def swr_tiled_backward_state(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, window_blocks: int,
-                             block_len: int, data: torch.Tensor | None, pos: list[int],
-                             d_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                             block_len: int, data: torch.Tensor | None, pos: list[int], d_out: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Closed-form gradients of :func:`swr_tiled_forward_state` as the kernels compute them.
 
     ``d_out``: gradient of the new state's data (None: zero). Returns float64 (dx, da shaped like x, a, and
