@@ -273,6 +273,22 @@ def test_compile_variant(rec: dict, tgt: dict, arch: str) -> None:
     assert_valid_cubin(compile_cubin(source, arch), arch, kernel_names(spec))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_min_warps_per_sm_caps_every_vector_kernel(fused: bool) -> None:
+    """target.min_warps_per_sm reaches the __launch_bounds__ of every vector kernel, the fused ones too
+    (they once ignored it): 12 warps of 4-warp CTAs = 3 CTAs an SM, so at most 65536 / (3 * 128) registers,
+    where without the cap the backwards take more."""
+    rec = {"fused_gating": True, "output_dtype": "bf16"} if fused else {}
+    capped = _variant(rec, {"tiles_in_flight": 8, "min_warps_per_sm": 12})
+    free = _variant(rec, {"tiles_in_flight": 8})
+    bound = 65536 // (3 * 4 * 32)
+    got = {n: u.registers for n, u in compile_cubin(render_source(capped), "sm_90a").resources.items()}
+    vec = {n: r for n, r in got.items() if n.endswith("_vec")}
+    assert vec and all(r <= bound for r in vec.values()), vec
+    uncapped = compile_cubin(render_source(free), "sm_90a").resources
+    assert any(uncapped[n].registers > bound for n in vec), "no kernel needed the cap: the test shows nothing"
+
+
 # --- errors and ptxas reports ---------------------------------------------------------------------------
 
 

@@ -1407,19 +1407,22 @@ __device__ __forceinline__ Gates<kVec, T> load_gates(const T* __restrict__ col, 
   return g;
 }
 
+// sigmoid(P_A) of this lane's half-tile. vec: each lane pair takes the sigmoid of its G tokens before the
+// shuffles, so one head's gates cost G sigmoids a lane, not 8 (the same values bit for bit).
 template <bool kVec, typename T>
-__device__ __forceinline__ void unpack_gates(const Gates<kVec, T>& g, int lane, float (&out)[kTokensPerLane]) {
+__device__ __forceinline__ void gate_sigmoids(const Gates<kVec, T>& g, int lane, float (&out)[kTokensPerLane]) {
   if constexpr (kVec) {
+    float mine[kGatesPerLane];
+#pragma unroll
+    for (int i = 0; i < kGatesPerLane; ++i) mine[i] = sigmoid(to_f32(g.v[i]));
     const int half = (lane & 1) * kTokensPerLane;
 #pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e) {
+    for (int e = 0; e < kTokensPerLane; ++e)
       // Token half + e sits in lane 2 * ((half + e) / G), slot (half + e) % G = e % G (G divides the half).
-      const float mine = to_f32(g.v[e % kGatesPerLane]);
-      out[e] = __shfl_sync(kFullMask, mine, 2 * ((half + e) / kGatesPerLane));
-    }
+      out[e] = __shfl_sync(kFullMask, mine[e % kGatesPerLane], 2 * ((half + e) / kGatesPerLane));
   } else {
 #pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e) out[e] = to_f32(g.v[e]);
+    for (int e = 0; e < kTokensPerLane; ++e) out[e] = sigmoid(to_f32(g.v[e]));
   }
 }
 
@@ -1446,7 +1449,7 @@ __device__ __forceinline__ Columns<T> columns(T* base, const Params& p, const Wa
           base + p.col_v + w.h * kHeadDim};
 }
 
-// The scan's inputs of one lane's half-tile from the raw projections: a = decay_max * sigmoid(P_A),
+// The scan's inputs of one lane's half-tile: a = decay_max * sigmoid(P_A) (a8 holds the sigmoid on entry),
 // u = sigmoid(P_B) * P_V inside [lo, hi); outside, a = 1 and u = 0 (the scan carries its state through).
 __device__ __forceinline__ void gated_inputs(float (&a8)[kTokensPerLane], float (&u)[kTokensPerLane],
                                              const float (&vv)[kTokensPerLane], float dm, long long t0,
@@ -1454,7 +1457,7 @@ __device__ __forceinline__ void gated_inputs(float (&a8)[kTokensPerLane], float 
 #pragma unroll
   for (int e = 0; e < kTokensPerLane; ++e) {
     const bool in = t0 + e >= w.lo && t0 + e < w.hi;
-    a8[e] = in ? dm * sigmoid(a8[e]) : 1.f;
+    a8[e] = in ? dm * a8[e] : 1.f;
     u[e] = in ? sigmoid(u[e]) * vv[e] : 0.f;
   }
 }
@@ -1516,7 +1519,7 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem
         if (tile + f >= w.last) break;  // uniform across the warp
         const long long t0 = (tile + f) * kBlockLen + half_off;
         float a8[kTokensPerLane], u[kTokensPerLane], vv[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
-        unpack_gates(ab[f], lane, a8);
+        gate_sigmoids(ab[f], lane, a8);
         unpack_block(bb[f], smem, lane, u);
         unpack_block(vb[f], smem, lane, vv);
         gated_inputs(a8, u, vv, dm, t0, w);
@@ -1641,11 +1644,11 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
           float d[kTokensPerLane], cc[kTokensPerLane], g8[kTokensPerLane], r[kTokensPerLane], gs[kTokensPerLane];
           unpack_block(cur.dz, smem, lane, d);
           unpack_block(cur.c, smem, lane, cc);
-          unpack_gates(cur.a, lane, g8);
+          gate_sigmoids(cur.a, lane, g8);
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) {
             d[e] *= cc[e];
-            g8[e] = tn + e < w.hi ? dm * sigmoid(g8[e]) : 0.f;
+            g8[e] = tn + e < w.hi ? dm * g8[e] : 0.f;
           }
           const float a_next = (n + 1) * kBlockLen < w.hi ? dm * sigmoid(to_f32(cur.a_next)) : 0.f;
           tile_scan_rev(d, g8, a_next, odd, r, gs);
@@ -1659,13 +1662,12 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
         const long long t0 = j * kBlockLen + half_off;
         float sa[kTokensPerLane], sb[kTokensPerLane], vv[kTokensPerLane], a8[kTokensPerLane], u[kTokensPerLane];
         float wl[kTokensPerLane], gl[kTokensPerLane];
-        unpack_gates(cur.aj, lane, sa);
+        gate_sigmoids(cur.aj, lane, sa);
         unpack_block(cur.bj, smem, lane, sb);
         unpack_block(cur.vj, smem, lane, vv);
 #pragma unroll
         for (int e = 0; e < kTokensPerLane; ++e) {
           const bool in = t0 + e >= w.lo && t0 + e < w.hi;
-          sa[e] = sigmoid(sa[e]);
           sb[e] = sigmoid(sb[e]);
           a8[e] = in ? dm * sa[e] : 1.f;  // outside: the scan carries its state through
           u[e] = in ? sb[e] * vv[e] : 0.f;
@@ -1796,8 +1798,9 @@ __device__ __forceinline__ void phalanx_decode(const Params& p) {
 
 }  // namespace swr
 
-// Entry points: the "vec" kernels need the launcher's alignment check; "scalar" take any layout; "_state"
-// ones continue from a state and write the new one (forward) or hand back both gradients (backward).
+// Entry points: the "vec" kernels need the launcher's alignment check (and take target.min_warps_per_sm, as
+// the plain ones do); "scalar" take any layout; "_state" ones continue from a state and write the new one
+// (forward) or hand back both gradients (backward).
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_fwd_vec(const swr::Params p) {
   __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][true && swr::kFusedVecOk ? swr::kSmemTile : 16];
   swr::phalanx_fwd<true, false>(p, smem[threadIdx.x / swr::kWarpSize]);
