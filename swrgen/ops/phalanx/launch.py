@@ -14,11 +14,11 @@ from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.swr.launch import (
     Sequences,
     StateArgs,
-    _geometry,
-    _plan,
     aligned,
+    cached_plan,
     ceil_div,
     fresh_rows_aligned,
+    geometry,
     launch_stateful,
     make_plan,
     rows_aligned,
@@ -75,7 +75,7 @@ def forward_plan(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max
     stateful = state is not None or want_state
     shape = tuning_shape(P, layout, seqs)
     packed = None if seqs is None else bucket_of(shape)  # packed: its tuning bucket
-    key = ("fwd", packed, state is not None, want_state, _geometry(P), layout, decay_max)
+    key = ("fwd", packed, state is not None, want_state, geometry(P), layout, decay_max)
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, P, layout, decay_max, stateful, seqs is not None)
@@ -85,7 +85,7 @@ def forward_plan(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max
         name = f"phalanx_fwd{'_state' if stateful else ''}_{'vec' if vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    return _plan(ks, P, key, "fwd", build, shape)
+    return cached_plan(ks, P, key, "fwd", build, shape)
 
 
 def forward(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: float, *,
@@ -142,7 +142,7 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
     stateful = state is not None or d_state_out is not None
     shape = tuning_shape(P, layout, seqs)
     packed = None if seqs is None else bucket_of(shape)  # packed: its tuning bucket
-    key = ("bwd", packed, stateful, _geometry(P, dZ), layout, decay_max)
+    key = ("bwd", packed, stateful, geometry(P, dZ), layout, decay_max)
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, P, layout, decay_max, stateful, seqs is not None)
@@ -152,7 +152,7 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
         name = f"phalanx_bwd{'_state' if stateful else ''}_{'vec' if vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    plan = _plan(ks, P, key, "bwd", build, shape)
+    plan = cached_plan(ks, P, key, "bwd", build, shape)
     dbc_ptr = 0 if dbc is None else dbc.data_ptr()
     if not stateful and seqs is None:
         plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=dbc_ptr)
@@ -173,7 +173,7 @@ def decode(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: floa
     updated in place at rows ``index`` (int64 [B], or 0..B-1); ``pos`` (int64 [S]) is read, not advanced."""
     batch = P.shape[0]
     Z = P.new_empty((batch, layout.inner))
-    key = ("decode", _geometry(P), layout, decay_max)
+    key = ("decode", geometry(P), layout, decay_max)
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = KernelParams()
@@ -185,7 +185,7 @@ def decode(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: floa
         grid = ceil_div(p.work, constants.DECODE_THREADS)
         return LaunchPlan(kernel, grid, constants.DECODE_THREADS, 1, p)
 
-    plan = _plan(ks, P, key, "fwd", build, (batch, layout.heads, layout.head_dim, 1))
+    plan = cached_plan(ks, P, key, "fwd", build, (batch, layout.heads, layout.head_dim, 1))
     if batch:
         fields = {"x": P.data_ptr(), "y": Z.data_ptr(), "state": data.data_ptr(), "pos": pos.data_ptr()}
         if index is not None:

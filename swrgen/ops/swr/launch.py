@@ -4,7 +4,9 @@ Chooses the 16-byte vector kernel when every row is aligned and every sequence s
 a multiple of the lane's token count, the element-wise kernel otherwise; sizes the grid from the kernel
 set's tuning knobs (tiles per warp, warps per CTA, cluster, persistence). Plans (kernel, grid, the
 params struct) are kept per geometry on the kernel set's device entry (``DeviceKernels.plans``); the
-plan of a kernel set that resolves tuned knobs embeds the tuned variant's kernels.
+plan of a kernel set that resolves tuned knobs embeds the tuned variant's kernels. The fused Phalanx op's
+launcher (``swrgen.ops.phalanx.launch``) builds on the same helpers: ``Sequences``, ``StateArgs``,
+``cached_plan``, ``geometry``, ``launch_stateful`` and the alignment checks.
 
 Streaming state: ``StateArgs`` carries a state's data (float32 ``[N', H, DH, 2 + 2(k-1)]``), positions
 (int64 ``[N']``), an optional row index (slots of a pool) and the phases when the host knows them. The
@@ -211,7 +213,7 @@ def tuning_shape(shape: tuple[int, int, int, int], seqs: Sequences | None) -> tu
     return (seqs.count, shape[1], shape[2], max(1, shape[3] // seqs.count))
 
 
-def _plan(ks: KernelSet, x: torch.Tensor, key: tuple, direction: str, build,
+def cached_plan(ks: KernelSet, x: torch.Tensor, key: tuple, direction: str, build,
           shape: tuple[int, int, int, int] | None = None) -> LaunchPlan:  # fmt: skip
     """The cached plan of ``ks`` for ``key`` on x's device, made by ``build(variant, dev)`` on a miss from
     the variant tuned for ``shape`` (what the tuned store buckets; x's shape by default)."""
@@ -225,7 +227,7 @@ def _plan(ks: KernelSet, x: torch.Tensor, key: tuple, direction: str, build,
     return plan
 
 
-def _geometry(*tensors: torch.Tensor) -> tuple:
+def geometry(*tensors: torch.Tensor) -> tuple:
     """What the checks and a plan read from tensors: shapes, strides, dtypes, whether all bases are aligned."""
     out: list = [aligned(*tensors)]
     for t in tensors:
@@ -241,7 +243,7 @@ def forward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, seqs: Sequence
     """The forward's launch plan for these inputs (cached on ``ks``; the tuned variant's kernels)."""
     vec = offsets_fit_vectors(ks.spec.recurrence.block_len, x.shape[-1], seqs, state)
     packed = None if seqs is None else bucket_of(tuning_shape(tuple(x.shape), seqs))  # packed: its tuning bucket
-    key = ("fwd", packed, state is not None, want_state, vec, _geometry(x, a))
+    key = ("fwd", packed, state is not None, want_state, vec, geometry(x, a))
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, a, x, seqs, state)
@@ -252,7 +254,7 @@ def forward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, seqs: Sequence
         name = f"swr_fwd{'_state' if state is not None or want_state else ''}_{'vec' if use_vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    return _plan(ks, x, key, "fwd", build, tuning_shape(tuple(x.shape), seqs))
+    return cached_plan(ks, x, key, "fwd", build, tuning_shape(tuple(x.shape), seqs))
 
 
 def forward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, *, seqs: Sequences | None = None,
@@ -319,7 +321,7 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
         return dx, torch.zeros_like(a), d_state
     vec = offsets_fit_vectors(ks.spec.recurrence.block_len, length, seqs, state)
     packed = None if seqs is None else bucket_of(tuning_shape(tuple(x.shape), seqs))  # packed: its tuning bucket
-    key = ("bwd", packed, stateful, vec, _geometry(x, a, dy))
+    key = ("bwd", packed, stateful, vec, geometry(x, a, dy))
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, a, x, seqs, state)
@@ -329,7 +331,7 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
         name = f"swr_bwd{'_state' if stateful else ''}_{'vec' if use_vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    plan = _plan(ks, x, key, "bwd", build, tuning_shape(tuple(x.shape), seqs))
+    plan = cached_plan(ks, x, key, "bwd", build, tuning_shape(tuple(x.shape), seqs))
     if not stateful and seqs is None:
         plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da_buf.data_ptr())
     else:
