@@ -6,6 +6,8 @@ import errno
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,13 @@ def test_each_command_has_help(command: str) -> None:
     result = run(command, "--help")
     assert result.exit_code == 0
     assert f"Usage: main {command}" in result.output or f"{command} [OPTIONS]" in result.output
+
+
+def test_runs_as_a_module() -> None:
+    """``python -m swrgen`` is the same command line (for machines where the script is not on PATH)."""
+    out = subprocess.run([sys.executable, "-m", "swrgen", "list"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == run("list").output
 
 
 def test_version() -> None:
