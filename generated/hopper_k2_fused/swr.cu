@@ -1408,7 +1408,8 @@ __device__ __forceinline__ Gates<kVec, T> load_gates(const T* __restrict__ col, 
 }
 
 // sigmoid(P_A) of this lane's half-tile. vec: each lane pair takes the sigmoid of its G tokens before the
-// shuffles, so one head's gates cost G sigmoids a lane, not 8 (the same values bit for bit).
+// shuffles, so one head's gates cost G = BL/16 sigmoids a lane, not one per token it scans (BL/2); the
+// values are the same bit for bit.
 template <bool kVec, typename T>
 __device__ __forceinline__ void gate_sigmoids(const Gates<kVec, T>& g, int lane, float (&out)[kTokensPerLane]) {
   if constexpr (kVec) {
