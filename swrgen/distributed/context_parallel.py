@@ -229,7 +229,7 @@ class _SwrPart(_Part):
 
     def backward(self, inputs, seqs, data, pos, dy, d_new, want_d_state: bool):
         a, x = inputs
-        dy = swr_op._grad_dy(dy, x, self.out_dtype)
+        dy = swr_op.grad_output(dy, x.shape, self.out_dtype, x.device)
         da, dx, d_state = swr_op.backward_call(self._call(seqs, pos, False), a, x, data, dy, d_new, want_d_state)
         return (da, dx), d_state
 
@@ -266,7 +266,7 @@ class _PhalanxPart(_Part):
 
     def backward(self, inputs, seqs, data, pos, dZ, d_new, want_d_state: bool):
         P = inputs[0]
-        dZ = swr_op._grad_dy(dZ, P.new_empty((*P.shape[:-1], self.layout.inner)), P.dtype)
+        dZ = swr_op.grad_output(dZ, (*P.shape[:-1], self.layout.inner), P.dtype, P.device)
         dP, d_state = phalanx_op.backward_call(self._call(seqs, pos, False), P, dZ, data, d_new, want_d_state)
         return (dP,), d_state
 

@@ -114,8 +114,8 @@ class _PhalanxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dZ, d_data_out, _d_pos):
         P, data = ctx.saved_tensors
-        dZ = swr_op._grad_dy(dZ, P.new_empty((*P.shape[:-1], ctx.call.layout.inner)), P.dtype)
-        d_data_out = swr_op._grad_state(d_data_out) if P.is_cuda else d_data_out
+        dZ = swr_op.grad_output(dZ, (*P.shape[:-1], ctx.call.layout.inner), P.dtype, P.device)
+        d_data_out = swr_op.grad_state(d_data_out) if P.is_cuda else d_data_out
         dP, d_state = backward_call(ctx.call, P, dZ, data, d_data_out, ctx.needs_input_grad[1])
         return dP, d_state, None
 
@@ -183,11 +183,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _op_backward(ctx, dZ, d_data_out, _d_pos):
     P, state, pos, cu_seqlens = ctx.saved_tensors
     heads, kv_heads, head_dim, k, bl, dm, key, want_state = ctx.args
-    dZ = swr_op._grad_dy(dZ, P.new_empty((*P.shape[:-1], heads * head_dim)), P.dtype)
+    dZ = swr_op.grad_output(dZ, (*P.shape[:-1], heads * head_dim), P.dtype, P.device)
     if not want_state or (d_data_out is not None and d_data_out.numel() == 0):
         d_data_out = None
     elif P.is_cuda:
-        d_data_out = swr_op._grad_state(d_data_out)
+        d_data_out = swr_op.grad_state(d_data_out)
     want = state is not None and ctx.needs_input_grad[1]
     dP, d_state = _phalanx_bwd(P, dZ, state, pos, cu_seqlens, d_data_out, heads, kv_heads, head_dim, k, bl, dm, key,
                                want)  # fmt: skip

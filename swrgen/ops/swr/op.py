@@ -167,15 +167,18 @@ def backward_call(call: Call, a: torch.Tensor, x: torch.Tensor, data: torch.Tens
     return da, dx, d_state
 
 
-def _grad_dy(dy: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The upstream gradient as the kernels take it: the output dtype, unit stride along L."""
+def grad_output(dy: torch.Tensor | None, shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:  # fmt: skip
+    """The upstream gradient as the kernels take it (both ops' backwards): the output dtype, unit stride along
+    the last dimension; zeros of ``shape`` where autograd passed none."""
     if dy is None:
-        return torch.zeros_like(like, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
     dy = dy.to(dtype)
     return dy if dy.stride(-1) == 1 else dy.contiguous()
 
 
-def _grad_state(d: torch.Tensor | None) -> torch.Tensor | None:
+def grad_state(d: torch.Tensor | None) -> torch.Tensor | None:
+    """The new state's upstream gradient as the kernels take it: float32, contiguous (or None)."""
     return None if d is None else d.to(torch.float32).contiguous()
 
 
@@ -197,8 +200,8 @@ class _SwrFunction(torch.autograd.Function):
     def backward(ctx, dy, d_data_out, _d_pos):
         a, x, data = ctx.saved_tensors
         call: Call = ctx.call
-        dy = _grad_dy(dy, x, call.out_dtype)
-        d_data_out = _grad_state(d_data_out) if x.is_cuda else d_data_out
+        dy = grad_output(dy, x.shape, call.out_dtype, x.device)
+        d_data_out = grad_state(d_data_out) if x.is_cuda else d_data_out
         da, dx, d_state = backward_call(call, a, x, data, dy, d_data_out, ctx.needs_input_grad[2])
         return da, dx, d_state, None
 
@@ -267,11 +270,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _op_backward(ctx, dy, d_data_out, _d_pos):
     a, x, state, pos, cu_seqlens = ctx.saved_tensors
-    dy = _grad_dy(dy, x, ctx.out_dtype)
+    dy = grad_output(dy, x.shape, ctx.out_dtype, x.device)
     if not ctx.want_state or (d_data_out is not None and d_data_out.numel() == 0):
         d_data_out = None
     elif x.is_cuda:
-        d_data_out = _grad_state(d_data_out)
+        d_data_out = grad_state(d_data_out)
     want = state is not None and ctx.needs_input_grad[2]
     da, dx, d_state = _swr_bwd(a, x, dy, state, pos, cu_seqlens, d_data_out, ctx.k, ctx.bl, ctx.key, want)
     return da, dx, (d_state if want else None), None, None, None, None, None, None, None
