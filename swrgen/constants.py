@@ -27,6 +27,13 @@ STAGE_COUNTS = (2, 3, 4)  # registers staging double-buffers: 2
 # Shared staging may also store outputs through shared memory as whole row runs: the forward's y gains
 # 3-10% that way, the backward's dx loses 2-12% (its buffer costs occupancy; bench/RESULTS.md runs 39-41).
 STAGE_OUTPUTS = {"fwd": True, "bwd": False}
+# The backward's look-ahead scans tile n in reverse for its carrier; tile n is finished k-1 steps later.
+# For window_blocks k up to this (1: never), that scan waits in registers (16 a lane for each of the k-1
+# tiles in between) instead of being made again: plain kernels "swr", fused "phalanx" (which also keeps
+# the tile's dZ and skips reloading dZ and C). The values are the same bit for bit either way. H200,
+# bench/results/log.md run 63: the fused backward at k=2 -16%; the plain one +0.6% (k=2 fp32, 8K) to -3%
+# (bf16, 2K) at k=2 and +15% at k=3 (its registers cost a CTA an SM).
+KEEP_LOOKAHEAD_SCANS = {"swr": 1, "phalanx": 2}
 SHARED_BANK_BYTES = 128  # 32 banks x 4 bytes
 SHARED_ROW_SKEW = 32  # staged row strides are this far past a multiple of SHARED_BANK_BYTES
 # Dynamic shared memory a CTA may opt in to (CUDA C++ Programming Guide, compute capabilities table).

@@ -3,6 +3,7 @@ projection P [B, L, N]) against the copy-bandwidth floor and the unfused path th
 
     python bench/ops/phalanx_gating.py [--shapes B,L,D ...] [--sweep] [--json F]
     python bench/ops/phalanx_gating.py --tuned [--shapes B,L,D ...] [--json F]
+    python bench/ops/phalanx_gating.py --vs-attention [--shapes B,L,D ...] [--json F]
 
 Shapes are (B, L, D): heads = D / 16, kv_heads = heads, bf16, decay_max 0.8. Default shapes (8,2048,1024)
 (2,8192,1024) (1,32768,1024) (1,131072,2048). Bytes as ``bench.common.gating_bytes``: forward P + Z,
@@ -11,6 +12,10 @@ the transposes to [B, H, DH, L], ``swrgen.swr`` (fp32 out), the transpose back a
 ``--sweep`` also times the knobs around the fused spec's default (:func:`fused_sweep_specs`).
 ``--tuned``: ``swrgen.phalanx_gating`` and its backward op with the stored tuned configs and with
 ``SWRGEN_TUNED=0`` (default shapes (2,8192,1024) (1,32768,1024) (1,131072,2048)), outputs bitwise equal.
+``--vs-attention``: the Phalanx core (``swrgen.phalanx_gating`` forward + its backward op, tuned) against
+what it replaces in a model at the same width, in the same run: FlexAttention sliding-window (512) and
+SDPA causal attention, forward + backward, head dim 64 (``bench.alternatives``; default shapes
+(8,8192,1024) (2,32768,1024)).
 """
 
 from __future__ import annotations
@@ -109,12 +114,55 @@ def tuned_rows(shapes: list[tuple[int, int, int]], bw: float) -> list[dict]:
     return rows
 
 
+VS_SHAPES = [(8, 8192, 1024), (2, 32768, 1024)]
+
+
+def attention_rows(shapes: list[tuple[int, int, int]], bw: float) -> list[dict]:
+    """Phalanx core fwd+bwd against FlexAttention SWA-512 and SDPA causal fwd+bwd at the same (B, L, D)."""
+    import swrgen
+    from bench import alternatives
+    from swrgen.ops.phalanx import GatingLayout
+    from swrgen.ops.swr.op import default_key
+
+    key = default_key(16, False, torch.bfloat16, torch.bfloat16, 2, 16, torch.bfloat16, True)
+    rows = []
+    for b, length, dim in shapes:
+        heads = dim // 16
+        g = torch.Generator(device="cuda").manual_seed(0)
+        layout = GatingLayout(heads, heads, 16)
+        P = torch.randn(b, length, layout.width, device="cuda", generator=g).bfloat16()
+        dZ = torch.randn(b, length, layout.inner, device="cuda", generator=g).bfloat16()
+        op_args = (None, None, None, None, heads, heads, 16, 2, 16, DECAY_MAX, key, False)
+        t_f = common.bench_ms(lambda P=P, heads=heads: swrgen.phalanx_gating(P, heads=heads))
+        t_b = common.bench_ms(lambda P=P, dZ=dZ, op_args=op_args: torch.ops.swrgen.phalanx_bwd(P, dZ, *op_args))
+        row = {"B": b, "L": length, "D": dim, "phalanx_ms": [t_f, t_b]}
+        for name, make in (("flex_swa512", alternatives.make_flex_swa), ("sdpa_causal", alternatives.make_sdpa)):
+            try:
+                case = make(b, heads, length, bwd=True)
+                row[f"{name}_ms"] = [common.bench_ms(case.fwd), common.bench_ms(case.bwd)]
+            except (alternatives.Unavailable, torch.OutOfMemoryError) as err:
+                row[f"{name}_ms"] = None
+                print(f"  {name}: not run ({err})")
+            torch.cuda.empty_cache()
+        core = sum(row["phalanx_ms"])
+        text = f"B={b} L={length} D={dim}: Phalanx core fwd {t_f:.3f} + bwd {t_b:.3f} = {core:.3f} ms"
+        for name in ("flex_swa512", "sdpa_causal"):
+            if row[f"{name}_ms"]:
+                other = sum(row[f"{name}_ms"])
+                row[f"{name}_over_phalanx"] = other / core
+                text += f"  {name} {other:.3f} ms ({other / core:.2f}x)"
+        print(text, flush=True)
+        rows.append(row)
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/ops/phalanx_gating.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="*", type=common.shape_type("B,L,D"), default=[], help="B,L,D shapes")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="also time the knobs around the fused spec's default")
     mode.add_argument("--tuned", action="store_true", help="the op with and without the stored tuned configs")
+    mode.add_argument("--vs-attention", action="store_true", help="the Phalanx core against FlexAttention and SDPA")
     ap.add_argument("--json", default=None, help="write every number here")
     return ap
 
@@ -129,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.tuned:
         rows = tuned_rows(args.shapes or TUNED_SHAPES, bw)
+    elif args.vs_attention:
+        rows = attention_rows(args.shapes or VS_SHAPES, bw)
     else:
         specs = fused_sweep_specs() if args.sweep else fused_sweep_specs()[:1]
         rows = [row for shape in args.shapes or DEFAULT_SHAPES for row in time_shape(*shape, specs, bw)]

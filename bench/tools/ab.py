@@ -9,6 +9,10 @@ change that alters results is a bug, not a speedup), and are timed interleaved o
 so clock and thermal drift hit them alike. Reported: the median over rounds of each do_bench median,
 with % of the copy-bandwidth floor (bytes: ``bench.common.swr_bytes``) and the ratio to the first of its
 group. ``bench/tools/variant.py`` makes folders with other knobs or template constants.
+
+Fused specs (``fused_gating: true``) time the fused Phalanx kernels instead: B,H,L is P [B, L, N] with H
+heads of 16 channels (kv_heads = H, decay_max 0.8); Z and dP must be identical, bytes as
+``bench.common.gating_bytes``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,25 @@ def program_labels(paths: list[str]) -> list[str]:
     return labels
 
 
+def fused_calls(batch: int, heads: int, length: int, decay_max: float = 0.8):
+    """Forward and backward calls of the fused kernels on one random P, dZ (bf16) and their bytes."""
+    from swrgen.ops.phalanx import GatingLayout
+    from swrgen.ops.phalanx import launch as fused
+
+    layout = GatingLayout(heads, heads, 16)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    P = torch.randn(batch, length, layout.width, device="cuda", generator=g).bfloat16()
+    dZ = torch.randn(batch, length, layout.inner, device="cuda", generator=g).bfloat16()
+
+    def fwd(prog, poison=None):
+        return fused.forward(prog, P, layout, decay_max, poison=poison)[:1]
+
+    def bwd(prog, poison=None):
+        return fused.backward(prog, P, dZ, layout, decay_max, poison=poison)[:1]
+
+    return fwd, bwd, common.gating_bytes(P, dZ.numel())
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/tools/ab.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("programs", nargs="+", help="generated folders (swrgen build) or spec YAML files")
@@ -65,14 +88,24 @@ def main(argv: list[str] | None = None) -> int:
         for text in args.shapes:
             b, h, length = (int(v) for v in text.split(","))
             shape = (b, h, rec.head_dim, length)
-            spec = members[0][1].spec
-            a, x = random_inputs(spec, shape, seed=7, device=torch.device("cuda"))
-            out_dtype = constants.torch_dtype(rec.output_dtype)
-            dy = torch.randn(shape, device="cuda").to(out_dtype)
+            if rec.fused_gating:
+                fwd, bwd, (fb, bb) = fused_calls(b, h, length)
+            else:
+                spec = members[0][1].spec
+                a, x = random_inputs(spec, shape, seed=7, device=torch.device("cuda"))
+                out_dtype = constants.torch_dtype(rec.output_dtype)
+                dy = torch.randn(shape, device="cuda").to(out_dtype)
+                fb, bb = common.swr_bytes(x, a, out_dtype.itemsize)
+
+                def fwd(prog, poison=None, a=a, x=x):
+                    return launch.forward(prog, a, x, poison=poison)[:1]
+
+                def bwd(prog, poison=None, a=a, x=x, dy=dy):
+                    return launch.backward(prog, a, x, dy, poison=poison)[:2]
+
             first = None
             for label, prog in members:
-                got = (launch.forward(prog, a, x, poison=float("nan"))[0],
-                       *launch.backward(prog, a, x, dy, poison=float("nan"))[:2])  # fmt: skip
+                got = (*fwd(prog, poison=float("nan")), *bwd(prog, poison=float("nan")))
                 if first is None:
                     first = got
                 elif not all(torch.equal(u, v) for u, v in zip(got, first, strict=True)):
@@ -80,10 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             times: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in members}
             for _ in range(args.rounds):
                 for label, prog in members:
-                    f = common.bench_ms(lambda p=prog, a=a, x=x: launch.forward(p, a, x))
-                    bk = common.bench_ms(lambda p=prog, a=a, x=x, dy=dy: launch.backward(p, a, x, dy))
+                    f = common.bench_ms(lambda p=prog, fwd=fwd: fwd(p))
+                    bk = common.bench_ms(lambda p=prog, bwd=bwd: bwd(p))
                     times[label].append((f, bk))
-            fb, bb = common.swr_bytes(x, a, out_dtype.itemsize)
             base = None
             for label, _ in members:
                 f = statistics.median(t[0] for t in times[label])

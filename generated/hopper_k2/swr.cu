@@ -190,6 +190,29 @@ __device__ __forceinline__ Lane<true, T> packed_lane(const float (&v)[kTokensPer
   return l;
 }
 
+// Whether token t0 + e of a lane (e < kTokensPerLane) lies in [lo, hi), or below hi. The vector kernels run
+// only where every sequence edge falls on a lane's first token (the launcher checks), so a vector lane's
+// tokens are wholly in or out and one test per lane serves all of them; a scalar lane tests each token.
+template <bool kVec>
+__device__ __forceinline__ bool lane_token_below(long long t0, int e, long long hi) {
+  return kVec ? t0 < hi : t0 + e < hi;
+}
+template <bool kVec>
+__device__ __forceinline__ bool lane_token_in(long long t0, int e, long long lo, long long hi) {
+  return kVec ? (t0 >= lo && t0 < hi) : (t0 + e >= lo && t0 + e < hi);
+}
+
+// A lane's tokens t0 .. t0+kTokensPerLane-1 against [lo, hi), made relative once: token e is inside when
+// lo <= e < hi here, two 32-bit compares instead of two 64-bit ones a token.
+struct LaneSpan {
+  int lo, hi;  // clamped to 0 .. kTokensPerLane
+  __device__ __forceinline__ bool has(int e) const { return e >= lo && e < hi; }
+};
+__device__ __forceinline__ LaneSpan lane_span(long long t0, long long lo, long long hi) {
+  const long long n = kTokensPerLane;
+  return {static_cast<int>(min(max(lo - t0, 0LL), n)), static_cast<int>(min(max(hi - t0, 0LL), n))};
+}
+
 // Elements outside [lo, hi) read as `fill`.
 template <bool kVec, typename T, Reuse kReuse = Reuse::kDefault>
 __device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, long long t0, long long lo, long long hi,
@@ -831,28 +854,36 @@ struct Injection {
   float v, p;
 };
 
+// A tile's reverse scan (tile_scan_rev): r and the gate suffix products gs of this lane's tokens.
+struct RevScan {
+  float r[kTokensPerLane], gs[kTokensPerLane];
+};
+// The backward's look-ahead scans tile n in reverse for its carrier and finishes tile n k-1 steps later.
+// Kept scans (constants.KEEP_LOOKAHEAD_SCANS) wait for that in a rolling register window, newest first:
+// push tile n's scan; `oldest` gets tile n-(k-1)'s, the one finished at this step.
+__device__ __forceinline__ void keep_scan(RevScan (&kept)[kCarry], const RevScan& s, RevScan& oldest) {
+  oldest = kept[kCarry - 1];
+#pragma unroll
+  for (int i = kCarry - 1; i > 0; --i) kept[i] = kept[i - 1];
+  kept[0] = s;
+}
+// A tile's reverse carrier (rho, Q): its first token's (r, gs), which the even lane holds.
+__device__ __forceinline__ void first_token_carrier(const RevScan& s, int lane, float& rho, float& q) {
+  rho = __shfl_sync(kFullMask, s.r[0], lane & ~1);
+  q = __shfl_sync(kFullMask, s.gs[0], lane & ~1);
+}
+
 // The gradient math of tile j, shared by the plain and the fused (Phalanx) backward:
-// dx and the per-channel da terms from the upstream gradient d of the tile, its gates ga
-// (0 past the end), the gate after it a_next, its forward scan (wl, gl), the forward carriers of the
-// tiles before it (cv, cp) and the reverse carriers of the tiles after it (rr, rq). rho, q: the tile's
-// own reverse carrier (the first tile of a sequence hands it to the old state's gradient).
-template <bool kCarrierOut>
-__device__ __forceinline__ void tile_grads(const float (&d)[kTokensPerLane], const float (&ga)[kTokensPerLane],
-                                           float a_next, bool odd,
+// dx and the per-channel da terms from the tile's reverse scan s (tile_scan_rev of its upstream
+// gradient, its gates with 0 past the end and the gate after it), its forward scan (wl, gl), the forward
+// carriers of the tiles before it (cv, cp) and the reverse carriers of the tiles after it (rr, rq).
+__device__ __forceinline__ void tile_grads(const RevScan& s, bool odd,
                                            const float (&wl)[kTokensPerLane], const float (&gl)[kTokensPerLane],
                                            const float (&cv)[kCarry], const float (&cp)[kCarry],
                                            const float (&rr)[kCarry], const float (&rq)[kCarry],
-                                           float (&dxv)[kTokensPerLane], float (&dav)[kTokensPerLane], float& rho,
-                                           float& q) {
-  // Reverse local scan of tile j (gates beyond L are 0: nothing flows back from there).
-  float r[kTokensPerLane], gs[kTokensPerLane];
-  tile_scan_rev(d, ga, a_next, odd, r, gs);
-  if constexpr (kCarrierOut) {  // the even lane holds the tile's first token
-    const float r0 = __shfl_xor_sync(kFullMask, r[0], 1), q0 = __shfl_xor_sync(kFullMask, gs[0], 1);
-    rho = odd ? r0 : r[0];
-    q = odd ? q0 : gs[0];
-  }
-
+                                           float (&dxv)[kTokensPerLane], float (&dav)[kTokensPerLane]) {
+  const float(&r)[kTokensPerLane] = s.r;
+  const float(&gs)[kTokensPerLane] = s.gs;
   // Reverse carries D^(m), m = 0..k-1, from rho/Q of tiles j+1..j+k-1 (rr[k-1-i] is tile j+i).
   float dcar[kWindow];
   dcar[0] = 0.f;
@@ -992,24 +1023,33 @@ __device__ __forceinline__ void store_state_grad(const Params& p, const WarpWork
   for (int i = 0; i < kStateLen; ++i) ds[i] = out[i];
 }
 
-// dx and da of tile j from its upstream gradient d and the gate after it: tile_grads, then da is stored
-// and dx handed back (the caller stores it, straight or through the output buffer). Also hands back the
-// tile's reverse carrier and, at the virtual token lo-1 of a resumed tile, its (dx, da) before the
-// channel sum: the old state's (dw0, dg0). kState: the state's injection and outputs (else ignored).
-template <bool kState>
-__device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict__ da, long long t0, int lane, bool odd,
-                                            const float (&d)[kTokensPerLane], float a_next,
-                                            const float (&g8)[kTokensPerLane], const float (&wl)[kTokensPerLane],
-                                            const float (&gl)[kTokensPerLane], const float (&cv)[kCarry],
-                                            const float (&cp)[kCarry], const float (&rr)[kCarry],
-                                            const float (&rq)[kCarry], const Injection& inj,
-                                            float (&dxv)[kTokensPerLane], float& rho, float& q, float& dw0,
-                                            float& dg0) {
+// Tile j's reverse scan from its upstream gradient d, its gates g8 (0 from hi on: nothing flows back from
+// there) and the gate after it.
+template <bool kVec>
+__device__ __forceinline__ RevScan tile_reverse(const float (&d)[kTokensPerLane], const float (&g8)[kTokensPerLane],
+                                                float a_next, long long t0, long long hi, bool odd) {
   float ga[kTokensPerLane];
 #pragma unroll
-  for (int e = 0; e < kTokensPerLane; ++e) ga[e] = (t0 + e < w.hi) ? g8[e] : 0.f;
+  for (int e = 0; e < kTokensPerLane; ++e) ga[e] = lane_token_below<kVec>(t0, e, hi) ? g8[e] : 0.f;
+  RevScan s;
+  tile_scan_rev(d, ga, a_next, odd, s.r, s.gs);
+  return s;
+}
+
+// dx and da of tile j from its reverse scan s: tile_grads, then da is stored and dx handed back (the
+// caller stores it, straight or through the output buffer). Also hands back, at the virtual token lo-1 of
+// a resumed tile, its (dx, da) before the channel sum: the old state's (dw0, dg0). kState: the state's
+// injection and outputs (else ignored).
+template <bool kVec, bool kState>
+__device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict__ da, long long t0, int lane, bool odd,
+                                            const RevScan& s, const float (&g8)[kTokensPerLane],
+                                            const float (&wl)[kTokensPerLane], const float (&gl)[kTokensPerLane],
+                                            const float (&cv)[kCarry], const float (&cp)[kCarry],
+                                            const float (&rr)[kCarry], const float (&rq)[kCarry],
+                                            const Injection& inj, float (&dxv)[kTokensPerLane], float& dw0,
+                                            float& dg0) {
   float dav[kTokensPerLane];
-  tile_grads<kState>(d, ga, a_next, odd, wl, gl, cv, cp, rr, rq, dxv, dav, rho, q);
+  tile_grads(s, odd, wl, gl, cv, cp, rr, rq, dxv, dav);
   if constexpr (kState) {
     if (inj.on) add_injection(inj, g8, odd, wl, gl, dxv, dav);
 #pragma unroll
@@ -1021,13 +1061,13 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict_
   if constexpr (kPerChannelGate) {
 #pragma unroll
     for (int e = 0; e < kTokensPerLane; ++e)
-      if (t0 + e >= w.lo && t0 + e < w.hi) da[t0 + e] = from_f32<da_t>(dav[e]);
+      if (lane_token_in<kVec>(t0, e, w.lo, w.hi)) da[t0 + e] = from_f32<da_t>(dav[e]);
   } else {
     const int off = reduce_channels(dav, lane);
     if ((static_cast<unsigned>(lane) & kDuplicateLaneBits) == 0) {
 #pragma unroll
       for (int i = 0; i < kReduced; ++i)
-        if (t0 + off + i >= w.lo && t0 + off + i < w.hi) da[t0 + off + i] = from_f32<da_t>(dav[i]);
+        if (lane_token_in<kVec>(t0, off + i, w.lo, w.hi)) da[t0 + off + i] = from_f32<da_t>(dav[i]);
     }
   }
 }
@@ -1054,6 +1094,8 @@ static_assert(BwdStageD::kBytes == (kTilesInFlight + kWindow - 1) * kBlockLen * 
 
 // kState: continue from a state and hand back its gradient (state, dstate), taking the new state's
 // gradient (dstate_out): the *_state entry points; the plain ones start every sequence from zero.
+constexpr bool kKeepScans = kWindow > 1 && kWindow <= 1;
+
 template <bool kVec, bool kState>
 __device__ __forceinline__ void bwd(const Params& p) {
   constexpr bool kShared = kVec && kStaged;
@@ -1135,6 +1177,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
       for (int s = 0; s + 1 < kStages; ++s) stage_batch(w.first + s * kFlight, s);
     }
     int slot = 0;  // stage of the batch being computed
+    RevScan kept[kCarry];  // kKeepScans: the look-ahead's scans of tiles n-1 .. n-k+1, newest first
     for (long long n0 = w.first; n0 < end; n0 += kFlight) {
       OLane dyn[kFlight];
       ALane an[kFlight], aj[kFlight];
@@ -1163,10 +1206,12 @@ __device__ __forceinline__ void bwd(const Params& p) {
       for (int f = 0; f < kFlight; ++f) {
         const long long n = n0 + f;
         if (n >= end) break;  // uniform across the warp
+        RevScan sj;  // kKeepScans: tile j's scan, from its look-ahead (when tile j > w.first)
         if constexpr (kWindow > 1) {  // look ahead: reverse carrier of tile n
           float rho = 0.f, q = 0.f;
+          RevScan sn;
           if (n > w.first && n < num_tiles) {
-            float d[kTokensPerLane], g8[kTokensPerLane], r[kTokensPerLane], gs[kTokensPerLane];
+            float d[kTokensPerLane], g8[kTokensPerLane];
             float a_after;
             if constexpr (kShared) {  // stage token (f + k-1) * BL is tile n's first
               const int tn = (f + kWindow - 1) * kBlockLen;
@@ -1178,10 +1223,12 @@ __device__ __forceinline__ void bwd(const Params& p) {
               unpack_lane(an[f], g8);
               a_after = anext[f];
             }
-            tile_scan_rev(d, g8, a_after, odd, r, gs);
-            rho = __shfl_sync(kFullMask, r[0], lane & ~1);
-            q = __shfl_sync(kFullMask, gs[0], lane & ~1);
+            // Positions before lo lie only in a warp's first tile, which is never looked ahead at: the
+            // gates here (0 outside [lo, hi)) are the ones tile_reverse takes when tile n is finished.
+            tile_scan_rev(d, g8, a_after, odd, sn.r, sn.gs);
+            first_token_carrier(sn, lane, rho, q);
           }
+          if constexpr (kKeepScans) keep_scan(kept, sn, sj);
           push_carrier(rr, rq, rho, q);
         }
         const long long j = n - (kWindow - 1);
@@ -1200,19 +1247,24 @@ __device__ __forceinline__ void bwd(const Params& p) {
         if (resume && j == 0) virtual_token(st_in, w, t0, u, g8);
         tile_scan_fwd(u, g8, odd, wl, gl);
         if (j >= w.first) {
-          float d[kTokensPerLane], a_next;
-          const long long tn = (j + 1) * kBlockLen;
-          if constexpr (kShared) {
-            unpack_lane(BwdStageD::read(st, row, f * kBlockLen + half_off), d);
-            a_next = tn < w.hi ? BwdStageA::element(st, arow, (f + 1) * kBlockLen) : 0.f;
-          } else {
-            load_lane<kVec>(dy, t0, w.lo, w.hi, 0.f, d);
-            a_next = tn < w.hi ? to_f32(__ldg(a + tn)) : 0.f;
+          if (!kKeepScans || j == w.first) {  // uniform; not looked ahead at: scan it here
+            float d[kTokensPerLane], a_next;
+            const long long tn = (j + 1) * kBlockLen;
+            if constexpr (kShared) {
+              unpack_lane(BwdStageD::read(st, row, f * kBlockLen + half_off), d);
+              a_next = tn < w.hi ? BwdStageA::element(st, arow, (f + 1) * kBlockLen) : 0.f;
+            } else {
+              load_lane<kVec>(dy, t0, w.lo, w.hi, 0.f, d);
+              a_next = tn < w.hi ? to_f32(__ldg(a + tn)) : 0.f;
+            }
+            sj = tile_reverse<kVec>(d, g8, a_next, t0, w.hi, odd);
           }
-          float dxv[kTokensPerLane], rho, q, dw0 = 0.f, dg0 = 0.f;
-          finish_tile<kState>(w, da, t0, lane, odd, d, a_next, g8, wl, gl, cv, cp, rr, rq, injection(dso, w, j), dxv,
-                              rho, q, dw0, dg0);
+          float dxv[kTokensPerLane], dw0 = 0.f, dg0 = 0.f;
+          finish_tile<kVec, kState>(w, da, t0, lane, odd, sj, g8, wl, gl, cv, cp, rr, rq, injection(dso, w, j), dxv,
+                                    dw0, dg0);
           if (kState && j == 0 && p.dstate != nullptr) {  // the first tile: the old state's gradient
+            float rho, q;  // its own reverse carrier goes to the old state's carriers
+            first_token_carrier(sj, lane, rho, q);
             dw0 += __shfl_xor_sync(kFullMask, dw0, 1);  // held by one lane of the pair, 0 in the other
             dg0 += __shfl_xor_sync(kFullMask, dg0, 1);
             if (!resume) dw0 = dg0 = 0.f;  // at a tile edge the state's (w, g) are not read
