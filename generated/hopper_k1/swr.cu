@@ -912,7 +912,11 @@ __device__ __forceinline__ void tile_grads(const RevScan& s, bool odd,
     const float full = fmaf(gs[e], dcar[kWindow - 1], r[e]);
     float acc = 0.f;
 #pragma unroll
-    for (int q = 1; q < kWindow; ++q) acc = fmaf(cfwd[q], fmaf(gs[e], dcar[kWindow - 1 - q], r[e]), acc);
+    for (int q = 1; q < kWindow; ++q) {
+      // R^(0) = r: D^(0) is no term at all, not a zero to multiply (which cost an FMA a token).
+      const float rm = q == kWindow - 1 ? r[e] : fmaf(gs[e], dcar[kWindow - 1 - q], r[e]);
+      acc = q == 1 ? cfwd[1] * rm : fmaf(cfwd[q], rm, acc);
+    }
     dxv[e] = full;
     dav[e] = fmaf(gx, acc, wx * full);
   }

@@ -912,7 +912,11 @@ __device__ __forceinline__ void tile_grads(const RevScan& s, bool odd,
     const float full = fmaf(gs[e], dcar[kWindow - 1], r[e]);
     float acc = 0.f;
 #pragma unroll
-    for (int q = 1; q < kWindow; ++q) acc = fmaf(cfwd[q], fmaf(gs[e], dcar[kWindow - 1 - q], r[e]), acc);
+    for (int q = 1; q < kWindow; ++q) {
+      // R^(0) = r: D^(0) is no term at all, not a zero to multiply (which cost an FMA a token).
+      const float rm = q == kWindow - 1 ? r[e] : fmaf(gs[e], dcar[kWindow - 1 - q], r[e]);
+      acc = q == 1 ? cfwd[1] * rm : fmaf(cfwd[q], rm, acc);
+    }
     dxv[e] = full;
     dav[e] = fmaf(gx, acc, wx * full);
   }
@@ -1670,10 +1674,13 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
     const bool resume = st_in != nullptr && w.lo > 0;
 
     const long long end = w.last + kWindow - 1;
-    // kKeepFusedScans: the look-ahead's reverse scan and dZ of tile n wait here (newest first) until tile n
-    // is finished, k-1 steps later, instead of being loaded and made again.
+    // kKeepFusedScans: the look-ahead's reverse scan, dZ and gate sigmoids of tile n wait here (newest
+    // first) until tile n is finished, k-1 steps later, instead of being loaded and made again.
+    struct TileInputs {
+      float dz[kTokensPerLane], sa[kTokensPerLane];
+    };
     RevScan kept[kCarry];
-    float kept_dz[kCarry][kTokensPerLane];
+    TileInputs kept_in[kCarry];
     // Step n looks ahead at tile n (reverse carrier) and finishes tile j = n - (k-1). With
     // kFusedBwdPrefetch the loads of step n+1 are issued before step n's math (double-buffered).
     struct StepLoads {
@@ -1704,23 +1711,23 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
     for (long long n = w.first; n < end; ++n) {
       StepLoads next;
       if constexpr (kFusedBwdPrefetch) next = load_step(n + 1);
-      RevScan sj;                    // kKeepFusedScans: tile j's scan and dZ, from its look-ahead
-      float dzj[kTokensPerLane];
+      RevScan sj;      // kKeepFusedScans: tile j's scan and inputs, from its look-ahead
+      TileInputs in_j;
       if constexpr (kWindow > 1) {  // look ahead: reverse carrier of tile n (n >= 1: no position before lo)
         float rho = 0.f, q = 0.f;
         RevScan sn;
-        float dzn[kTokensPerLane];
+        TileInputs in_n;
         if (n > w.first && n < num_tiles) {
           const long long tn = n * kBlockLen + half_off;
           float d[kTokensPerLane], cc[kTokensPerLane], g8[kTokensPerLane];
-          unpack_block(cur.dz, smem, lane, dzn);
+          unpack_block(cur.dz, smem, lane, in_n.dz);
           unpack_block(cur.c, smem, lane, cc);
-          gate_sigmoids(cur.a, lane, g8);
+          gate_sigmoids(cur.a, lane, in_n.sa);
           const int n_in = lane_span(tn, w.lo, w.hi).hi;  // tokens below hi
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) {
-            d[e] = dzn[e] * cc[e];
-            g8[e] = e < n_in ? dm * g8[e] : 0.f;  // = tile j's ga when tile n is finished
+            d[e] = in_n.dz[e] * cc[e];
+            g8[e] = e < n_in ? dm * in_n.sa[e] : 0.f;  // = tile j's ga when tile n is finished
           }
           const float a_next = (n + 1) * kBlockLen < w.hi ? dm * sigmoid(to_f32(cur.a_next)) : 0.f;
           tile_scan_rev(d, g8, a_next, odd, sn.r, sn.gs);
@@ -1728,13 +1735,10 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
         }
         if constexpr (kKeepFusedScans) {
           keep_scan(kept, sn, sj);
+          in_j = kept_in[kCarry - 1];
 #pragma unroll
-          for (int e = 0; e < kTokensPerLane; ++e) {
-            dzj[e] = kept_dz[kCarry - 1][e];
-#pragma unroll
-            for (int i = kCarry - 1; i > 0; --i) kept_dz[i][e] = kept_dz[i - 1][e];
-            kept_dz[0][e] = dzn[e];
-          }
+          for (int i = kCarry - 1; i > 0; --i) kept_in[i] = kept_in[i - 1];
+          kept_in[0] = in_n;
         }
         push_carrier(rr, rq, rho, q);
       }
@@ -1743,7 +1747,12 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
         const long long t0 = j * kBlockLen + half_off;
         float sa[kTokensPerLane], sb[kTokensPerLane], vv[kTokensPerLane], a8[kTokensPerLane], u[kTokensPerLane];
         float wl[kTokensPerLane], gl[kTokensPerLane];
-        gate_sigmoids(cur.aj, lane, sa);
+        if (!kKeepFusedScans || j <= w.first) {  // uniform; halo and first tiles were not looked ahead at
+          gate_sigmoids(cur.aj, lane, sa);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kTokensPerLane; ++e) sa[e] = in_j.sa[e];
+        }
         unpack_block(cur.bj, smem, lane, sb);
         unpack_block(cur.vj, smem, lane, vv);
         const LaneSpan span = lane_span(t0, w.lo, w.hi);
@@ -1770,7 +1779,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
             sj = tile_reverse<false>(d, a8, a_next, t0, w.hi, odd);  // token by token: any phase
           } else {
 #pragma unroll
-            for (int e = 0; e < kTokensPerLane; ++e) dze[e] = dzj[e];
+            for (int e = 0; e < kTokensPerLane; ++e) dze[e] = in_j.dz[e];
           }
           float dxv[kTokensPerLane], dav[kTokensPerLane];
           const float carry = carry_in(cv, cp);
