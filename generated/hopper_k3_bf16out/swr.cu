@@ -1096,10 +1096,11 @@ constexpr int kBwdWarpBytes = 23360;
 static_assert(BwdStageD::kBytes == (kTilesInFlight + kWindow - 1) * kBlockLen * static_cast<int>(sizeof(out_t)),
               "dy stage: one batch and its k-1 tiles before");
 
-// kState: continue from a state and hand back its gradient (state, dstate), taking the new state's
-// gradient (dstate_out): the *_state entry points; the plain ones start every sequence from zero.
+// Kept look-ahead scans in the plain backward (keep_scan; constants.KEEP_LOOKAHEAD_SCANS).
 constexpr bool kKeepScans = kWindow > 1 && kWindow <= 1;
 
+// kState: continue from a state and hand back its gradient (state, dstate), taking the new state's
+// gradient (dstate_out): the *_state entry points; the plain ones start every sequence from zero.
 template <bool kVec, bool kState>
 __device__ __forceinline__ void bwd(const Params& p) {
   constexpr bool kShared = kVec && kStaged;
