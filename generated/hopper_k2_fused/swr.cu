@@ -1343,7 +1343,7 @@ template <bool kVec>
 __device__ constexpr int fused_flight() { return kVec && kFusedVecOk ? (kTilesInFlight < 2 ? kTilesInFlight : 2) : 1; }
 // Backward: prefetch the next step's loads unless tiles_in_flight is 1.
 constexpr bool kFusedBwdPrefetch = kTilesInFlight >= 2;
-// Backward: keep the look-ahead's reverse scan and dZ of a tile until it is finished (keep_scan).
+// Backward: keep the look-ahead's reverse scan, dZ and gate sigmoids of a tile until it is finished.
 constexpr bool kKeepFusedScans = kWindow > 1 && kWindow <= 2;
 
 // Fast sigmoid, 1 / (1 + 2^(-x log2 e)) on the special-function unit: forward, backward and decode use
