@@ -84,32 +84,45 @@ def time_shape(batch: int, length: int, dim: int, specs: list, bw: float) -> lis
     return rows
 
 
-def tuned_rows(shapes: list[tuple[int, int, int]], bw: float) -> list[dict]:
-    import swrgen
-    from bench.ops.swr import print_tuned
+def gating_inputs(batch: int, length: int, heads: int, seed: int = 0):
+    """(layout, P, dZ): random bf16 P [B, L, N] and dZ [B, L, H * 16] for ``heads`` heads (kv_heads = heads)."""
     from swrgen.ops.phalanx import GatingLayout
+
+    layout = GatingLayout(heads, heads, 16)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    P = torch.randn(batch, length, layout.width, device="cuda", generator=g).bfloat16()
+    dZ = torch.randn(batch, length, layout.inner, device="cuda", generator=g).bfloat16()
+    return layout, P, dZ
+
+
+def op_calls(batch: int, length: int, dim: int):
+    """(P, dZ, forward, backward): the path a model takes, ``swrgen.phalanx_gating`` and its registered
+    backward op (tuned configs, no state, no packing), on the random inputs of :func:`gating_inputs`."""
+    import swrgen
     from swrgen.ops.swr.op import default_key
 
-    rows = []
+    heads = dim // 16
+    _, P, dZ = gating_inputs(batch, length, heads)
     key = default_key(16, False, torch.bfloat16, torch.bfloat16, 2, 16, torch.bfloat16, True)
-    for b, length, dim in shapes:
-        heads = dim // 16
-        layout = GatingLayout(heads, heads, 16)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        P = torch.randn(b, length, layout.width, device="cuda", generator=g).bfloat16()
-        dZ = torch.randn(b, length, layout.inner, device="cuda", generator=g).bfloat16()
-        op_args = (None, None, None, None, heads, heads, 16, 2, 16, DECAY_MAX, key, False)  # no state, no packing
+    op_args = (None, None, None, None, heads, heads, 16, 2, 16, DECAY_MAX, key, False)
+    return (P, dZ, lambda: swrgen.phalanx_gating(P, heads=heads),
+            lambda: torch.ops.swrgen.phalanx_bwd(P, dZ, *op_args))  # fmt: skip
 
-        def run(P=P, dZ=dZ, op_args=op_args, heads=heads):
-            z = swrgen.phalanx_gating(P, heads=heads)
-            dP = torch.ops.swrgen.phalanx_bwd(P, dZ, *op_args)[0]
-            return (lambda: swrgen.phalanx_gating(P, heads=heads),
-                    lambda: torch.ops.swrgen.phalanx_bwd(P, dZ, *op_args), (z, dP))  # fmt: skip
+
+def tuned_rows(shapes: list[tuple[int, int, int]], bw: float) -> list[dict]:
+    from bench.ops.swr import print_tuned
+
+    rows = []
+    for b, length, dim in shapes:
+        P, dZ, fwd, bwd = op_calls(b, length, dim)
+
+        def run(fwd=fwd, bwd=bwd):
+            return fwd, bwd, (fwd(), bwd()[0])
 
         (tf, tb), (uf, ub), same = common.tuned_and_untuned(run)
         fb, bb = common.gating_bytes(P, dZ.numel())
-        rows.append(dict(op="phalanx_gating", out="bf16", shape=[b, length, heads], tuned=[tf, tb], untuned=[uf, ub],
-                         identical=same, floor=[fb / bw * 1e3, bb / bw * 1e3]))  # fmt: skip
+        rows.append(dict(op="phalanx_gating", out="bf16", shape=[b, length, dim // 16], tuned=[tf, tb],
+                         untuned=[uf, ub], identical=same, floor=[fb / bw * 1e3, bb / bw * 1e3]))  # fmt: skip
         print_tuned(rows[-1])
     return rows
 
@@ -117,24 +130,15 @@ def tuned_rows(shapes: list[tuple[int, int, int]], bw: float) -> list[dict]:
 VS_SHAPES = [(8, 8192, 1024), (2, 32768, 1024)]
 
 
-def attention_rows(shapes: list[tuple[int, int, int]], bw: float) -> list[dict]:
+def attention_rows(shapes: list[tuple[int, int, int]]) -> list[dict]:
     """Phalanx core fwd+bwd against FlexAttention SWA-512 and SDPA causal fwd+bwd at the same (B, L, D)."""
-    import swrgen
     from bench import alternatives
-    from swrgen.ops.phalanx import GatingLayout
-    from swrgen.ops.swr.op import default_key
 
-    key = default_key(16, False, torch.bfloat16, torch.bfloat16, 2, 16, torch.bfloat16, True)
     rows = []
     for b, length, dim in shapes:
         heads = dim // 16
-        g = torch.Generator(device="cuda").manual_seed(0)
-        layout = GatingLayout(heads, heads, 16)
-        P = torch.randn(b, length, layout.width, device="cuda", generator=g).bfloat16()
-        dZ = torch.randn(b, length, layout.inner, device="cuda", generator=g).bfloat16()
-        op_args = (None, None, None, None, heads, heads, 16, 2, 16, DECAY_MAX, key, False)
-        t_f = common.bench_ms(lambda P=P, heads=heads: swrgen.phalanx_gating(P, heads=heads))
-        t_b = common.bench_ms(lambda P=P, dZ=dZ, op_args=op_args: torch.ops.swrgen.phalanx_bwd(P, dZ, *op_args))
+        _, _, fwd, bwd = op_calls(b, length, dim)
+        t_f, t_b = common.bench_ms(fwd), common.bench_ms(bwd)
         row = {"B": b, "L": length, "D": dim, "phalanx_ms": [t_f, t_b]}
         for name, make in (("flex_swa512", alternatives.make_flex_swa), ("sdpa_causal", alternatives.make_sdpa)):
             try:
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tuned:
         rows = tuned_rows(args.shapes or TUNED_SHAPES, bw)
     elif args.vs_attention:
-        rows = attention_rows(args.shapes or VS_SHAPES, bw)
+        rows = attention_rows(args.shapes or VS_SHAPES)
     else:
         specs = fused_sweep_specs() if args.sweep else fused_sweep_specs()[:1]
         rows = [row for shape in args.shapes or DEFAULT_SHAPES for row in time_shape(*shape, specs, bw)]

@@ -44,13 +44,10 @@ def program_labels(paths: list[str]) -> list[str]:
 
 def fused_calls(batch: int, heads: int, length: int, decay_max: float = 0.8):
     """Forward and backward calls of the fused kernels on one random P, dZ (bf16) and their bytes."""
-    from swrgen.ops.phalanx import GatingLayout
+    from bench.ops.phalanx_gating import gating_inputs
     from swrgen.ops.phalanx import launch as fused
 
-    layout = GatingLayout(heads, heads, 16)
-    g = torch.Generator(device="cuda").manual_seed(7)
-    P = torch.randn(batch, length, layout.width, device="cuda", generator=g).bfloat16()
-    dZ = torch.randn(batch, length, layout.inner, device="cuda", generator=g).bfloat16()
+    layout, P, dZ = gating_inputs(batch, length, heads, seed=7)
 
     def fwd(prog, poison=None):
         return fused.forward(prog, P, layout, decay_max, poison=poison)[:1]
