@@ -18,6 +18,11 @@ L2_PREFETCH_BYTES = 0  # 256 measured slower on H100 (44% vs 58% of floor, bench
 # Inputs read twice (the backward's look-ahead dy and its gates: the second read should hit L1) keep
 # L1 allocation and take the prefetch hint: 1-2% faster backward on H100 (bench/RESULTS.md run 33).
 REREAD_L2_PREFETCH_BYTES = 256
+# The fused kernels' 16-byte loads of P and dZ blocks (16 token rows x 32 bytes of one head) take an L2
+# prefetch-size hint: the rest of each line holds the neighbouring heads' bytes, which other warps read at
+# about the same time. H200, bench/results/log.md run 69: fused forward -10% at the spec's target, -3% at
+# the tuned one, backward -0.5%; 128 and 256 alike. 0 disables the hint.
+FUSED_L2_PREFETCH_BYTES = 128
 # target.staging: where a warp's loads wait before the math (layout: swrgen/spec/staging.py).
 # registers: ld.global straight into registers, double-buffered (the backward caps at 2 tiles in flight).
 # shared: cp.async copies of whole row runs into a per-warp ring of target.stages shared-memory stages

@@ -306,6 +306,19 @@ def test_kept_lookahead_scans_render_and_compile_either_way(fused: bool, monkeyp
         assert hot.spill_store_bytes == 0, (keep, hot)
 
 
+@pytest.mark.parametrize("hint", [0, 256])
+def test_fused_l2_prefetch_hint_renders_and_compiles_either_way(hint: int, monkeypatch) -> None:
+    """constants.FUSED_L2_PREFETCH_BYTES puts an L2 prefetch-size hint on the fused kernels' 16-byte block
+    loads (0: plain __ldg). Both ways must render and compile without spills, the source carrying the hint
+    exactly when asked (the shipped 128 is compiled by every other fused test)."""
+    monkeypatch.setattr(constants, "FUSED_L2_PREFETCH_BYTES", hint)
+    source = render_source(_variant({"fused_gating": True, "output_dtype": "bf16"}, None))
+    assert (f"ld.global.nc.L2::{hint}B.v4.u32" in source) == bool(hint)
+    result = compile_cubin(source, "sm_90a")
+    for name in ("phalanx_fwd_vec", "phalanx_bwd_vec"):
+        assert result.resources[name].spill_store_bytes == 0, (hint, name, result.resources[name])
+
+
 # --- errors and ptxas reports ---------------------------------------------------------------------------
 
 

@@ -1371,6 +1371,13 @@ struct Block<true, T> {
 
 __device__ __forceinline__ int smem_row(int tok) { return tok * kRowBytes + (tok >= kTokensPerLane ? kRowBytes : 0); }
 
+// Whether some position of tile `tile` lies outside [lo, hi): only such edge tiles need the per-token gate
+// rules. The answer is the same in every lane; the vote tells ptxas so, and then it branches around the edge
+// code instead of predicating it into every tile (about 40 instructions a tile in the forward, sm_90a).
+__device__ __forceinline__ bool edge_tile(long long tile, long long lo, long long hi) {
+  return __any_sync(kFullMask, tile * kBlockLen < lo || (tile + 1) * kBlockLen > hi);
+}
+
 // Positions are virtual (docs/algorithms.md): column pointers point at virtual position 0 of the
 // sequence, and only positions in [lo, hi) hold its tokens.
 
@@ -1392,6 +1399,17 @@ __device__ __forceinline__ void store_tokens(T* __restrict__ col, long long stri
     if (t0 + e >= lo && t0 + e < hi) col[(t0 + e) * stride] = from_f32<T>(v[e]);
 }
 
+// One 16-byte chunk of a token row. A block's tile is 16 rows x 32 bytes, the rest of each row's 128-byte
+// line belonging to the neighbouring heads, which other warps read at about the same time; with
+// constants.FUSED_L2_PREFETCH_BYTES the first read asks L2 for the whole run.
+__device__ __forceinline__ uint4 load_row_chunk(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
 // Tile `tile` of the block whose channel-0 column is `col0` (this lane's column is col0 + channel);
 // positions outside [lo, hi) read 0.
 template <bool kVec, typename T>
@@ -1403,7 +1421,7 @@ __device__ __forceinline__ Block<kVec, T> load_block(const T* __restrict__ col0,
     for (int i = 0; i < kVecChunks; ++i) {
       const int id = lane + kWarpSize * i;
       const long long tok = tile * kBlockLen + id / 2;
-      r.q[i] = (tok >= lo && tok < hi) ? __ldg(reinterpret_cast<const uint4*>(col0 + tok * stride) + (id & 1))
+      r.q[i] = (tok >= lo && tok < hi) ? load_row_chunk(reinterpret_cast<const uint4*>(col0 + tok * stride) + (id & 1))
                                        : make_uint4(0, 0, 0, 0);
     }
   } else {
@@ -1473,15 +1491,17 @@ __device__ __forceinline__ Gates<kVec, T> load_gates(const T* __restrict__ col, 
   return g;
 }
 
-// sigmoid(P_A) of this lane's half-tile. vec: each lane pair takes the sigmoid of its G tokens before the
-// shuffles, so one head's gates cost G = BL/16 sigmoids a lane, not one per token it scans (BL/2); the
+// scale * sigmoid(P_A) of this lane's half-tile (the forward takes scale = decay_max, the backward 1: it
+// needs the sigmoid itself). vec: each lane pair takes the sigmoid of its G tokens before the shuffles, so
+// one head's gates cost G = BL/16 sigmoids and products a lane, not one per token it scans (BL/2); the
 // values are the same bit for bit.
 template <bool kVec, typename T>
-__device__ __forceinline__ void gate_sigmoids(const Gates<kVec, T>& g, int lane, float (&out)[kTokensPerLane]) {
+__device__ __forceinline__ void gate_sigmoids(const Gates<kVec, T>& g, int lane, float (&out)[kTokensPerLane],
+                                              float scale = 1.f) {
   if constexpr (kVec) {
     float mine[kGatesPerLane];
 #pragma unroll
-    for (int i = 0; i < kGatesPerLane; ++i) mine[i] = sigmoid(to_f32(g.v[i]));
+    for (int i = 0; i < kGatesPerLane; ++i) mine[i] = scale * sigmoid(to_f32(g.v[i]));
     const int half = (lane & 1) * kTokensPerLane;
 #pragma unroll
     for (int e = 0; e < kTokensPerLane; ++e)
@@ -1489,7 +1509,7 @@ __device__ __forceinline__ void gate_sigmoids(const Gates<kVec, T>& g, int lane,
       out[e] = __shfl_sync(kFullMask, mine[e % kGatesPerLane], 2 * ((half + e) / kGatesPerLane));
   } else {
 #pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e) out[e] = sigmoid(to_f32(g.v[e]));
+    for (int e = 0; e < kTokensPerLane; ++e) out[e] = scale * sigmoid(to_f32(g.v[e]));
   }
 }
 
@@ -1516,18 +1536,24 @@ __device__ __forceinline__ Columns<T> columns(T* base, const Params& p, const Wa
           base + p.col_v + w.h * kHeadDim};
 }
 
-// The scan's inputs of one lane's half-tile: a = decay_max * sigmoid(P_A) (a8 holds the sigmoid on entry),
-// u = sigmoid(P_B) * P_V inside [lo, hi); outside, a = 1 and u = 0 (the scan carries its state through).
-__device__ __forceinline__ void gated_inputs(float (&a8)[kTokensPerLane], float (&u)[kTokensPerLane],
-                                             const float (&vv)[kTokensPerLane], float dm, long long t0,
-                                             const WarpWork& w) {
+// Tokens of this lane's half-tile outside [lo, hi) take the gate `fill` (1: the scan carries its state
+// through; 0: nothing flows back from there). Called for edge tiles only.
+__device__ __forceinline__ void fill_gates_outside(float (&g)[kTokensPerLane], float fill, long long t0,
+                                                   const WarpWork& w) {
   const LaneSpan span = lane_span(t0, w.lo, w.hi);
 #pragma unroll
-  for (int e = 0; e < kTokensPerLane; ++e) {
-    const bool in = span.has(e);
-    a8[e] = in ? dm * a8[e] : 1.f;
-    u[e] = in ? sigmoid(u[e]) * vv[e] : 0.f;
-  }
+  for (int e = 0; e < kTokensPerLane; ++e) g[e] = span.has(e) ? g[e] : fill;
+}
+
+// The scan's inputs of one lane's half-tile: a = decay_max * sigmoid(P_A) (a8 holds it on entry) and
+// u = sigmoid(P_B) * P_V inside [lo, hi); outside, a = 1 and u = 0 (the scan carries its state through).
+// u needs no test: P_V reads 0 outside, and sigmoid(P_B) is finite, so u is +0 there.
+__device__ __forceinline__ void gated_inputs(float (&a8)[kTokensPerLane], float (&u)[kTokensPerLane],
+                                             const float (&vv)[kTokensPerLane], bool edge, long long t0,
+                                             const WarpWork& w) {
+#pragma unroll
+  for (int e = 0; e < kTokensPerLane; ++e) u[e] = sigmoid(u[e]) * vv[e];
+  if (edge) fill_gates_outside(a8, 1.f, t0, w);
 }
 
 // ---- Forward ----
@@ -1587,10 +1613,10 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem
         if (tile + f >= w.last) break;  // uniform across the warp
         const long long t0 = (tile + f) * kBlockLen + half_off;
         float a8[kTokensPerLane], u[kTokensPerLane], vv[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
-        gate_sigmoids(ab[f], lane, a8);
+        gate_sigmoids(ab[f], lane, a8, dm);
         unpack_block(bb[f], smem, lane, u);
         unpack_block(vb[f], smem, lane, vv);
-        gated_inputs(a8, u, vv, dm, t0, w);
+        gated_inputs(a8, u, vv, edge_tile(tile + f, w.lo, w.hi), t0, w);
         if (resume && tile + f == 0) virtual_token(st_in, w, t0, u, a8);
         tile_scan_fwd(u, a8, odd, wl, gl);
         const float v_tile = __shfl_sync(kFullMask, wl[kTokensPerLane - 1], lane | 1);
@@ -1703,7 +1729,8 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
       s.a_next = (n + 1) * kBlockLen < hn ? __ldg(P.a + (n + 1) * kBlockLen * p.spt) : from_f32<in_t>(0.f);
       const long long hj = (j >= 0 && n < end) ? w.hi : 0;  // steps before tile 0 load nothing
       const long long tj = max(j, 0LL);
-      s.aj = load_gates<kVec>(P.a, lane, p.spt, tj, w.lo, hj);
+      // Kept tiles take their gate sigmoids from the look-ahead: no gate load for them.
+      s.aj = load_gates<kVec>(P.a, lane, p.spt, tj, w.lo, kKeepFusedScans && j > w.first ? 0 : hj);
       s.bj = load_block<kVec>(P.b, lane, p.spt, tj, w.lo, hj);
       s.vj = load_block<kVec>(P.v, lane, p.spt, tj, w.lo, hj);
       return s;
@@ -1724,12 +1751,12 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
           unpack_block(cur.dz, smem, lane, in_n.dz);
           unpack_block(cur.c, smem, lane, cc);
           gate_sigmoids(cur.a, lane, in_n.sa);
-          const int n_in = lane_span(tn, w.lo, w.hi).hi;  // tokens below hi
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) {
             d[e] = in_n.dz[e] * cc[e];
-            g8[e] = e < n_in ? dm * in_n.sa[e] : 0.f;  // = tile j's ga when tile n is finished
+            g8[e] = dm * in_n.sa[e];
           }
+          if (edge_tile(n, w.lo, w.hi)) fill_gates_outside(g8, 0.f, tn, w);  // = tile j's ga when it is finished
           const float a_next = (n + 1) * kBlockLen < w.hi ? dm * sigmoid(to_f32(cur.a_next)) : 0.f;
           tile_scan_rev(d, g8, a_next, odd, sn.r, sn.gs);
           first_token_carrier(sn, lane, rho, q);
@@ -1758,12 +1785,13 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
         unpack_block(cur.vj, smem, lane, vv);
         const LaneSpan span = lane_span(t0, w.lo, w.hi);
 #pragma unroll
-        for (int e = 0; e < kTokensPerLane; ++e) {
-          const bool in = span.has(e);
+        for (int e = 0; e < kTokensPerLane; ++e) {  // as gated_inputs, keeping sigmoid(P_B) for the chain rule
           sb[e] = sigmoid(sb[e]);
-          a8[e] = in ? dm * sa[e] : 1.f;  // outside: the scan carries its state through
-          u[e] = in ? sb[e] * vv[e] : 0.f;
+          a8[e] = dm * sa[e];
+          u[e] = sb[e] * vv[e];
         }
+        const bool edge = edge_tile(j, w.lo, w.hi);
+        if (edge) fill_gates_outside(a8, 1.f, t0, w);
         if (resume && j == 0) virtual_token(st_in, w, t0, u, a8);
         tile_scan_fwd(u, a8, odd, wl, gl);
         if (j >= w.first) {
@@ -1810,7 +1838,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
             gc[e] = dze[e] * fmaf(gl[e], carry, wl[e]);
             gv[e] = fmaf(dxv[e], sb[e], dze[e]);
             gb[e] = dxv[e] * vv[e] * sb[e] * (1.f - sb[e]);
-            dav[e] *= dm * sa[e] * (1.f - sa[e]);  // same for every channel: applied before the sum
+            dav[e] *= a8[e] * (1.f - sa[e]);  // dm s_A (1 - s_A), the same for every channel: before the sum
           }
           store_block<kVec>(dP.v, gv, smem, lane, p.sdpt, j, w.lo, w.hi);
           if (db_head == nullptr) {
