@@ -109,9 +109,11 @@ def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[
     from swrgen.tune import lookup
     from swrgen.tune.search import check_program, device_arch
     from swrgen.tune.space import current as knobs
+    from swrgen.tune.store import device_tag_of
 
     rows, checks = [], []
     device = torch.device("cuda", torch.cuda.current_device())
+    card = device_tag_of(device.index)  # the ops prefer the card's own tuned entries to the arch's
     for k in ks:
         for out in outs:
             spec = default_spec(window_blocks=k, output_dtype=out)
@@ -132,7 +134,7 @@ def run_generated(shapes: list[tuple[int, int, int]], ks: list[int], outs: list[
                 row: dict[str, Any] = dict(k=k, out=out, B=b, H=h, DH=HEAD_DIM, L=length, target=knobs(spec))
                 try:
                     shape4 = (b, h, HEAD_DIM, length)
-                    row["tuned"] = lookup(spec, arch, shape4)
+                    row["tuned"] = lookup(spec, arch, shape4, device=card)
                     fwd_program, bwd_program = (program.for_shape(device.index, shape4, d) for d in ("fwd", "bwd"))
                     row["fwd_target"], row["bwd_target"] = knobs(fwd_program.spec), knobs(bwd_program.spec)
                     row.update(time_kernels(fwd_program, bwd_program, (b, h, length), bw, args.warmup_ms,

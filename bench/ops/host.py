@@ -1,6 +1,7 @@
 """Host cost per call of the launch paths at a tiny shape, where a call is all launch overhead (GPU).
 
     python bench/ops/host.py [--calls 1000] [--repeats 5] [--length 16] [--json out.json]
+    python bench/ops/host.py --profile 300     # where a training call's host time goes (cProfile)
 
 Each row: ``--calls`` back-to-back calls between two ``torch.cuda.synchronize()`` (host timer), after a
 warm-up; the rows take turns ``--repeats`` times and the table gives each row's median and minimum in us
@@ -109,6 +110,8 @@ def paths(length: int) -> dict[str, Callable[[], Callable[[], Any]]]:
     def fwd_bwd() -> Any:
         return torch.autograd.grad(swrgen.swr(ag, xg), (ag, xg), dy)
 
+    kept = swrgen.swr(ag, xg)  # a graph that autograd.grad may walk again (retain_graph)
+
     return {
         "swrgen.swr(a, x) inference": lambda: lambda: swrgen.swr(a, x),
         "SwrOp op(a, x) under no_grad": lambda: no_grad(lambda: op(a, x)),
@@ -124,7 +127,30 @@ def paths(length: int) -> dict[str, Callable[[], Callable[[], Any]]]:
         "swrgen.phalanx_gating(P, heads=1) inference": lambda: lambda: swrgen.phalanx_gating(P, heads=1),
         "fused launch.forward(kernels, P, ...)": lambda: lambda: fused_launch.forward(fused_program, P, layout, 0.8),
         "swrgen.swr fwd+bwd (autograd.grad)": lambda: fwd_bwd,
+        "swrgen.swr forward recording a graph": lambda: lambda: swrgen.swr(ag, xg),
+        "torch.autograd.grad of it alone": lambda: lambda: torch.autograd.grad(kept, (ag, xg), dy, retain_graph=True),
     }
+
+
+def profile_training_call(length: int, calls: int, top: int = 30) -> None:
+    """cProfile of ``calls`` training calls (forward + autograd.grad) after a warm-up: the functions with the
+    most cumulative and the most own host time. Profiling roughly doubles each call's time."""
+    import cProfile
+    import pstats
+
+    fwd_bwd = paths(length)["swrgen.swr fwd+bwd (autograd.grad)"]()
+    for _ in range(50):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fwd_bwd()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
 
 
 def tiny_call_costs(log: Callable[[str], None], n: int = 1000) -> dict[str, Any]:
@@ -182,12 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=200, help="untimed calls per row first")
     ap.add_argument("--length", type=int, default=16, help="tokens L of the tiny call")
     ap.add_argument("--json", default=None, help="write every number here")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead: a cProfile of N training calls (forward + autograd.grad)")  # fmt: skip
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common.require_cuda("bench/ops/host.py")
+    if args.profile:
+        profile_training_call(args.length, args.profile)
+        return 0
     device = torch.cuda.get_device_name()
     print(f"{device}  torch {torch.__version__}  B=1 H=1 DH=16 L={args.length}  "
           f"{args.calls} calls x {args.repeats} repeats (host timer)")  # fmt: skip
