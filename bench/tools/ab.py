@@ -42,8 +42,10 @@ def program_labels(paths: list[str]) -> list[str]:
     return labels
 
 
-def fused_calls(batch: int, heads: int, length: int, decay_max: float = 0.8):
-    """Forward and backward calls of the fused kernels on one random P, dZ (bf16) and their bytes."""
+def fused_calls(batch: int, heads: int, length: int):
+    """Forward and backward calls of the fused kernels on one random P, dZ (bf16) and their bytes, at the
+    fused benchmarks' decay_max."""
+    from bench.ops.phalanx_gating import DECAY_MAX as decay_max
     from bench.ops.phalanx_gating import gating_inputs
     from swrgen.ops.phalanx import launch as fused
 
