@@ -1,7 +1,7 @@
-"""GPU tests of the plan-cached launch paths (skip without CUDA): the inference fast paths of ``swrgen.swr``,
-``SwrOp`` and ``swrgen.phalanx_gating`` give what the custom ops give, bit for bit; a call with other strides,
-alignment or dtypes never runs a stale plan; a tuned-store change takes effect on the next call; and threads
-can share plans."""
+"""GPU tests of the plan-cached launch paths (skip without CUDA): the inference and training fast paths of
+``swrgen.swr``, ``SwrOp`` and ``swrgen.phalanx_gating`` give what the custom ops give, bit for bit; a call
+with other strides, alignment or dtypes never runs a stale plan; a tuned-store change takes effect on the
+next call; and threads can share plans."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import swrgen
 from swrgen.ops.phalanx import GatingLayout
@@ -37,9 +38,32 @@ def _swr(a: torch.Tensor, x: torch.Tensor, **kwargs) -> torch.Tensor:
     return swrgen.swr(a, x, **kwargs)
 
 
+class _SeeTheOp(TorchFunctionMode):
+    """A torch function mode that changes nothing: under it the public ops take the checked path through
+    their custom ops (``swrgen::swr_fwd`` / ``swrgen::phalanx_fwd`` and their registered backwards)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def _custom_op(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The same call through the custom op and autograd (inputs that need grad take that path)."""
-    return swrgen.swr(a.detach().requires_grad_(), x.detach().requires_grad_()).detach()
+    """The same call through the custom op."""
+    with _SeeTheOp():
+        return swrgen.swr(a, x)
+
+
+def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _unaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t whose base is 2 bytes past a 16-byte boundary (same shape, contiguous)."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return out.copy_(t)
+
+
+def _restrided(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
 
 
 def _reference(a: torch.Tensor, x: torch.Tensor, k: int = 2) -> torch.Tensor:
@@ -93,6 +117,35 @@ def test_backward_plans_match_reference_on_repeated_and_restrided_calls():
         assert rel_err(got[0], want[0]) <= 5e-3 and rel_err(got[1], want[1]) <= 5e-3
 
 
+@pytest.mark.parametrize(("head_dim", "per_channel", "out"), [(16, False, torch.float32), (32, False, torch.float32),
+                                                              (16, True, torch.bfloat16)])  # fmt: skip
+def test_training_calls_equal_the_custom_ops_bitwise(head_dim, per_channel, out):
+    """Repeated training calls (a TrainCall's cached plans, or its general backward for other layouts of dy)
+    give the custom ops' outputs and gradients bit for bit, and the float64 reference's within tolerance."""
+    a, x = make_inputs(2, 3, head_dim, 1000, per_channel=per_channel, seed=head_dim + per_channel)
+    dy = torch.randn(x.shape, device="cuda").to(out)
+    a64, x64 = _leaves(a.double(), x.double())
+    want = torch.autograd.grad(swr_reference(a64, x64, 2, 16), (a64, x64), dy.double())
+    other = dy.bfloat16() if out == torch.float32 else dy.float()
+    for dy_ in (dy, dy, dy, _restrided(dy), _unaligned(dy), other):
+        ag, xg = _leaves(a, x)
+        _poison_allocator(x.numel() * 4)
+        y = swrgen.swr(ag, xg, out_dtype=out)
+        got = torch.autograd.grad(y, (ag, xg), dy_)
+        ao, xo = _leaves(a, x)
+        with _SeeTheOp():
+            y_op = swrgen.swr(ao, xo, out_dtype=out)
+            got_op = torch.autograd.grad(y_op, (ao, xo), dy_)
+        assert type(y.grad_fn).__name__ == "_DenseSwrFunctionBackward" and type(y_op.grad_fn) is not type(y.grad_fn)
+        assert torch.equal(y, y_op) and torch.equal(got[0], got_op[0]) and torch.equal(got[1], got_op[1])
+        if dy_ is not other:
+            tol = 2e-2 if out == torch.bfloat16 else 5e-3
+            assert rel_err(got[0], want[0]) <= tol and rel_err(got[1], want[1]) <= tol
+    trained = [c for c in REGISTRY.calls.values() if isinstance(c, swr_op.TrainCall) and c.ks.spec.recurrence.head_dim
+               == head_dim]  # fmt: skip
+    assert trained and all(c._bwd is not None for c in trained)  # the backward's plan was cached
+
+
 def test_tuned_store_change_takes_effect_on_the_next_call(tmp_path, monkeypatch):
     monkeypatch.setenv("SWRGEN_CACHE_DIR", str(tmp_path))
     store.clear_memo()
@@ -124,7 +177,8 @@ def _projections(batch, length, layout, seed):
 def test_fused_fast_path_equals_custom_op_bitwise(heads, kv_heads):
     layout = GatingLayout(heads, kv_heads, 16)
     P = _projections(2, 1000, layout, seed=heads + kv_heads)
-    Z_op = swrgen.phalanx_gating(P.clone().requires_grad_(), heads=heads, kv_heads=kv_heads).detach()
+    with _SeeTheOp():
+        Z_op = swrgen.phalanx_gating(P, heads=heads, kv_heads=kv_heads)
     for _ in range(3):
         _poison_allocator(Z_op.numel() * 2)
         Z = swrgen.phalanx_gating(P, heads=heads, kv_heads=kv_heads)
@@ -135,6 +189,27 @@ def test_fused_fast_path_equals_custom_op_bitwise(heads, kv_heads):
     shifted = torch.empty(P.numel() + 1, dtype=P.dtype, device=P.device)[1:].view(P.shape)
     shifted.copy_(P)
     assert torch.equal(swrgen.phalanx_gating(shifted, heads=heads, kv_heads=kv_heads), Z_op)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 4)])
+def test_fused_training_calls_equal_the_custom_ops_bitwise(heads, kv_heads):
+    layout = GatingLayout(heads, kv_heads, 16)
+    P = _projections(2, 1000, layout, seed=heads * kv_heads)
+    dZ = torch.randn(2, 1000, layout.inner, device="cuda").bfloat16()
+    P64 = P.double().requires_grad_()
+    (want,) = torch.autograd.grad(phalanx_gating_reference(P64, layout, 2, 16, 0.8), P64, dZ.double())
+    for dZ_ in (dZ, dZ, dZ, _restrided(dZ), _unaligned(dZ), dZ.float()):
+        (Pg,) = _leaves(P)
+        _poison_allocator(P.numel() * 2)
+        Z = swrgen.phalanx_gating(Pg, heads=heads, kv_heads=kv_heads)
+        (got,) = torch.autograd.grad(Z, Pg, dZ_)
+        (Po,) = _leaves(P)
+        with _SeeTheOp():
+            Z_op = swrgen.phalanx_gating(Po, heads=heads, kv_heads=kv_heads)
+            (got_op,) = torch.autograd.grad(Z_op, Po, dZ_)
+        assert type(Z.grad_fn).__name__ == "_DensePhalanxFunctionBackward"
+        assert torch.equal(Z, Z_op) and torch.equal(got, got_op)
+        assert rel_err(got, want) <= 2e-2
 
 
 def test_fused_tuned_store_change_takes_effect(tmp_path, monkeypatch):

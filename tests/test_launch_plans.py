@@ -104,7 +104,8 @@ class _FakeKernel:
         self.launches.append(SimpleNamespace(grid=grid, threads=threads, stream=stream, config=config, first=first,
                                              after=(params.x, params.y), work=params.work,
                                              state=params.state, state_out=params.state_out,
-                                             seq_start=params.seq_start))  # fmt: skip
+                                             seq_start=params.seq_start, a=params.a, dy=params.dy,
+                                             dx=params.dx, da=params.da))  # fmt: skip
 
     def max_active_ctas_per_sm(self, threads: int) -> int:
         return 2
@@ -288,17 +289,65 @@ def test_validation_still_runs_for_values_that_hash_alike(fake_cuda) -> None:
 def test_grad_goes_through_autograd_and_compile_through_the_custom_op(fake_cuda, monkeypatch) -> None:
     a, x = _inputs()
     swrgen.swr(a, x)
-    applied, custom = [], []
+    applied, dense, custom = [], [], []
     monkeypatch.setattr(swr_op._SwrFunction, "apply", lambda *args: applied.append(args) or (args[1], None, None))
+    monkeypatch.setattr(swr_op._DenseSwrFunction, "apply", lambda *args: dense.append(args) or args[1])
     monkeypatch.setattr(swr_op, "_swr_fwd", lambda *args: custom.append(args) or (args[1], None, None))
     xg = x.clone().requires_grad_()
-    assert swrgen.swr(a, xg) is xg and len(applied) == 1
+    assert swrgen.swr(a, xg) is xg and len(dense) == 1 and isinstance(dense[0][2], swr_op.TrainCall)
+    assert swrgen.swr(a, xg) is xg and len(dense) == 2 and dense[1][2] is dense[0][2]  # the remembered call
+    assert swrgen.swr(a, xg, cu_seqlens=[0, 32]) is xg and len(applied) == 1  # packed: the general Function
     with torch.no_grad():
-        assert swrgen.swr(a, xg).shape == x.shape and len(applied) == 1  # inference: the direct launch
+        assert swrgen.swr(a, xg).shape == x.shape and len(applied) == 1 and len(dense) == 2  # the direct launch
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(REGISTRY.calls, "get", lambda key: pytest.fail("the call memo was read while compiling"))
     assert swrgen.swr(a, x) is x and swrgen.load(default_spec())(a, x) is x
     assert len(custom) == 2 and isinstance(custom[0][7], str) and len(custom[0][7]) == 32  # the kernel set's key
+
+
+def _bwd_launches(ks) -> list:
+    return [r for name, k in ks.on(-1).kernels.items() if name.startswith("swr_bwd") for r in k.launches]
+
+
+@pytest.mark.parametrize(("head_dim", "per_channel"), [(16, False), (32, False), (16, True)])
+def test_repeated_training_call_skips_checks_and_planning_both_ways(fake_cuda, head_dim, per_channel) -> None:
+    a, x = _inputs(DH=head_dim, per_channel=per_channel)
+    ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(x.shape)  # float32: the output's dtype, contiguous
+    ks = swr_op.default_kernels(head_dim, per_channel, x.dtype, a.dtype, 2, 16, torch.float32)
+    y = swrgen.swr(ag, xg)
+    assert type(y.grad_fn).__name__ == "_DenseSwrFunctionBackward"
+    da, dx = torch.autograd.grad(y, (ag, xg), dy)
+    assert (da.shape, da.dtype, dx.shape, dx.dtype) == (a.shape, a.dtype, x.shape, x.dtype)
+    assert [name for _, name in fake_cuda.made] == ["swr_fwd_vec", "swr_bwd_vec"] and len(fake_cuda.checks) == 1
+    for _ in range(3):  # hits: no check, tuned lookup or plan; the backward launches the cached plan
+        da, dx = torch.autograd.grad(swrgen.swr(ag, xg), (ag, xg), dy)
+        last = _bwd_launches(ks)[-1]
+        assert (last.dy, last.dx, last.first[0]) == (dy.data_ptr(), dx.data_ptr(), xg.data_ptr())
+        assert da.shape == a.shape and (last.da == da.data_ptr()) == (head_dim == 16 or per_channel)
+    assert len(fake_cuda.made) == 2 and len(fake_cuda.checks) == 1 and len(fake_cuda.lookups) == 2
+    assert len(_bwd_launches(ks)) == 4
+    # An upstream gradient in another dtype is cast (same plan); restrided, it takes the general backward.
+    torch.autograd.grad(swrgen.swr(ag, xg), (ag, xg), dy.bfloat16())
+    assert len(fake_cuda.made) == 2 and len(_bwd_launches(ks)) == 5
+    restrided = dy.transpose(0, 1).contiguous().transpose(0, 1) if x.shape[0] > 1 else dy[..., ::2].repeat_interleave(
+        2, dim=-1).transpose(1, 2).contiguous().transpose(1, 2)  # fmt: skip
+    assert not restrided.is_contiguous()
+    torch.autograd.grad(swrgen.swr(ag, xg), (ag, xg), restrided)
+    assert [name for _, name in fake_cuda.made[2:]] == ["swr_bwd_vec"] and _bwd_launches(ks)[-1].dy == (
+        restrided.data_ptr())  # fmt: skip
+    with torch.no_grad():  # an inference call of the same geometry is remembered apart (a ForwardCall)
+        swrgen.swr(ag, xg)
+    assert len(fake_cuda.checks) == 2 and len(fake_cuda.made) == 3
+    assert sorted(type(c).__name__ for c in REGISTRY.calls.values()) == ["ForwardCall", "TrainCall"]
+
+
+def test_a_training_call_of_no_tokens_takes_the_general_function(fake_cuda) -> None:
+    a, x = _inputs(L=0)
+    ag = a.clone().requires_grad_()
+    y = swrgen.swr(ag, x)
+    assert y.shape == x.shape and type(y.grad_fn).__name__ == "_SwrFunctionBackward"
+    assert len(REGISTRY.calls) == 0
 
 
 def test_is_compiling_is_checked_first(monkeypatch) -> None:
@@ -312,6 +361,18 @@ def test_is_compiling_is_checked_first(monkeypatch) -> None:
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(torch, "is_grad_enabled", unreachable)
     assert not swr_op.direct_ok(a, x)
+    assert swr_op.fast_path(a, x) is None
+
+
+def test_fast_path_names_the_call_to_reuse(monkeypatch) -> None:
+    a, x = _inputs()
+    assert swr_op.fast_path(a, x) is None  # CPU tensors: the checked path
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert swr_op.fast_path(a, x) == "infer"
+    assert swr_op.fast_path(a, x.clone().requires_grad_()) == "train"
+    with torch.no_grad():
+        assert swr_op.fast_path(a.clone().requires_grad_(), x) == "infer"
+    assert swr_op.fast_path(a, torch.nn.Parameter(x)) is None  # a subclass sees the op
 
 
 def test_a_tuned_store_change_drops_what_embeds_a_tuned_choice(fake_cuda) -> None:
@@ -402,6 +463,33 @@ def test_phalanx_fast_path(fake_cuda) -> None:
     store.clear_memo()
     swrgen.phalanx_gating(P, heads=4, kv_heads=2)
     assert len(fake_cuda.made) == n + 2
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_repeated_fused_training_call_skips_checks_and_planning_both_ways(fake_cuda, kv_heads) -> None:
+    layout = GatingLayout(4, kv_heads, 16)
+    P = torch.randn(2, 8, layout.width).bfloat16().requires_grad_()
+    dZ = torch.randn(2, 8, layout.inner).bfloat16()
+    Z = swrgen.phalanx_gating(P, heads=4, kv_heads=kv_heads)
+    assert type(Z.grad_fn).__name__ == "_DensePhalanxFunctionBackward"
+    (dP,) = torch.autograd.grad(Z, P, dZ)
+    assert dP.shape == P.shape and dP.dtype == P.dtype
+    assert [name.split("_")[1] for _, name in fake_cuda.made] == ["fwd", "bwd"]
+    lookups = len(fake_cuda.lookups)
+    ks = swr_op.default_kernels(16, False, P.dtype, P.dtype, 2, 16, P.dtype, True)
+    for _ in range(3):  # hits: no lookup or plan; the backward launches the cached plan
+        (dP,) = torch.autograd.grad(swrgen.phalanx_gating(P, heads=4, kv_heads=kv_heads), P, dZ)
+        launches = [r for name, k in ks.on(-1).kernels.items() if name.startswith("phalanx_bwd") for r in k.launches]
+        assert (launches[-1].dy, launches[-1].dx, launches[-1].first[0]) == (dZ.data_ptr(), dP.data_ptr(),
+                                                                             P.data_ptr())  # fmt: skip
+    assert len(fake_cuda.made) == 2 and len(fake_cuda.lookups) == lookups and len(launches) == 4
+    torch.autograd.grad(swrgen.phalanx_gating(P, heads=4, kv_heads=kv_heads), P, dZ.float())  # cast: same plan
+    torch.autograd.grad(swrgen.phalanx_gating(P, heads=4, kv_heads=kv_heads), P, dZ.transpose(0, 1).contiguous()
+                        .transpose(0, 1))  # restrided: the general backward, its own plan  # fmt: skip
+    assert [name.split("_")[1] for _, name in fake_cuda.made] == ["fwd", "bwd", "bwd"]
+    with torch.no_grad():  # inference of the same geometry: remembered apart
+        swrgen.phalanx_gating(P, heads=4, kv_heads=kv_heads)
+    assert sorted(type(c).__name__ for c in REGISTRY.calls.values()) == ["_GatingCall", "_GatingTrainCall"]
 
 
 def test_packed_and_state_calls_reuse_their_plan_and_set_the_work(fake_cuda) -> None:

@@ -111,6 +111,13 @@ def paths(length: int) -> dict[str, Callable[[], Callable[[], Any]]]:
         return torch.autograd.grad(swrgen.swr(ag, xg), (ag, xg), dy)
 
     kept = swrgen.swr(ag, xg)  # a graph that autograd.grad may walk again (retain_graph)
+    Pg = P.clone().requires_grad_()
+    dZ = torch.randn(1, length, layout.inner, device="cuda", generator=g).bfloat16()
+    x2 = x.clone().requires_grad_()
+    dyb = dy.to(x.dtype)
+
+    def fused_fwd_bwd() -> Any:
+        return torch.autograd.grad(swrgen.phalanx_gating(Pg, heads=1), Pg, dZ)
 
     return {
         "swrgen.swr(a, x) inference": lambda: lambda: swrgen.swr(a, x),
@@ -129,7 +136,28 @@ def paths(length: int) -> dict[str, Callable[[], Callable[[], Any]]]:
         "swrgen.swr fwd+bwd (autograd.grad)": lambda: fwd_bwd,
         "swrgen.swr forward recording a graph": lambda: lambda: swrgen.swr(ag, xg),
         "torch.autograd.grad of it alone": lambda: lambda: torch.autograd.grad(kept, (ag, xg), dy, retain_graph=True),
+        "swrgen.phalanx_gating fwd+bwd (autograd.grad)": lambda: fused_fwd_bwd,
+        # The floors any op pays under autograd on this host: a native op, and a custom Function that only
+        # allocates its outputs (torch's engine, Function.apply and autograd.grad's checks).
+        "torch x * x2 fwd+bwd (autograd.grad), for scale": lambda: lambda: torch.autograd.grad(xg * x2, (xg, x2), dyb),
+        "empty autograd.Function fwd+bwd (autograd.grad), for scale": lambda: (
+            lambda: torch.autograd.grad(_Alloc.apply(ag, xg), (ag, xg), dy)
+        ),
     }
+
+
+class _Alloc(torch.autograd.Function):
+    """The least a custom op does under autograd: allocate its output, and its gradients (no kernel)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, x)
+        return torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, x = ctx.saved_tensors
+        return torch.empty_like(a), torch.empty_like(x)
 
 
 def profile_training_call(length: int, calls: int, top: int = 30) -> None:

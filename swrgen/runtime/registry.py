@@ -3,8 +3,9 @@
 torch.library ops take plain values, so an op call carries its KernelSet's key (a string); the registry
 answers it. Kernel sets are held weakly by key (an op object keeps its own alive), except the defaults,
 which ``swrgen.swr`` and ``swrgen.phalanx_gating`` build from their arguments and keep for the process.
-It also remembers the inference calls that passed the public ops' checks (``calls``). The registry listens to
-the tuned store: a change drops those and makes every kernel set drop its tuned plans.
+It also remembers the dense calls (inference and training) that passed the public ops' checks
+(``calls``). The registry listens to the tuned store: a change drops those and makes every kernel set
+drop its tuned plans.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from swrgen.runtime.program import Program
 from swrgen.spec import Spec, default_spec
 from swrgen.tune.store import STORE
 
-CALLS = 1024  # validated inference calls remembered
+CALLS = 1024  # validated calls remembered
 
 
 class Registry:
@@ -28,7 +29,7 @@ class Registry:
         self._by_key: weakref.WeakValueDictionary[str, KernelSet] = weakref.WeakValueDictionary()
         self._defaults: dict[Hashable, KernelSet] = {}
         self._lock = threading.Lock()
-        # Inference calls that passed the public ops' checks, by everything those checks read (the tensors'
+        # Dense calls that passed the public ops' checks, by everything those checks read (the tensors'
         # geometry and the arguments): a hit skips the checks, the spec and tuned lookups and the plan.
         self.calls: PlanCache[tuple, Any] = PlanCache(CALLS)
         STORE.subscribe(self.forget_tuned)

@@ -26,7 +26,8 @@ from swrgen.ops.swr.launch import (
 from swrgen.ops.swr.launch import tuning_shape as packed_tuning_shape
 from swrgen.tune.buckets import bucket_of
 
-__all__ = ["aligned", "backward", "decode", "forward", "forward_plan", "tuning_shape", "use_vector_kernel"]
+__all__ = ["aligned", "backward", "backward_plan", "decode", "fold_shared_grads", "forward", "forward_plan",
+           "shared_grad_buffer", "tuning_shape", "use_vector_kernel"]  # fmt: skip
 from swrgen.runtime.kernels import DeviceKernels, KernelSet
 from swrgen.runtime.params import KernelParams
 from swrgen.runtime.plan import LaunchPlan
@@ -127,9 +128,7 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
         dZ = dZ.contiguous()
     batch, length, width = P.shape
     dP = P.new_empty((batch, length, width))
-    dbc = None
-    if layout.kv_group > 1:
-        dbc = P.new_empty((batch, length, 2, layout.heads, layout.head_dim), dtype=torch.float32)
+    dbc = shared_grad_buffer(P, layout)
     n = batch if seqs is None else seqs.count
     d_state = None
     if want_d_state:
@@ -140,6 +139,21 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
             if t is not None:
                 t.fill_(poison)
     stateful = state is not None or d_state_out is not None
+    plan = backward_plan(ks, P, dZ, layout, decay_max, seqs, stateful)
+    dbc_ptr = 0 if dbc is None else dbc.data_ptr()
+    if not stateful and seqs is None:
+        plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=dbc_ptr)
+    else:
+        fields = {"x": P.data_ptr(), "dy": dZ.data_ptr(), "dx": dP.data_ptr(), "dbc": dbc_ptr}
+        launch_stateful(ks, plan, P, fields, seqs, state, dstate_out=d_state_out, dstate=d_state)
+    fold_shared_grads(dP, dbc, layout)
+    return dP, d_state
+
+
+def backward_plan(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout, decay_max: float,
+                  seqs: Sequences | None = None, stateful: bool = False) -> LaunchPlan:  # fmt: skip
+    """The fused backward's launch plan (cached on ``ks``); ``stateful``: a state in or out."""
+    batch, length, width = P.shape
     shape = tuning_shape(P, layout, seqs)
     packed = None if seqs is None else bucket_of(shape)  # packed: its tuning bucket
     key = ("bwd", packed, stateful, geometry(P, dZ), layout, decay_max)
@@ -152,19 +166,27 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
         name = f"phalanx_bwd{'_state' if stateful else ''}_{'vec' if vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    plan = cached_plan(ks, P, key, "bwd", build, shape)
-    dbc_ptr = 0 if dbc is None else dbc.data_ptr()
-    if not stateful and seqs is None:
-        plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=dbc_ptr)
-    else:
-        fields = {"x": P.data_ptr(), "dy": dZ.data_ptr(), "dx": dP.data_ptr(), "dbc": dbc_ptr}
-        launch_stateful(ks, plan, P, fields, seqs, state, dstate_out=d_state_out, dstate=d_state)
-    if dbc is not None:  # per-head dB, dC summed over each kv-group in a fixed order (deterministic)
-        kv = layout.kv_heads * layout.head_dim
-        sums = dbc.view(batch, length, 2, layout.kv_heads, layout.kv_group, layout.head_dim).sum(4)
-        dP[..., layout.col_b : layout.col_b + kv] = sums[:, :, 0].reshape(batch, length, kv)
-        dP[..., layout.col_c : layout.col_c + kv] = sums[:, :, 1].reshape(batch, length, kv)
-    return dP, d_state
+    return cached_plan(ks, P, key, "bwd", build, shape)
+
+
+def shared_grad_buffer(P: torch.Tensor, layout: GatingLayout) -> torch.Tensor | None:
+    """Shared kv-heads: where the kernel writes per-head dB, dC (fp32 [B, L, 2, H, DH]); else None (the
+    kernel writes them into dP)."""
+    if layout.kv_group == 1:
+        return None
+    return P.new_empty((P.shape[0], P.shape[1], 2, layout.heads, layout.head_dim), dtype=torch.float32)
+
+
+def fold_shared_grads(dP: torch.Tensor, dbc: torch.Tensor | None, layout: GatingLayout) -> None:
+    """Sum :func:`shared_grad_buffer`'s per-head dB, dC over each kv-group into dP, in a fixed order
+    (deterministic)."""
+    if dbc is None:
+        return
+    batch, length = dP.shape[:2]
+    kv = layout.kv_heads * layout.head_dim
+    sums = dbc.view(batch, length, 2, layout.kv_heads, layout.kv_group, layout.head_dim).sum(4)
+    dP[..., layout.col_b : layout.col_b + kv] = sums[:, :, 0].reshape(batch, length, kv)
+    dP[..., layout.col_c : layout.col_c + kv] = sums[:, :, 1].reshape(batch, length, kv)
 
 
 def decode(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: float, data: torch.Tensor,

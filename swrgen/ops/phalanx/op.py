@@ -4,7 +4,8 @@ CUDA tensors run the spec's fused kernels (``fused_gating: true``): packed seque
 continue from and the new state all run there. CPU tensors run the gating in float64 torch around the
 SWR's CPU path (float64 stays float64). Saved for backward: P (and the initial state) only; the
 backward kernel recomputes the gates, the forward scan and y. Ways in as in ``swrgen.ops.swr.op``:
-direct launches for inference, an autograd.Function for eager training, custom ops for torch.compile.
+direct launches for inference, an autograd.Function for eager training (a repeated dense call's
+``_GatingTrainCall`` past the checks), custom ops for torch.compile.
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ def backward_call(call: Call, P: torch.Tensor, dZ: torch.Tensor, data: torch.Ten
 
 
 # ---------------------------------------------------------------- eager autograd
+
+
+class _DensePhalanxFunction(torch.autograd.Function):
+    """Eager training of a dense call that passed the checks before (:class:`_GatingTrainCall`)."""
+
+    @staticmethod
+    def forward(ctx, P, call: _GatingTrainCall):
+        ctx.save_for_backward(P)
+        ctx.call = call
+        return call.forward.run(P)
+
+    @staticmethod
+    def backward(ctx, dZ):
+        (P,) = ctx.saved_tensors
+        return ctx.call.backward(P, dZ), None
 
 
 class _PhalanxFunction(torch.autograd.Function):
@@ -243,6 +259,37 @@ class _GatingCall:
         self.plan.launch(P.data_ptr(), 0, Z.data_ptr())
         return Z
 
+    __call__ = run
+
+
+class _GatingTrainCall:
+    """A validated dense training call of the fused op: the forward's :class:`_GatingCall` and the backward's
+    plan, made by the first backward whose dZ is laid out as autograd hands it (P's dtype, contiguous,
+    16-byte aligned); another layout takes the general backward (``REGISTRY.calls`` keeps these)."""
+
+    __slots__ = ("_bwd", "decay_max", "forward", "ks", "layout")
+
+    def __init__(self, ks: KernelSet, forward: _GatingCall, layout: GatingLayout, decay_max: float) -> None:
+        self.ks, self.forward, self.layout, self.decay_max = ks, forward, layout, decay_max
+        self._bwd = None
+
+    def __call__(self, P: torch.Tensor) -> torch.Tensor:
+        return _DensePhalanxFunction.apply(P, self)
+
+    def backward(self, P: torch.Tensor, dZ: torch.Tensor) -> torch.Tensor:
+        """dP for upstream gradient dZ."""
+        if dZ.dtype != P.dtype or not dZ.is_contiguous() or dZ.data_ptr() % constants.VECTOR_BYTES:
+            dZ = swr_op.grad_output(dZ, self.forward.shape, P.dtype, P.device)
+            return launch.backward(self.ks, P, dZ, self.layout, self.decay_max)[0]
+        plan = self._bwd
+        if plan is None:  # a contiguous aligned dZ of Z's shape: every such dZ gets this plan
+            plan = self._bwd = launch.backward_plan(self.ks, P, dZ, self.layout, self.decay_max)
+        dP = P.new_empty(P.shape)
+        dbc = launch.shared_grad_buffer(P, self.layout)
+        plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=0 if dbc is None else dbc.data_ptr())
+        launch.fold_shared_grads(dP, dbc, self.layout)
+        return dP
+
 
 def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, head_dim: int = 16,
                    window_blocks: int = 2, block_len: int = 16, decay_max: float = 0.8,
@@ -269,15 +316,17 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
                                                decay_max=decay_max, spec=spec, cu_seqlens=cu_seqlens,
                                                initial_state=initial_state, return_state=return_state,
                                                cp_group=cp_group)  # fmt: skip
-    key = None
-    if spec is None and cu_seqlens is None and initial_state is None and not return_state and swr_op.direct_ok(P):
+    key = mode = None
+    if spec is None and cu_seqlens is None and initial_state is None and not return_state:
+        mode = swr_op.fast_path(P)
+    if mode is not None:
         # The scalar arguments' types too: heads=True or heads=2.0 must not be served the plan of heads=1 or 2.
         args = (heads, kv_heads, head_dim, window_blocks, block_len, decay_max, type(heads), type(kv_heads),
                 type(head_dim), type(window_blocks), type(block_len), type(decay_max))  # fmt: skip
-        key = ("phalanx", P.shape, P.stride(), P.dtype, P.get_device(), launch.aligned(P), args)
+        key = ("phalanx", mode, P.shape, P.stride(), P.dtype, P.get_device(), launch.aligned(P), args)
         hit = REGISTRY.calls.get(key)
         if hit is not None:  # P and arguments like these passed the checks below
-            return hit.run(P)
+            return hit(P)
     layout = GatingLayout(heads, heads if kv_heads is None else kv_heads, head_dim)
     check_projections(P, layout, decay_max)
     k, bl = swr_op.check_window(window_blocks, block_len)
@@ -291,11 +340,13 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
         ks = swr_op.default_key(*args) if torch.compiler.is_compiling() else swr_op.default_kernels(*args)
     else:
         ks = None
-    if key is not None and P.shape[1] > 0:  # the checks passed: remember the plan
+    if key is not None and P.shape[1] > 0:  # the checks passed: remember the plans
         call = _GatingCall(launch.forward_plan(ks, P, layout, dm), (P.shape[0], P.shape[1], layout.inner))
+        if mode == "train":
+            call = _GatingTrainCall(ks, call, layout, dm)
         if ks.caching:
             REGISTRY.calls.put(key, call)
-        return call.run(P)
+        return call(P)
     seqs = None if cu_seqlens is None else swr_op.packed_sequences(cu_seqlens, tuple(P.shape), P.shape[1], P.device)
     if seqs is None and P.shape[1] < 1:
         raise ValueError("P must hold at least one token (L >= 1)")

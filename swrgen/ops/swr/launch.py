@@ -301,13 +301,9 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
     d_state_out: the gradient of the new state (float32 [N, H, DH, 2 + 2(k-1)], or None: zero);
     want_d_state: also hand back the old state's gradient (needs ``state``). Args as in :func:`forward`.
     """
-    batch, heads, head_dim, length = x.shape
-    groups = head_dim // constants.CHANNELS_PER_WARP
-    per_channel = a.dim() == 4
-    partial = not per_channel and groups > 1  # fp32 partial per 16-channel group, summed below
-    da_shape = (batch, heads, head_dim if per_channel else groups, length)
+    batch, heads, head_dim, _ = x.shape
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    da_buf = x.new_empty(da_shape, dtype=torch.float32 if partial else a.dtype)
+    da_buf = gate_grad_buffer(a, x)
     n = batch if seqs is None else seqs.count
     d_state = None
     if want_d_state:
@@ -319,6 +315,20 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
     stateful = state is not None or d_state_out is not None
     if x.numel() == 0 and not want_d_state:
         return dx, torch.zeros_like(a), d_state
+    plan = backward_plan(ks, a, x, dy, seqs, state, stateful)
+    if not stateful and seqs is None:
+        plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da_buf.data_ptr())
+    else:
+        fields = {"x": x.data_ptr(), "a": a.data_ptr(), "dy": dy.data_ptr(), "dx": dx.data_ptr(),
+                  "da": da_buf.data_ptr()}  # fmt: skip
+        launch_stateful(ks, plan, x, fields, seqs, state, dstate_out=d_state_out, dstate=d_state)
+    return dx, gate_grad(da_buf, a), d_state
+
+
+def backward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seqs: Sequences | None = None,
+                  state: StateArgs | None = None, stateful: bool = False) -> LaunchPlan:  # fmt: skip
+    """The backward's launch plan for these inputs (cached on ``ks``); ``stateful``: a state in or out."""
+    _, heads, head_dim, length = x.shape
     vec = offsets_fit_vectors(ks.spec.recurrence.block_len, length, seqs, state)
     packed = None if seqs is None else bucket_of(tuning_shape(tuple(x.shape), seqs))  # packed: its tuning bucket
     key = ("bwd", packed, stateful, vec, geometry(x, a, dy))
@@ -331,13 +341,19 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
         name = f"swr_bwd{'_state' if stateful else ''}_{'vec' if use_vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
-    plan = cached_plan(ks, x, key, "bwd", build, tuning_shape(tuple(x.shape), seqs))
-    if not stateful and seqs is None:
-        plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da_buf.data_ptr())
-    else:
-        fields = {"x": x.data_ptr(), "a": a.data_ptr(), "dy": dy.data_ptr(), "dx": dx.data_ptr(),
-                  "da": da_buf.data_ptr()}  # fmt: skip
-        launch_stateful(ks, plan, x, fields, seqs, state, dstate_out=d_state_out, dstate=d_state)
-    if partial:  # fp32 partials per 16-channel group, summed in a fixed order
-        return dx, da_buf.sum(dim=2).to(a.dtype), d_state
-    return dx, (da_buf if per_channel else da_buf.squeeze(2)), d_state
+    return cached_plan(ks, x, key, "bwd", build, tuning_shape(tuple(x.shape), seqs))
+
+
+def gate_grad_buffer(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Where the backward kernel writes the gates' gradient: a's shape and dtype, contiguous; for per-head
+    gates over DH > 16 channels, float32 partials [B, H, DH / 16, L], one per 16-channel group (each warp
+    owns one group), which :func:`gate_grad` sums."""
+    groups = x.shape[2] // constants.CHANNELS_PER_WARP
+    if a.dim() == 4 or groups == 1:  # per channel, or per head over one group: [B, H, 1, L] is a's bytes
+        return torch.empty_like(a, memory_format=torch.contiguous_format)
+    return x.new_empty((x.shape[0], x.shape[1], groups, x.shape[3]), dtype=torch.float32)
+
+
+def gate_grad(buf: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The gates' gradient from :func:`gate_grad_buffer`'s buffer (partials summed in a fixed order)."""
+    return buf if buf.dim() == a.dim() else buf.sum(dim=2).to(a.dtype)

@@ -10,7 +10,8 @@ Three ways in, one computation (``forward_call`` / ``backward_call``, no autogra
 - inference calls (no gradient to record, not tracing, no torch mode) launch directly; one that repeats
   a geometry and arguments hits ``REGISTRY.calls`` and skips every check (small calls are launch-bound);
 - eager training goes through a ``torch.autograd.Function`` (a few microseconds cheaper per call than
-  the dispatcher);
+  the dispatcher); a dense call that repeats a geometry and arguments hits its ``TrainCall`` there, whose
+  forward and backward launch cached plans past every check;
 - ``torch.compile``, and any torch function or dispatch mode, see the ``swrgen::swr_fwd`` /
   ``swrgen::swr_bwd`` custom ops (fake implementations for tracing, the same autograd formula).
 
@@ -47,17 +48,28 @@ DEFAULT_BLOCK_LEN = 16
 # ---------------------------------------------------------------- when to bypass autograd / the dispatcher
 
 
+def fast_path(*tensors: torch.Tensor) -> str | None:
+    """Which validated call a dense eager call of plain CUDA tensors may reuse from ``REGISTRY.calls``:
+    ``"infer"`` (no gradient to record: a direct launch), ``"train"`` (the dense autograd.Function of a
+    ``TrainCall``), or None (tracing, checked first: dynamo folds it to a constant; a tensor subclass, a CPU
+    tensor, a torch function or dispatch mode that expects to see the op: the checked path)."""
+    if torch.compiler.is_compiling():
+        return None
+    for t in tensors:
+        if type(t) is not torch.Tensor or not t.is_cuda:
+            return None
+    if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack():
+        return None
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                return "train"
+    return "infer"
+
+
 def direct_ok(*tensors: torch.Tensor) -> bool:
-    """True when calling the launcher directly is indistinguishable from the custom op: not tracing
-    (checked first: dynamo folds it to a constant), plain CUDA tensors, no gradient to record, and no torch
-    function or dispatch mode that expects to see the op."""
-    return (
-        not torch.compiler.is_compiling()
-        and all(type(t) is torch.Tensor and t.is_cuda for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and not torch._C._is_torch_function_mode_enabled()
-        and torch._C._len_torch_dispatch_stack() == 0
-    )
+    """True when calling the launcher directly is indistinguishable from the custom op (an inference call)."""
+    return fast_path(*tensors) == "infer"
 
 
 def eager_ok() -> bool:
@@ -183,6 +195,23 @@ def grad_state(d: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------- eager autograd
+
+
+class _DenseSwrFunction(torch.autograd.Function):
+    """Eager training of a dense call that passed the checks before (:class:`TrainCall`): one output, no state,
+    a backward that launches the cached plan (a training call's host time is mostly the checked path's)."""
+
+    @staticmethod
+    def forward(ctx, a, x, call: TrainCall):
+        ctx.save_for_backward(a, x)
+        ctx.call = call
+        return call.forward.run(a, x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, x = ctx.saved_tensors
+        da, dx = ctx.call.backward(a, x, dy)
+        return da, dx, None
 
 
 class _SwrFunction(torch.autograd.Function):
@@ -345,8 +374,9 @@ def packed_sequences(cu_seqlens: object, shape: tuple[int, ...], total: int, dev
     """Checked ``cu_seqlens`` of a packed batch (batch 1 of ``shape``, ``total`` tokens) as host offsets: one
     device read for a tensor on the inputs' device; a CPU tensor or a list costs none."""
     if shape[0] != 1:
-        raise ValueError("with cu_seqlens the sequences are packed along the tokens in batch 1; got shape "
-                         f"{list(shape)}")
+        raise ValueError(
+            f"with cu_seqlens the sequences are packed along the tokens in batch 1; got shape {list(shape)}"
+        )
     if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}; allowed: the "
                          "inputs' device or the CPU")  # fmt: skip
@@ -401,7 +431,8 @@ def run(ks: KernelSet | str | None, a: torch.Tensor, x: torch.Tensor, k: int, bl
 
 
 class ForwardCall:
-    """A validated inference call: the plan to launch and the output dtype (``REGISTRY.calls`` keeps these)."""
+    """A validated inference call: the plan to launch and the output dtype (``REGISTRY.calls`` keeps these);
+    called, it launches."""
 
     __slots__ = ("dtype", "plan")
 
@@ -414,20 +445,57 @@ class ForwardCall:
         self.plan.launch(x.data_ptr(), a.data_ptr(), y.data_ptr())
         return y
 
+    __call__ = run
+
+
+class TrainCall:
+    """A validated dense training call: the forward's :class:`ForwardCall` and the backward's plan, made by
+    the first backward whose upstream gradient is laid out as autograd hands it (y's dtype, contiguous,
+    16-byte aligned); another layout takes the general backward. ``REGISTRY.calls`` keeps these."""
+
+    __slots__ = ("_bwd", "forward", "ks")
+
+    def __init__(self, ks: KernelSet, forward: ForwardCall) -> None:
+        self.ks, self.forward = ks, forward
+        self._bwd = None
+
+    def __call__(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _DenseSwrFunction.apply(a, x, self)
+
+    def backward(self, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(da, dx) for upstream gradient dy."""
+        if dy.dtype != self.forward.dtype or not dy.is_contiguous() or dy.data_ptr() % constants.VECTOR_BYTES:
+            dx, da, _ = launch.backward(self.ks, a, x, grad_output(dy, x.shape, self.forward.dtype, x.device))
+            return da, dx
+        plan = self._bwd
+        if plan is None:  # a contiguous aligned dy of y's shape: every such dy gets this plan
+            plan = self._bwd = launch.backward_plan(self.ks, a, x, dy)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        da = launch.gate_grad_buffer(a, x)
+        plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da.data_ptr())
+        return launch.gate_grad(da, a), dx
+
 
 def _call_key(a: torch.Tensor, x: torch.Tensor, extra: tuple) -> tuple:
     """Everything the checks and the plan read from a call: geometry, device, alignment, ``extra`` arguments."""
     return (x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype, x.get_device(), launch.aligned(x, a), *extra)
 
 
-def _remember(key: tuple, ks: KernelSet, a: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Run a checked dense inference call and remember it under ``key`` (while plans may be kept)."""
-    if x.numel() == 0:
+def _remember(key: tuple, ks: KernelSet, a: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype,
+              train: bool) -> torch.Tensor:  # fmt: skip
+    """Run a checked dense call (``train``: with gradients to record) and remember it under ``key`` (while
+    plans may be kept)."""
+    if x.numel() == 0:  # nothing to launch; an empty training call takes the checked path (autograd)
+        if train:
+            return run(ks, a, x, ks.spec.recurrence.window_blocks, ks.spec.recurrence.block_len, out_dtype, None,
+                       None, False)  # fmt: skip
         return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
     call = ForwardCall(launch.forward_plan(ks, a, x), out_dtype)
+    if train:
+        call = TrainCall(ks, call)
     if ks.caching:
         REGISTRY.calls.put(key, call)
-    return call.run(a, x)
+    return call(a, x)
 
 
 # ---------------------------------------------------------------- public API
@@ -454,12 +522,14 @@ class SwrOp:
     def __call__(self, a: torch.Tensor, x: torch.Tensor, *, cu_seqlens=None, initial_state: SwrState | None = None,
                  return_state: bool = False):  # fmt: skip
         """y = SWR(a, x); see ``swrgen.swr`` for cu_seqlens, initial_state and return_state."""
-        key = None
-        if cu_seqlens is None and initial_state is None and not return_state and direct_ok(a, x):
-            key = _call_key(a, x, ("op", self.kernels.key))
+        key = mode = None
+        if cu_seqlens is None and initial_state is None and not return_state:
+            mode = fast_path(a, x)
+        if mode is not None:
+            key = _call_key(a, x, (mode, "op", self.kernels.key))
             hit = REGISTRY.calls.get(key)
             if hit is not None:  # inputs like these passed the checks below
-                return hit.run(a, x)
+                return hit(a, x)
         check_tensors(a, x)
         r = self.spec.recurrence
         check_against_spec(self.spec, a, x)
@@ -468,7 +538,7 @@ class SwrOp:
         else:  # CPU: any floating dtype; output as the spec says, float64 stays float64
             out_dtype = x.dtype if (x.dtype == torch.float64 or r.output_dtype != "fp32") else torch.float32
         if key is not None:
-            return _remember(key, self.kernels, a, x, out_dtype)
+            return _remember(key, self.kernels, a, x, out_dtype, mode == "train")
         return _checked(self.kernels if x.is_cuda else None, a, x, r.window_blocks, r.block_len, out_dtype,
                         cu_seqlens, initial_state, return_state)  # fmt: skip
 
@@ -547,13 +617,16 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
         return context_parallel.swr(a, x, window_blocks=window_blocks, block_len=block_len, spec=spec,
                                     out_dtype=out_dtype, cu_seqlens=cu_seqlens, initial_state=initial_state,
                                     return_state=return_state, cp_group=cp_group)  # fmt: skip
-    key = None
-    if spec is None and cu_seqlens is None and initial_state is None and not return_state and direct_ok(a, x):
+    key = mode = None
+    if spec is None and cu_seqlens is None and initial_state is None and not return_state:
+        mode = fast_path(a, x)
+    if mode is not None:
         # The scalar arguments' types too: window_blocks=True must not be served the plan of window_blocks=1.
-        key = _call_key(a, x, ("swr", window_blocks, block_len, out_dtype, type(window_blocks), type(block_len)))
+        key = _call_key(a, x, (mode, "swr", window_blocks, block_len, out_dtype, type(window_blocks),
+                               type(block_len)))  # fmt: skip
         hit = REGISTRY.calls.get(key)
         if hit is not None:  # inputs and arguments like these passed the checks below
-            return hit.run(a, x)
+            return hit(a, x)
     check_tensors(a, x)
     if spec is not None:
         op = load(spec)
@@ -580,6 +653,6 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
         ks = default_key(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
     else:
         ks = default_kernels(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
-    if key is not None:  # an inference call that passed the checks: remember its plan
-        return _remember(key, ks, a, x, out_dtype)
+    if key is not None:  # a dense call that passed the checks: remember its plans
+        return _remember(key, ks, a, x, out_dtype, mode == "train")
     return _checked(ks, a, x, k, bl, out_dtype, cu_seqlens, initial_state, return_state)
