@@ -63,6 +63,10 @@ CLUSTER_SIZES = (1, 2, 4, 8)  # 8 is the portable maximum
 # vector kernels on one SM, capping their registers (0: no request). Spills can cost more than it gains.
 MIN_WARPS_PER_SM = (0, 8, 12, 16, 24, 32)
 MAX_TILES_PER_WARP = 1 << 16
+# The kernels index a sequence's tokens (positions, tiles) in 32 bits (tok_t): cheaper compares and fewer
+# registers than 64-bit ones. A row of L tokens must leave room for a chunk's reach past its end
+# (tiles_per_warp x block_len, the window's look-ahead), so L is capped below 2^31 by that much.
+MAX_SEQUENCE_TOKENS = (1 << 31) - (1 << 23)
 # How a carrier (a tile's last local state and gate product) crosses each level.
 # registers: kept in a rolling register window inside one warp's chunk of tiles.
 # halo: recomputed by re-reading the window_blocks-1 tiles before the chunk, so no

@@ -293,17 +293,21 @@ def test_min_warps_per_sm_caps_every_vector_kernel(fused: bool) -> None:
 def test_kept_lookahead_scans_render_and_compile_either_way(fused: bool, monkeypatch) -> None:
     """constants.KEEP_LOOKAHEAD_SCANS switches the backward's kept reverse scans per kernel family (the
     values are the same bits either way; the GPU tests check the shipped setting). Both settings must
-    render into their constexpr and compile (the training kernel without spills) at k = 2, so the path not
-    shipped does not rot."""
+    render into their constexpr and compile at k = 2, so the path not shipped does not rot: the shipped
+    one's training kernel without spills; the other within a few words of spills (ptxas may trade them
+    for 128 registers: the plain backward with kept scans spills 28 bytes at 128 since token indices are
+    32-bit, where it took 145 registers before)."""
     family, flag = ("phalanx", "kKeepFusedScans") if fused else ("swr", "kKeepScans")
     rec = {"fused_gating": True, "output_dtype": "bf16"} if fused else {}
     spec = _variant(rec, {"staging": "shared", "tiles_in_flight": 4} if not fused else None)
+    shipped = constants.KEEP_LOOKAHEAD_SCANS[family] >= spec.recurrence.window_blocks
     for keep in (1, 2):
         monkeypatch.setitem(constants.KEEP_LOOKAHEAD_SCANS, family, keep)
         source = render_source(spec)
         assert f"constexpr bool {flag} = kWindow > 1 && kWindow <= {keep};" in source
         hot = compile_cubin(source, "sm_90a").resources[f"{family}_bwd_vec"]  # the one training runs
-        assert hot.spill_store_bytes == 0, (keep, hot)
+        keeps = keep >= spec.recurrence.window_blocks
+        assert hot.spill_store_bytes <= (0 if keeps == shipped else 64), (keep, hot)
 
 
 @pytest.mark.parametrize("hint", [0, 256])

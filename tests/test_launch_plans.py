@@ -350,6 +350,24 @@ def test_a_training_call_of_no_tokens_takes_the_general_function(fake_cuda) -> N
     assert len(REGISTRY.calls) == 0
 
 
+def test_rows_longer_than_32_bit_token_indices_are_refused(fake_cuda, monkeypatch) -> None:
+    from swrgen import constants
+
+    launch.check_row_length(constants.MAX_SEQUENCE_TOKENS)
+    with pytest.raises(ValueError, match="32-bit"):
+        launch.check_row_length(constants.MAX_SEQUENCE_TOKENS + 1)
+    # A meta tensor passes for a CUDA one: the plan a call of that many tokens would need is refused.
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: self.device.type in ("cpu", "meta")))
+    n = constants.MAX_SEQUENCE_TOKENS + 1
+    a = torch.empty(1, 1, n, device="meta", dtype=torch.bfloat16)
+    x = torch.empty(1, 1, 16, n, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=f"a row of {n} tokens"):
+        swrgen.swr(a, x)
+    layout = GatingLayout(1, 1, 16)
+    with pytest.raises(ValueError, match=f"a row of {n} tokens"):
+        swrgen.phalanx_gating(torch.empty(1, n, layout.width, device="meta", dtype=torch.bfloat16), heads=1)
+
+
 def test_is_compiling_is_checked_first(monkeypatch) -> None:
     a, x = _inputs()
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))

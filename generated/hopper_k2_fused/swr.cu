@@ -25,6 +25,12 @@ constexpr int kTilesInFlight = 8;
 constexpr bool kPerChannelGate = false;
 constexpr int kCarry = kWindow > 1 ? kWindow - 1 : 1;  // carriers kept per direction (array size >= 1)
 constexpr unsigned kFullMask = 0xffffffffu;
+// A token position or tile index within one sequence (row): 32 bits, for cheaper compares and fewer
+// registers. The host rejects rows longer than kMaxSequenceTokens, which leaves every index a chunk
+// computes (up to tiles_per_warp * block_len and the window past the row's end) inside an int.
+using tok_t = int;
+constexpr long long kMaxSequenceTokens = 2139095040;
+static_assert(kMaxSequenceTokens + (1LL << 23) <= (1LL << 31), "token indices must fit tok_t");
 
 using in_t = __nv_bfloat16;
 using gate_t = __nv_bfloat16;
@@ -194,28 +200,27 @@ __device__ __forceinline__ Lane<true, T> packed_lane(const float (&v)[kTokensPer
 // only where every sequence edge falls on a lane's first token (the launcher checks), so a vector lane's
 // tokens are wholly in or out and one test per lane serves all of them; a scalar lane tests each token.
 template <bool kVec>
-__device__ __forceinline__ bool lane_token_below(long long t0, int e, long long hi) {
+__device__ __forceinline__ bool lane_token_below(tok_t t0, int e, tok_t hi) {
   return kVec ? t0 < hi : t0 + e < hi;
 }
 template <bool kVec>
-__device__ __forceinline__ bool lane_token_in(long long t0, int e, long long lo, long long hi) {
+__device__ __forceinline__ bool lane_token_in(tok_t t0, int e, tok_t lo, tok_t hi) {
   return kVec ? (t0 >= lo && t0 < hi) : (t0 + e >= lo && t0 + e < hi);
 }
 
 // A lane's tokens t0 .. t0+kTokensPerLane-1 against [lo, hi), made relative once: token e is inside when
-// lo <= e < hi here, two 32-bit compares instead of two 64-bit ones a token.
+// lo <= e < hi here: two compares a token against bounds made relative once.
 struct LaneSpan {
   int lo, hi;  // clamped to 0 .. kTokensPerLane
   __device__ __forceinline__ bool has(int e) const { return e >= lo && e < hi; }
 };
-__device__ __forceinline__ LaneSpan lane_span(long long t0, long long lo, long long hi) {
-  const long long n = kTokensPerLane;
-  return {static_cast<int>(min(max(lo - t0, 0LL), n)), static_cast<int>(min(max(hi - t0, 0LL), n))};
+__device__ __forceinline__ LaneSpan lane_span(tok_t t0, tok_t lo, tok_t hi) {
+  return {min(max(lo - t0, 0), kTokensPerLane), min(max(hi - t0, 0), kTokensPerLane)};
 }
 
 // Elements outside [lo, hi) read as `fill`.
 template <bool kVec, typename T, Reuse kReuse = Reuse::kDefault>
-__device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, long long t0, long long lo, long long hi,
+__device__ __forceinline__ Lane<kVec, T> load_raw(const T* __restrict__ row, tok_t t0, tok_t lo, tok_t hi,
                                                   float fill) {
   Lane<kVec, T> l;
   if constexpr (kVec) {
@@ -251,13 +256,13 @@ __device__ __forceinline__ void unpack_lane(const Lane<kVec, T>& l, float (&out)
 }
 
 template <bool kVec, typename T>
-__device__ __forceinline__ void load_lane(const T* __restrict__ row, long long t0, long long lo, long long hi, float fill,
+__device__ __forceinline__ void load_lane(const T* __restrict__ row, tok_t t0, tok_t lo, tok_t hi, float fill,
                                           float (&out)[kTokensPerLane]) {
   unpack_lane(load_raw<kVec>(row, t0, lo, hi, fill), out);
 }
 
 template <bool kVec, typename T>
-__device__ __forceinline__ void store_lane(T* __restrict__ row, long long t0, long long lo, long long hi,
+__device__ __forceinline__ void store_lane(T* __restrict__ row, tok_t t0, tok_t lo, tok_t hi,
                                            const float (&v)[kTokensPerLane]) {
   if constexpr (kVec) {
     if (t0 >= lo && t0 < hi) {
@@ -279,14 +284,14 @@ __device__ __forceinline__ void store_lane(T* __restrict__ row, long long t0, lo
 // even1 and odd0 within the pair makes instruction 0 write chunks 0-1 and instruction 1
 // chunks 2-3. Other widths store directly.
 template <bool kVec, typename T>
-__device__ __forceinline__ void store_pair(T* __restrict__ row, long long t0, long long lo, long long hi,
+__device__ __forceinline__ void store_pair(T* __restrict__ row, tok_t t0, tok_t lo, tok_t hi,
                                            const float (&v)[kTokensPerLane], bool odd) {
   if constexpr (kVec && sizeof(T) * kTokensPerLane == 32) {
     constexpr int kQ = 16 / sizeof(T);  // elements per 16-byte chunk
     float recv[kQ];
 #pragma unroll
     for (int i = 0; i < kQ; ++i) recv[i] = __shfl_xor_sync(kFullMask, odd ? v[i] : v[kQ + i], 1);
-    const long long pair = t0 - (odd ? kTokensPerLane : 0);
+    const tok_t pair = t0 - (odd ? kTokensPerLane : 0);
     const bool even_ok = pair >= lo && pair < hi;  // vectors are wholly in or out (kVec)
     const bool odd_ok = pair + kTokensPerLane >= lo && pair + kTokensPerLane < hi;
     float c0[kQ], c1[kQ];  // this lane's chunks for instruction 0 and 1
@@ -349,9 +354,9 @@ struct StagedRows {
   // into the stage at shared address `stage`. Chunks outside [lo, hi) are zero-filled without a read
   // (the vector path's alignment puts each chunk wholly inside or outside).
   static __device__ __forceinline__ void copy(unsigned stage, const T* __restrict__ g, long long row_stride,
-                                              long long t_start, long long lo, long long hi, int lane) {
+                                              tok_t t_start, tok_t lo, tok_t hi, int lane) {
     each_chunk(lane, [&](int row, int col) {
-      const long long t = t_start + col * kTokensPerChunk;
+      const tok_t t = t_start + col * kTokensPerChunk;
       const bool ok = t >= lo && t < hi;
       cp_async16(stage + kOffset + row * kStride + col * 16, g + row * row_stride + (ok ? t : lo), ok);
     });
@@ -377,9 +382,9 @@ struct StagedRows {
   // The buffer's rows back to global memory as whole runs: chunk c of row r goes to g + r * row_stride +
   // t_start + c * kTokensPerChunk when that token is inside [lo, hi).
   static __device__ __forceinline__ void store(const unsigned char* buf, T* __restrict__ g, long long row_stride,
-                                               long long t_start, long long lo, long long hi, int lane) {
+                                               tok_t t_start, tok_t lo, tok_t hi, int lane) {
     each_chunk(lane, [&](int row, int col) {
-      const long long t = t_start + col * kTokensPerChunk;
+      const tok_t t = t_start + col * kTokensPerChunk;
       if (t >= lo && t < hi)
         *reinterpret_cast<uint4*>(g + row * row_stride + t) =
             *reinterpret_cast<const uint4*>(buf + kOffset + row * kStride + col * 16);
@@ -394,7 +399,7 @@ struct StagedRows {
 
 // A lane vector outside [lo, hi) reads as `fill` (the stage holds zeros there).
 template <typename T>
-__device__ __forceinline__ void fill_outside(Lane<true, T>& l, long long t0, long long lo, long long hi, float fill) {
+__device__ __forceinline__ void fill_outside(Lane<true, T>& l, tok_t t0, tok_t lo, tok_t hi, float fill) {
   if (t0 < lo || t0 >= hi) l = filled_lane<T>(fill);
 }
 
@@ -498,10 +503,10 @@ struct WarpWork {
   int channel;          // this lane's channel in [0, head_dim)
   int group;            // which 16-channel group of the head
   long long base;       // token offset of virtual position 0 in the buffers: sequence start - phase
-  long long lo, hi;     // valid virtual positions
-  long long tiles;      // tiles of the sequence (virtual): ceil(hi / BL)
-  long long first;      // first tile this warp writes
-  long long last;       // one past the last tile it writes
+  tok_t lo, hi;         // valid virtual positions
+  tok_t tiles;          // tiles of the sequence (virtual): ceil(hi / BL)
+  tok_t first;          // first tile this warp writes
+  tok_t last;           // one past the last tile it writes
 };
 
 constexpr int kStateLen = 2 + 2 * (kWindow - 1);  // (w, g, v_1..v_{k-1}, P_1..P_{k-1}) per channel
@@ -541,11 +546,11 @@ __device__ __forceinline__ WarpWork decode_rows(const Params& p, long long row, 
   const long long phase = (!kPhase || pos == nullptr) ? 0 : pos[state_row(p, w.seq)] % kBlockLen;
   w.channel = w.group * kChannelsPerWarp + lane / kLanesPerTile;
   w.base = start - phase;
-  w.lo = phase;
-  w.hi = phase + len;
+  w.lo = static_cast<tok_t>(phase);
+  w.hi = static_cast<tok_t>(phase + len);  // len <= kMaxSequenceTokens (the host checks)
   w.tiles = (w.hi + kBlockLen - 1) / kBlockLen;
-  w.first = chunk * p.tiles_per_warp;
-  w.last = min(w.tiles, w.first + p.tiles_per_warp);
+  w.first = static_cast<tok_t>(chunk * p.tiles_per_warp);
+  w.last = min(w.tiles, w.first + static_cast<tok_t>(p.tiles_per_warp));
   return w;
 }
 
@@ -583,7 +588,7 @@ __device__ __forceinline__ void state_carriers(const float* st, float (&cv)[kCar
 // A resumed partial tile in a lane's (u, a) of tile 0 (positions from t0): the state's gate product g0 as
 // the tile's first gate (it only ever multiplies g: a scan starts at its first token) and its w0 as the
 // input at lo-1 (the positions before lo carry a = 1, u = 0), so (w, g) at lo-1 are exactly (w0, g0).
-__device__ __forceinline__ void virtual_token(const float* st, const WarpWork& w, long long t0,
+__device__ __forceinline__ void virtual_token(const float* st, const WarpWork& w, tok_t t0,
                                               float (&u)[kTokensPerLane], float (&a)[kTokensPerLane]) {
 #pragma unroll
   for (int e = 0; e < kTokensPerLane; ++e) {
@@ -684,10 +689,10 @@ __device__ __forceinline__ void fwd(const Params& p) {
     using ALane = Lane<kVec, gate_t>;
     XLane xb[kFlight];
     ALane ab[kFlight];
-    const auto load_batch = [&](long long tile, XLane (&xs)[kFlight], ALane (&as)[kFlight]) {
+    const auto load_batch = [&](tok_t tile, XLane (&xs)[kFlight], ALane (&as)[kFlight]) {
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
-        const long long t0 = (tile + f) * kBlockLen + half_off;
+        const tok_t t0 = (tile + f) * kBlockLen + half_off;
         const bool in_chunk = tile + f < w.last;  // tiles past the chunk load nothing
         xs[f] = load_raw<kVec, in_t, Reuse::kOnce>(x, t0, in_chunk ? w.lo : 0, in_chunk ? w.hi : 0, 0.f);
         as[f] = load_raw<kVec>(a, t0, in_chunk ? w.lo : 0, in_chunk ? w.hi : 0, 1.f);
@@ -698,16 +703,16 @@ __device__ __forceinline__ void fwd(const Params& p) {
     const in_t* xg = nullptr;
     const gate_t* ag = nullptr;
     out_t* yg = nullptr;
-    const auto stage_batch = [&](long long tile, int slot) {
+    const auto stage_batch = [&](tok_t tile, int slot) {
       if (tile < w.last) {  // uniform; a group is committed either way
         const unsigned st_addr = shared_address(ring + slot * kFwdStageBytes);
-        const long long hi = min(w.hi, w.last * kBlockLen);
+        const tok_t hi = min(w.hi, w.last * kBlockLen);
         FwdStageX::copy(st_addr, xg, p.sxc, tile * kBlockLen, w.lo, hi, lane);
         FwdStageA::copy(st_addr, ag, p.sac, tile * kBlockLen, w.lo, hi, lane);
       }
       cp_async_commit();
     };
-    const long long start = max(0LL, w.first - (kWindow - 1));
+    const tok_t start = max(0, w.first - (kWindow - 1));
     if constexpr (kShared) {
       ring = warp_ring(kFwdWarpBytes);
       xg = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + w.group * kChannelsPerWarp * p.sxc + w.base;
@@ -721,7 +726,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
     }
     int slot = 0;  // stage of the batch being computed
     const int row = lane / kLanesPerTile, arow = kPerChannelGate ? row : 0;  // this lane's rows in a stage
-    for (long long tile = start; tile < w.last; tile += kFlight) {
+    for (tok_t tile = start; tile < w.last; tile += kFlight) {
       XLane xn[kFlight];
       ALane an[kFlight];
       unsigned char* const st = kShared ? ring + slot * kFwdStageBytes : nullptr;
@@ -736,7 +741,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
         if (tile + f >= w.last) break;  // uniform across the warp
-        const long long t0 = (tile + f) * kBlockLen + half_off;
+        const tok_t t0 = (tile + f) * kBlockLen + half_off;
         float u[kTokensPerLane], g8[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
         if constexpr (kShared) {
           const int ts = f * kBlockLen + half_off;  // token within the stage
@@ -773,7 +778,7 @@ __device__ __forceinline__ void fwd(const Params& p) {
       if constexpr (kShared) {
         __syncwarp();  // the batch's outputs are written, and every lane is done with its stage
         if constexpr (kStageFwdOutputs) {
-          const long long out_lo = max(w.lo, w.first * kBlockLen), out_hi = min(w.hi, w.last * kBlockLen);
+          const tok_t out_lo = max(w.lo, w.first * kBlockLen), out_hi = min(w.hi, w.last * kBlockLen);
           FwdOutY::store(ybuf, yg, p.syc, tile * kBlockLen, out_lo, out_hi, lane);  // halo tiles are not outputs
           __syncwarp();  // the output buffer is read before the next batch writes it
         }
@@ -951,10 +956,10 @@ __device__ __forceinline__ void add_injection(const Injection& inj, const float 
 
 // The injection into tile j of a sequence's new-state gradient dso (null: none): the partial last tile
 // gets (dw, dg), complete tile n_full - i gets carrier i's (dv, dP).
-__device__ __forceinline__ Injection injection(const float* dso, const WarpWork& w, long long j) {
+__device__ __forceinline__ Injection injection(const float* dso, const WarpWork& w, tok_t j) {
   Injection inj{false, 0.f, 0.f};
   if (dso == nullptr) return inj;
-  const long long n_full = w.hi / kBlockLen;
+  const tok_t n_full = w.hi / kBlockLen;
   if (w.hi % kBlockLen != 0 && j == w.tiles - 1) inj = {true, dso[0], dso[1]};
 #pragma unroll
   for (int i = 1; i < kWindow; ++i)
@@ -1008,10 +1013,10 @@ __device__ __forceinline__ void store_state_grad(const Params& p, const WarpWork
     out[kWindow + pp] = dP;
   }
   if (dso != nullptr) {  // carriers of the old state that the new one still holds: tile n_full - i < 0
-    const long long n_full = w.hi / kBlockLen;
+    const tok_t n_full = w.hi / kBlockLen;
 #pragma unroll
     for (int i = 1; i < kWindow; ++i) {
-      const long long t = n_full - i;
+      const tok_t t = n_full - i;
 #pragma unroll
       for (int c = 1; c < kWindow; ++c) {
         if (t == -c) {
@@ -1031,7 +1036,7 @@ __device__ __forceinline__ void store_state_grad(const Params& p, const WarpWork
 // there) and the gate after it.
 template <bool kVec>
 __device__ __forceinline__ RevScan tile_reverse(const float (&d)[kTokensPerLane], const float (&g8)[kTokensPerLane],
-                                                float a_next, long long t0, long long hi, bool odd) {
+                                                float a_next, tok_t t0, tok_t hi, bool odd) {
   float ga[kTokensPerLane];
 #pragma unroll
   for (int e = 0; e < kTokensPerLane; ++e) ga[e] = lane_token_below<kVec>(t0, e, hi) ? g8[e] : 0.f;
@@ -1045,7 +1050,7 @@ __device__ __forceinline__ RevScan tile_reverse(const float (&d)[kTokensPerLane]
 // a resumed tile, its (dx, da) before the channel sum: the old state's (dw0, dg0). kState: the state's
 // injection and outputs (else ignored).
 template <bool kVec, bool kState>
-__device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict__ da, long long t0, int lane, bool odd,
+__device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict__ da, tok_t t0, int lane, bool odd,
                                             const RevScan& s, const float (&g8)[kTokensPerLane],
                                             const float (&wl)[kTokensPerLane], const float (&gl)[kTokensPerLane],
                                             const float (&cv)[kCarry], const float (&cp)[kCarry],
@@ -1129,7 +1134,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
       continue;
     }
     if (w.first >= w.tiles) continue;  // past this sequence's tiles (the grid is sized for the most)
-    const long long num_tiles = w.tiles;
+    const tok_t num_tiles = w.tiles;
     const in_t* x = static_cast<const in_t*>(p.x) + w.b * p.sxb + w.h * p.sxh + w.channel * p.sxc + w.base;
     const gate_t* a = static_cast<const gate_t*>(p.a) + w.b * p.sab + w.h * p.sah +
                       (kPerChannelGate ? w.channel * p.sac : 0) + w.base;
@@ -1154,17 +1159,17 @@ __device__ __forceinline__ void bwd(const Params& p) {
     using XLane = Lane<kVec, in_t>;
     using ALane = Lane<kVec, gate_t>;
     using OLane = Lane<kVec, out_t>;
-    const long long end = w.last + kWindow - 1;
+    const tok_t end = w.last + kWindow - 1;
     // Shared staging: the warp's 16 rows from its first channel; batch b goes to stage (b % kStages).
     unsigned char* ring = nullptr;
     const in_t* xg = nullptr;
     const out_t* dyg = nullptr;
     const gate_t* ag = nullptr;
     in_t* dxg = nullptr;
-    const auto stage_batch = [&](long long n0, int slot) {
+    const auto stage_batch = [&](tok_t n0, int slot) {
       if (n0 < end) {  // uniform; a group is committed either way
         const unsigned st_addr = shared_address(ring + slot * kBwdStageBytes);
-        const long long ts = (n0 - (kWindow - 1)) * kBlockLen;
+        const tok_t ts = (n0 - (kWindow - 1)) * kBlockLen;
         BwdStageX::copy(st_addr, xg, p.sxc, ts, w.lo, min(w.hi, w.last * kBlockLen), lane);
         BwdStageD::copy(st_addr, dyg, p.sdyc, ts, w.lo, w.hi, lane);
         BwdStageA::copy(st_addr, ag, p.sac, ts, w.lo, w.hi, lane);
@@ -1183,7 +1188,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
     }
     int slot = 0;  // stage of the batch being computed
     RevScan kept[kCarry];  // kKeepScans: the look-ahead's scans of tiles n-1 .. n-k+1, newest first
-    for (long long n0 = w.first; n0 < end; n0 += kFlight) {
+    for (tok_t n0 = w.first; n0 < end; n0 += kFlight) {
       OLane dyn[kFlight];
       ALane an[kFlight], aj[kFlight];
       XLane xj[kFlight];
@@ -1197,7 +1202,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
       } else {  // first-touch loads of the whole batch before any math
 #pragma unroll
         for (int f = 0; f < kFlight; ++f) {
-          const long long n = n0 + f, j = n - (kWindow - 1);
+          const tok_t n = n0 + f, j = n - (kWindow - 1);
           const bool look = kWindow > 1 && n > w.first && n < num_tiles && n < end;
           dyn[f] = load_raw<kVec, out_t, Reuse::kAgain>(dy, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
           an[f] = load_raw<kVec, gate_t, Reuse::kAgain>(a, n * kBlockLen + half_off, look ? w.lo : 0, look ? w.hi : 0, 0.f);
@@ -1209,7 +1214,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
       }
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
-        const long long n = n0 + f;
+        const tok_t n = n0 + f;
         if (n >= end) break;  // uniform across the warp
         RevScan sj;  // kKeepScans: tile j's scan, from its look-ahead (when tile j > w.first)
         if constexpr (kWindow > 1) {  // look ahead: reverse carrier of tile n
@@ -1236,9 +1241,9 @@ __device__ __forceinline__ void bwd(const Params& p) {
           if constexpr (kKeepScans) keep_scan(kept, sn, sj);
           push_carrier(rr, rq, rho, q);
         }
-        const long long j = n - (kWindow - 1);
+        const tok_t j = n - (kWindow - 1);
         if (j < 0) continue;
-        const long long t0 = j * kBlockLen + half_off;
+        const tok_t t0 = j * kBlockLen + half_off;
         float u[kTokensPerLane], g8[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
         if constexpr (kShared) {  // stage token f * BL is tile j's first
           auto al = BwdStageA::read(st, arow, f * kBlockLen + half_off);
@@ -1254,7 +1259,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
         if (j >= w.first) {
           if (!kKeepScans || j == w.first) {  // uniform; not looked ahead at: scan it here
             float d[kTokensPerLane], a_next;
-            const long long tn = (j + 1) * kBlockLen;
+            const tok_t tn = (j + 1) * kBlockLen;
             if constexpr (kShared) {
               unpack_lane(BwdStageD::read(st, row, f * kBlockLen + half_off), d);
               a_next = tn < w.hi ? BwdStageA::element(st, arow, (f + 1) * kBlockLen) : 0.f;
@@ -1288,7 +1293,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
       if constexpr (kShared) {
         __syncwarp();  // the batch's dx is written, and every lane is done with its stage
         if constexpr (kStageBwdOutputs) {
-          const long long out_lo = max(w.lo, w.first * kBlockLen), out_hi = min(w.hi, w.last * kBlockLen);
+          const tok_t out_lo = max(w.lo, w.first * kBlockLen), out_hi = min(w.hi, w.last * kBlockLen);
           BwdOutDx::store(ring, dxg, p.sdxc, (n0 - (kWindow - 1)) * kBlockLen, out_lo, out_hi, lane);
           __syncwarp();  // the output buffer is read before the next batch writes it
         }
@@ -1374,7 +1379,7 @@ __device__ __forceinline__ int smem_row(int tok) { return tok * kRowBytes + (tok
 // Whether some position of tile `tile` lies outside [lo, hi): only such edge tiles need the per-token gate
 // rules. The answer is the same in every lane; the vote tells ptxas so, and then it branches around the edge
 // code instead of predicating it into every tile (about 40 instructions a tile in the forward, sm_90a).
-__device__ __forceinline__ bool edge_tile(long long tile, long long lo, long long hi) {
+__device__ __forceinline__ bool edge_tile(tok_t tile, tok_t lo, tok_t hi) {
   return __any_sync(kFullMask, tile * kBlockLen < lo || (tile + 1) * kBlockLen > hi);
 }
 
@@ -1383,8 +1388,8 @@ __device__ __forceinline__ bool edge_tile(long long tile, long long lo, long lon
 
 // Tokens t0 .. t0+N-1 of one column, `stride` elements apart; positions outside [lo, hi) read 0.
 template <typename T, int N>
-__device__ __forceinline__ void load_tokens(const T* __restrict__ col, long long stride, long long t0, long long lo,
-                                            long long hi, T (&out)[N]) {
+__device__ __forceinline__ void load_tokens(const T* __restrict__ col, long long stride, tok_t t0, tok_t lo,
+                                            tok_t hi, T (&out)[N]) {
 #pragma unroll
   for (int e = 0; e < N; ++e)
     out[e] = (t0 + e >= lo && t0 + e < hi) ? __ldg(col + (t0 + e) * stride) : from_f32<T>(0.f);
@@ -1392,8 +1397,8 @@ __device__ __forceinline__ void load_tokens(const T* __restrict__ col, long long
 
 // This lane's channel, tokens t0 .. t0+7 (those in [lo, hi)), stored one element at a time: any layout.
 template <typename T>
-__device__ __forceinline__ void store_tokens(T* __restrict__ col, long long stride, long long t0, long long lo,
-                                             long long hi, const float (&v)[kTokensPerLane]) {
+__device__ __forceinline__ void store_tokens(T* __restrict__ col, long long stride, tok_t t0, tok_t lo,
+                                             tok_t hi, const float (&v)[kTokensPerLane]) {
 #pragma unroll
   for (int e = 0; e < kTokensPerLane; ++e)
     if (t0 + e >= lo && t0 + e < hi) col[(t0 + e) * stride] = from_f32<T>(v[e]);
@@ -1414,13 +1419,13 @@ __device__ __forceinline__ uint4 load_row_chunk(const uint4* p) {
 // positions outside [lo, hi) read 0.
 template <bool kVec, typename T>
 __device__ __forceinline__ Block<kVec, T> load_block(const T* __restrict__ col0, int lane, long long stride,
-                                                     long long tile, long long lo, long long hi) {
+                                                     tok_t tile, tok_t lo, tok_t hi) {
   Block<kVec, T> r;
   if constexpr (kVec) {
 #pragma unroll
     for (int i = 0; i < kVecChunks; ++i) {
       const int id = lane + kWarpSize * i;
-      const long long tok = tile * kBlockLen + id / 2;
+      const tok_t tok = tile * kBlockLen + id / 2;
       r.q[i] = (tok >= lo && tok < hi) ? load_row_chunk(reinterpret_cast<const uint4*>(col0 + tok * stride) + (id & 1))
                                        : make_uint4(0, 0, 0, 0);
     }
@@ -1455,7 +1460,7 @@ __device__ __forceinline__ void unpack_block(const Block<kVec, T>& r, unsigned c
 // Store this lane's channel of a tile (positions in [lo, hi)) to the block at col0.
 template <bool kVec, typename T>
 __device__ __forceinline__ void store_block(T* __restrict__ col0, const float (&v)[kTokensPerLane], unsigned char* smem,
-                                            int lane, long long stride, long long tile, long long lo, long long hi) {
+                                            int lane, long long stride, tok_t tile, tok_t lo, tok_t hi) {
   if constexpr (kVec) {
     const int half = (lane & 1) * kTokensPerLane;
     __syncwarp();
@@ -1466,7 +1471,7 @@ __device__ __forceinline__ void store_block(T* __restrict__ col0, const float (&
 #pragma unroll
     for (int i = 0; i < kVecChunks; ++i) {
       const int id = lane + kWarpSize * i;
-      const long long tok = tile * kBlockLen + id / 2;
+      const tok_t tok = tile * kBlockLen + id / 2;
       if (tok >= lo && tok < hi)
         reinterpret_cast<uint4*>(col0 + tok * stride)[id & 1] = *reinterpret_cast<const uint4*>(smem + smem_row(id / 2) + (id & 1) * 16);
     }
@@ -1484,7 +1489,7 @@ struct Gates {
 
 template <bool kVec, typename T>
 __device__ __forceinline__ Gates<kVec, T> load_gates(const T* __restrict__ col, int lane, long long stride,
-                                                     long long tile, long long lo, long long hi) {
+                                                     tok_t tile, tok_t lo, tok_t hi) {
   Gates<kVec, T> g;
   load_tokens(col, stride, tile * kBlockLen + (kVec ? (lane / 2) * kGatesPerLane : (lane & 1) * kTokensPerLane), lo,
               hi, g.v);
@@ -1538,7 +1543,7 @@ __device__ __forceinline__ Columns<T> columns(T* base, const Params& p, const Wa
 
 // Tokens of this lane's half-tile outside [lo, hi) take the gate `fill` (1: the scan carries its state
 // through; 0: nothing flows back from there). Called for edge tiles only.
-__device__ __forceinline__ void fill_gates_outside(float (&g)[kTokensPerLane], float fill, long long t0,
+__device__ __forceinline__ void fill_gates_outside(float (&g)[kTokensPerLane], float fill, tok_t t0,
                                                    const WarpWork& w) {
   const LaneSpan span = lane_span(t0, w.lo, w.hi);
 #pragma unroll
@@ -1549,7 +1554,7 @@ __device__ __forceinline__ void fill_gates_outside(float (&g)[kTokensPerLane], f
 // u = sigmoid(P_B) * P_V inside [lo, hi); outside, a = 1 and u = 0 (the scan carries its state through).
 // u needs no test: P_V reads 0 outside, and sigmoid(P_B) is finite, so u is +0 there.
 __device__ __forceinline__ void gated_inputs(float (&a8)[kTokensPerLane], float (&u)[kTokensPerLane],
-                                             const float (&vv)[kTokensPerLane], bool edge, long long t0,
+                                             const float (&vv)[kTokensPerLane], bool edge, tok_t t0,
                                              const WarpWork& w) {
 #pragma unroll
   for (int e = 0; e < kTokensPerLane; ++e) u[e] = sigmoid(u[e]) * vv[e];
@@ -1591,27 +1596,27 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem
     using Gts = Gates<kVec, in_t>;
     Gts ab[kFlight];
     Blk bb[kFlight], cb[kFlight], vb[kFlight];
-    const auto load_batch = [&](long long tile, Gts (&as)[kFlight], Blk (&bs)[kFlight], Blk (&cs)[kFlight],
+    const auto load_batch = [&](tok_t tile, Gts (&as)[kFlight], Blk (&bs)[kFlight], Blk (&cs)[kFlight],
                                 Blk (&vs)[kFlight]) {
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
-        const long long hi = tile + f < w.last ? w.hi : 0;  // tiles past the chunk load nothing
+        const tok_t hi = tile + f < w.last ? w.hi : 0;  // tiles past the chunk load nothing
         as[f] = load_gates<kVec>(P.a, lane, p.spt, tile + f, w.lo, hi);
         bs[f] = load_block<kVec>(P.b, lane, p.spt, tile + f, w.lo, hi);
         vs[f] = load_block<kVec>(P.v, lane, p.spt, tile + f, w.lo, hi);
         cs[f] = load_block<kVec>(P.c, lane, p.spt, tile + f, w.lo, tile + f >= w.first ? hi : 0);  // halo: no C
       }
     };
-    const long long start = max(0LL, w.first - (kWindow - 1));
+    const tok_t start = max(0, w.first - (kWindow - 1));
     load_batch(start, ab, bb, cb, vb);
-    for (long long tile = start; tile < w.last; tile += kFlight) {
+    for (tok_t tile = start; tile < w.last; tile += kFlight) {
       Gts an[kFlight];
       Blk bn[kFlight], cn[kFlight], vn[kFlight];
       load_batch(tile + kFlight, an, bn, cn, vn);
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
         if (tile + f >= w.last) break;  // uniform across the warp
-        const long long t0 = (tile + f) * kBlockLen + half_off;
+        const tok_t t0 = (tile + f) * kBlockLen + half_off;
         float a8[kTokensPerLane], u[kTokensPerLane], vv[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
         gate_sigmoids(ab[f], lane, a8, dm);
         unpack_block(bb[f], smem, lane, u);
@@ -1683,7 +1688,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
       continue;
     }
     if (w.first >= w.tiles) continue;  // past this sequence's tiles (the grid is sized for the most)
-    const long long num_tiles = w.tiles;
+    const tok_t num_tiles = w.tiles;
     const Columns<const in_t> P = columns(static_cast<const in_t*>(p.x) + w.b * p.spb + w.base * p.spt, p, w);
     const Columns<in_t> dP = columns(const_cast<in_t*>(static_cast<const in_t*>(p.dx)) + w.b * p.sdpb + w.base * p.sdpt,
                                      p, w);
@@ -1700,7 +1705,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
     for (int j = 0; j < kCarry; ++j) rr[j] = rq[j] = 0.f;
     const bool resume = st_in != nullptr && w.lo > 0;
 
-    const long long end = w.last + kWindow - 1;
+    const tok_t end = w.last + kWindow - 1;
     // kKeepFusedScans: the look-ahead's reverse scan, dZ and gate sigmoids of tile n wait here (newest
     // first) until tile n is finished, k-1 steps later, instead of being loaded and made again.
     struct TileInputs {
@@ -1718,17 +1723,17 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
       Gates<kVec, in_t> aj;  // tile j: A, B, V for its forward scan
       Block<kVec, in_t> bj, vj;
     };
-    const auto load_step = [&](long long n) {
+    const auto load_step = [&](tok_t n) {
       StepLoads s;
-      const long long j = n - (kWindow - 1);
+      const tok_t j = n - (kWindow - 1);
       const bool look = kWindow > 1 && n > w.first && n < num_tiles && n < end;
-      const long long hn = look ? w.hi : 0;
+      const tok_t hn = look ? w.hi : 0;
       s.dz = load_block<kVec>(dz, lane, p.sdzt, n, w.lo, hn);
       s.c = load_block<kVec>(P.c, lane, p.spt, n, w.lo, hn);
       s.a = load_gates<kVec>(P.a, lane, p.spt, n, w.lo, hn);
       s.a_next = (n + 1) * kBlockLen < hn ? __ldg(P.a + (n + 1) * kBlockLen * p.spt) : from_f32<in_t>(0.f);
-      const long long hj = (j >= 0 && n < end) ? w.hi : 0;  // steps before tile 0 load nothing
-      const long long tj = max(j, 0LL);
+      const tok_t hj = (j >= 0 && n < end) ? w.hi : 0;  // steps before tile 0 load nothing
+      const tok_t tj = max(j, 0);
       // Kept tiles take their gate sigmoids from the look-ahead: no gate load for them.
       s.aj = load_gates<kVec>(P.a, lane, p.spt, tj, w.lo, kKeepFusedScans && j > w.first ? 0 : hj);
       s.bj = load_block<kVec>(P.b, lane, p.spt, tj, w.lo, hj);
@@ -1736,7 +1741,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
       return s;
     };
     StepLoads cur = load_step(w.first);
-    for (long long n = w.first; n < end; ++n) {
+    for (tok_t n = w.first; n < end; ++n) {
       StepLoads next;
       if constexpr (kFusedBwdPrefetch) next = load_step(n + 1);
       RevScan sj;      // kKeepFusedScans: tile j's scan and inputs, from its look-ahead
@@ -1746,7 +1751,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
         RevScan sn;
         TileInputs in_n;
         if (n > w.first && n < num_tiles) {
-          const long long tn = n * kBlockLen + half_off;
+          const tok_t tn = n * kBlockLen + half_off;
           float d[kTokensPerLane], cc[kTokensPerLane], g8[kTokensPerLane];
           unpack_block(cur.dz, smem, lane, in_n.dz);
           unpack_block(cur.c, smem, lane, cc);
@@ -1770,9 +1775,9 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
         }
         push_carrier(rr, rq, rho, q);
       }
-      const long long j = n - (kWindow - 1);
+      const tok_t j = n - (kWindow - 1);
       if (j >= 0) {
-        const long long t0 = j * kBlockLen + half_off;
+        const tok_t t0 = j * kBlockLen + half_off;
         float sa[kTokensPerLane], sb[kTokensPerLane], vv[kTokensPerLane], a8[kTokensPerLane], u[kTokensPerLane];
         float wl[kTokensPerLane], gl[kTokensPerLane];
         if (!kKeepFusedScans || j <= w.first) {  // uniform; halo and first tiles were not looked ahead at
@@ -1801,7 +1806,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
             float cj[kTokensPerLane], d[kTokensPerLane];
             unpack_block(load_block<kVec>(dz, lane, p.sdzt, j, w.lo, w.hi), smem, lane, dze);
             unpack_block(load_block<kVec>(P.c, lane, p.spt, j, w.lo, w.hi), smem, lane, cj);
-            const long long tn = (j + 1) * kBlockLen;
+            const tok_t tn = (j + 1) * kBlockLen;
             const float a_next = tn < w.hi ? dm * sigmoid(to_f32(__ldg(P.a + tn * p.spt))) : 0.f;
 #pragma unroll
             for (int e = 0; e < kTokensPerLane; ++e) d[e] = dze[e] * cj[e];

@@ -17,6 +17,7 @@ from swrgen.ops.swr.launch import (
     aligned,
     cached_plan,
     ceil_div,
+    check_row_length,
     fresh_rows_aligned,
     geometry,
     launch_stateful,
@@ -38,6 +39,7 @@ def _params(ks: KernelSet, P: torch.Tensor, layout: GatingLayout, decay_max: flo
     if P.stride(-1) != 1:  # the kernels index columns by pointer offsets
         raise ValueError(f"P must have unit stride along its last dim; got strides {P.stride()}")
     batch, length, _ = P.shape
+    check_row_length(length)
     t, r = ks.spec.target, ks.spec.recurrence
     p = KernelParams()
     p.len, p.heads = length, layout.heads

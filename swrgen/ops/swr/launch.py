@@ -151,9 +151,19 @@ def make_plan(ks: KernelSet, dev: DeviceKernels, name: str, params: KernelParams
     return LaunchPlan(kernel, grid, threads, t.cluster_size, params, grid_cap=cap)
 
 
+def check_row_length(length: int) -> None:
+    """The kernels index a row's tokens in 32 bits (``tok_t``): rows up to ``MAX_SEQUENCE_TOKENS`` tokens
+    (a packed buffer's whole row, so every sequence in it too)."""
+    if length > constants.MAX_SEQUENCE_TOKENS:
+        raise ValueError(f"a row of {length} tokens is longer than the CUDA kernels take "
+                         f"({constants.MAX_SEQUENCE_TOKENS}: token indices are 32-bit); split it into "
+                         "chunks and hand the state over (initial_state / return_state)")  # fmt: skip
+
+
 def _params(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, seqs: Sequences | None,
             state: StateArgs | None) -> KernelParams:  # fmt: skip
     batch, heads, head_dim, length = x.shape
+    check_row_length(length)
     t, r = ks.spec.target, ks.spec.recurrence
     p = KernelParams()
     p.len, p.heads = length, heads
