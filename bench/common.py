@@ -62,9 +62,10 @@ def measure(fn: Callable[[], Any], warmup_ms: float, rep_ms: float, max_ms: floa
     return bench_ms(fn, warmup_ms, rep_ms), ""
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy (the floors' denominator)."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
+def copy_bandwidth(moved: int = 2 << 30) -> float:
+    """Bytes read + written per second by a device-to-device copy that moves ``moved`` bytes (read + written;
+    default a 1 GiB copy: the floors' denominator)."""
+    src = torch.empty(max(1, moved // 8), dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / (ms * 1e-3)

@@ -3,6 +3,7 @@
     python bench/ops/swr.py [--shapes B,H,L ...] [--k 2 3] [--out fp32 bf16] [--tune KNOB=V,...] [--json F]
     python bench/ops/swr.py --sweep [--grid "tiles_in_flight=2,4;tiles_per_warp=64,128"] [--k 2] [--shapes ...]
     python bench/ops/swr.py --tuned [--json F]
+    python bench/ops/swr.py --copy-sizes [--out fp32 bf16]   # a copy of each direction's bytes vs 1 GiB
 
 Default: forward and backward of the default spec for each k and output dtype, with the spec's own knobs
 (``--tune`` overrides some), at (8,64,2048) (4,64,8192) (1,64,32768) (1,128,131072): median ms, % of the
@@ -239,12 +240,29 @@ def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
     return rows
 
 
+def copy_size_rows(args: argparse.Namespace, bw: float) -> list[dict]:
+    """A device copy of the same bytes as each shape's forward and backward, against the 1 GiB copy that
+    sets the floors: how much of the floor a launch of that size can reach at all (ramp and tail)."""
+    rows = []
+    for (b, h, length), out in [(s, o) for s in (args.shapes or DEFAULT_SHAPES) for o in (args.out or ["fp32"])]:
+        a, x = common.swr_inputs(b, h, length)
+        fb, bb = common.swr_bytes(x, a, torch.empty((), dtype=OUT_DTYPES[out]).element_size())
+        del a, x
+        fwd, bwd = common.copy_bandwidth(fb), common.copy_bandwidth(bb)
+        rows.append(dict(B=b, H=h, L=length, out=out, fwd_bytes=fb, bwd_bytes=bb, fwd_copy_Bps=fwd, bwd_copy_Bps=bwd))
+        print(f"{b}x{h}x{length} {out}: a copy of the forward's {fb / 1e6:.0f} MB runs at {fwd / bw:.1%} of the "
+              f"1 GiB copy, of the backward's {bb / 1e6:.0f} MB at {bwd / bw:.1%}", flush=True)  # fmt: skip
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/ops/swr.py", description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="time a grid of tuning configs (see --grid)")
     mode.add_argument("--tuned", action="store_true", help="the ops' path with and without the stored tuned configs")
     mode.add_argument("--autograd", action="store_true", help="the training path (autograd) against the kernels alone")
+    mode.add_argument("--copy-sizes", action="store_true",
+                      help="a copy of each direction's bytes against the 1 GiB copy")  # fmt: skip
     ap.add_argument("--shapes", nargs="*", type=common.shape_type("B,H,L"), default=[],
                     help="B,H,L shapes (default: the four of the table; --sweep: 4,64,8192)")  # fmt: skip
     ap.add_argument("--k", type=int, nargs="*", default=[], help="window_blocks (default 2)")
@@ -270,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = tuned_rows(args, bw)
     elif args.autograd:
         rows = autograd_rows(args, bw)
+    elif args.copy_sizes:
+        rows = copy_size_rows(args, bw)
     else:
         rows = roofline(args, bw)
     common.write_json(args.json, {"device": torch.cuda.get_device_name(), "copy_Bps": bw, "torch": torch.__version__,
