@@ -27,8 +27,8 @@ from swrgen.ops.swr.launch import (
 from swrgen.ops.swr.launch import tuning_shape as packed_tuning_shape
 from swrgen.tune.buckets import bucket_of
 
-__all__ = ["aligned", "backward", "backward_plan", "decode", "fold_shared_grads", "forward", "forward_plan",
-           "shared_grad_buffer", "tuning_shape", "use_vector_kernel"]  # fmt: skip
+__all__ = ["aligned", "backward", "backward_plan", "decode", "dense_backward", "fold_shared_grads", "forward",
+           "forward_plan", "shared_grad_buffer", "tuning_shape", "use_vector_kernel"]  # fmt: skip
 from swrgen.runtime.kernels import DeviceKernels, KernelSet
 from swrgen.runtime.params import KernelParams
 from swrgen.runtime.plan import LaunchPlan
@@ -128,6 +128,9 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
     per-head dB, dC in fp32 and they are summed here over each group in a fixed order (deterministic)."""
     if dZ.stride(-1) != 1:
         dZ = dZ.contiguous()
+    stateful = state is not None or d_state_out is not None
+    if not stateful and seqs is None and not want_d_state and poison is None:
+        return dense_backward(backward_plan(ks, P, dZ, layout, decay_max), P, dZ, layout), None
     batch, length, width = P.shape
     dP = P.new_empty((batch, length, width))
     dbc = shared_grad_buffer(P, layout)
@@ -140,10 +143,9 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
         for t in (dP, dbc, d_state):
             if t is not None:
                 t.fill_(poison)
-    stateful = state is not None or d_state_out is not None
     plan = backward_plan(ks, P, dZ, layout, decay_max, seqs, stateful)
     dbc_ptr = 0 if dbc is None else dbc.data_ptr()
-    if not stateful and seqs is None:
+    if not stateful and seqs is None:  # dense, into poisoned buffers or with an (unwritten) d_state
         plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=dbc_ptr)
     else:
         fields = {"x": P.data_ptr(), "dy": dZ.data_ptr(), "dx": dP.data_ptr(), "dbc": dbc_ptr}
@@ -169,6 +171,16 @@ def backward_plan(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: Gati
         return make_plan(variant, dev, name, p)
 
     return cached_plan(ks, P, key, "bwd", build, shape)
+
+
+def dense_backward(plan: LaunchPlan, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout) -> torch.Tensor:
+    """dP of a dense call (no state, no packed sequences) by its :func:`backward_plan`: fresh buffers, one
+    launch (``backward`` and a training call's backward both end here)."""
+    dP = P.new_empty(P.shape)
+    dbc = shared_grad_buffer(P, layout)
+    plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=0 if dbc is None else dbc.data_ptr())
+    fold_shared_grads(dP, dbc, layout)
+    return dP
 
 
 def shared_grad_buffer(P: torch.Tensor, layout: GatingLayout) -> torch.Tensor | None:

@@ -284,11 +284,7 @@ class _GatingTrainCall:
         plan = self._bwd
         if plan is None:  # a contiguous aligned dZ of Z's shape: every such dZ gets this plan
             plan = self._bwd = launch.backward_plan(self.ks, P, dZ, self.layout, self.decay_max)
-        dP = P.new_empty(P.shape)
-        dbc = launch.shared_grad_buffer(P, self.layout)
-        plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=0 if dbc is None else dbc.data_ptr())
-        launch.fold_shared_grads(dP, dbc, self.layout)
-        return dP
+        return launch.dense_backward(plan, P, dZ, self.layout)
 
 
 def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, head_dim: int = 16,

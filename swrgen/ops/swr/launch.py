@@ -311,6 +311,9 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
     d_state_out: the gradient of the new state (float32 [N, H, DH, 2 + 2(k-1)], or None: zero);
     want_d_state: also hand back the old state's gradient (needs ``state``). Args as in :func:`forward`.
     """
+    stateful = state is not None or d_state_out is not None
+    if not stateful and seqs is None and not want_d_state and poison is None and x.numel():
+        return (*dense_backward(backward_plan(ks, a, x, dy), a, x, dy), None)
     batch, heads, head_dim, _ = x.shape
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     da_buf = gate_grad_buffer(a, x)
@@ -322,17 +325,26 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
         for t in (dx, da_buf, d_state):
             if t is not None:
                 t.fill_(poison)
-    stateful = state is not None or d_state_out is not None
     if x.numel() == 0 and not want_d_state:
         return dx, torch.zeros_like(a), d_state
     plan = backward_plan(ks, a, x, dy, seqs, state, stateful)
-    if not stateful and seqs is None:
+    if not stateful and seqs is None:  # dense, into poisoned buffers or with an (unwritten) d_state
         plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da_buf.data_ptr())
     else:
         fields = {"x": x.data_ptr(), "a": a.data_ptr(), "dy": dy.data_ptr(), "dx": dx.data_ptr(),
                   "da": da_buf.data_ptr()}  # fmt: skip
         launch_stateful(ks, plan, x, fields, seqs, state, dstate_out=d_state_out, dstate=d_state)
     return dx, gate_grad(da_buf, a), d_state
+
+
+def dense_backward(plan: LaunchPlan, a: torch.Tensor, x: torch.Tensor,
+                   dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx, da) of a dense call (no state, no packed sequences, L >= 1) by its :func:`backward_plan`: fresh
+    buffers, one launch (``launch.backward`` and a ``TrainCall``'s backward both end here)."""
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    da = gate_grad_buffer(a, x)
+    plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da.data_ptr())
+    return dx, gate_grad(da, a)
 
 
 def backward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, seqs: Sequences | None = None,

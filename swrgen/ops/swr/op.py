@@ -67,11 +67,6 @@ def fast_path(*tensors: torch.Tensor) -> str | None:
     return "infer"
 
 
-def direct_ok(*tensors: torch.Tensor) -> bool:
-    """True when calling the launcher directly is indistinguishable from the custom op (an inference call)."""
-    return fast_path(*tensors) == "infer"
-
-
 def eager_ok() -> bool:
     """True when an autograd.Function may stand in for the custom ops (not tracing, no torch mode)."""
     return (
@@ -470,10 +465,8 @@ class TrainCall:
         plan = self._bwd
         if plan is None:  # a contiguous aligned dy of y's shape: every such dy gets this plan
             plan = self._bwd = launch.backward_plan(self.ks, a, x, dy)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        da = launch.gate_grad_buffer(a, x)
-        plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da.data_ptr())
-        return launch.gate_grad(da, a), dx
+        dx, da = launch.dense_backward(plan, a, x, dy)
+        return da, dx
 
 
 def _call_key(a: torch.Tensor, x: torch.Tensor, extra: tuple) -> tuple:
