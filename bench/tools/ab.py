@@ -5,7 +5,9 @@
 For a template change: ``swrgen build --no-compile -o .baseline specs/x.yaml`` before the change keeps
 the old source (a generated folder loads its own source); after it, compare that folder with the spec.
 Programs of one recurrence get the same inputs, must give bitwise-identical y, dx and da (a template
-change that alters results is a bug, not a speedup), and are timed interleaved over ``--rounds`` rounds
+change that alters results is a bug, not a speedup; ``--rounding`` is for a change meant to round
+differently: then each program's outputs are checked against float64 at each shape, within the tuner's
+tolerances, and the errors printed), and are timed interleaved over ``--rounds`` rounds
 so clock and thermal drift hit them alike. Reported: the median over rounds of each do_bench median,
 with % of the copy-bandwidth floor (bytes: ``bench.common.swr_bytes``) and the ratio to the first of its
 group. ``bench/tools/variant.py`` makes folders with other knobs or template constants.
@@ -60,11 +62,28 @@ def fused_calls(batch: int, heads: int, length: int):
     return fwd, bwd, common.gating_bytes(P, dZ.numel())
 
 
+def check_against_float64(label: str, prog, shape: tuple[int, int, int, int]) -> None:
+    """Errors of one program against float64 on fresh inputs (the tuner's check, at its check shape for
+    ``shape``); exits past its tolerances."""
+    from swrgen.tune.search import family_for
+
+    family = family_for(prog.spec)
+    dims = family.check_shape(shape)
+    fwd_err, bwd_err = family.check(prog, prog.spec, dims, seed=11, device=torch.device("cuda"))
+    fwd_tol, bwd_tol = family.tolerances(prog.spec)
+    print(f"{label:28s} against float64 at {dims}: fwd {fwd_err:.2e} (limit {fwd_tol:.0e}), "
+          f"bwd {bwd_err:.2e} (limit {bwd_tol:.0e})", flush=True)  # fmt: skip
+    if not (fwd_err <= fwd_tol and bwd_err <= bwd_tol):
+        raise SystemExit(f"{label} is past the float64 tolerances at {dims}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/tools/ab.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("programs", nargs="+", help="generated folders (swrgen build) or spec YAML files")
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,H,L (head_dim from the spec)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median counts)")
+    ap.add_argument("--rounding", action="store_true",
+                    help="the programs may round differently: check each against float64 instead")  # fmt: skip
     return ap
 
 
@@ -103,12 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                     return launch.backward(prog, a, x, dy, poison=poison)[:2]
 
             first = None
+            same = {}
             for label, prog in members:
                 got = (*fwd(prog, poison=float("nan")), *bwd(prog, poison=float("nan")))
-                if first is None:
-                    first = got
-                elif not all(torch.equal(u, v) for u, v in zip(got, first, strict=True)):
+                first = got if first is None else first
+                same[label] = all(torch.equal(u, v) for u, v in zip(got, first, strict=True))
+                if not same[label] and not args.rounding:
                     raise SystemExit(f"{label} differs from {members[0][0]} at {shape}: not a pure speed change")
+                if args.rounding:
+                    check_against_float64(label, prog, shape)
             times: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in members}
             for _ in range(args.rounds):
                 for label, prog in members:
@@ -122,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 base = base or (f, bk)
                 print(f"{label:28s} k={rec.window_blocks} out={rec.output_dtype} B,H,L={text:>12s}: "
                       f"fwd {f:.4f} ms {100 * fb / bw / f / 1e-3:3.0f}% ({f / base[0]:.3f}x)  "
-                      f"bwd {bk:.4f} ms {100 * bb / bw / bk / 1e-3:3.0f}% ({bk / base[1]:.3f}x)  identical",
+                      f"bwd {bk:.4f} ms {100 * bb / bw / bk / 1e-3:3.0f}% ({bk / base[1]:.3f}x)  "
+                      f"{'identical' if same[label] else 'rounds differently'}",
                       flush=True)  # fmt: skip
     return 0
 

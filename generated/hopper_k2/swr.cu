@@ -907,6 +907,13 @@ __device__ __forceinline__ void tile_grads(const RevScan& s, bool odd,
     cfwd[q] = fprod * cv[q - 1];
     fprod *= cp[q - 1];
   }
+  // sum_p c_p R^(k-1-p) = sum_p c_p (r + gs D^(k-1-p)) = cr r + cg gs, with D^(0) = 0: two terms a token
+  // whatever k (k = 2: cg = 0, no term at all).
+  float cr = 0.f, cg = 0.f;
+#pragma unroll
+  for (int q = 1; q < kWindow; ++q) cr = q == 1 ? cfwd[1] : cr + cfwd[q];
+#pragma unroll
+  for (int q = 1; q + 1 < kWindow; ++q) cg = q == 1 ? cfwd[1] * dcar[kWindow - 2] : fmaf(cfwd[q], dcar[kWindow - 1 - q], cg);
   // Tile-local forward state and gate prefix just before each token.
   const float w_prev = __shfl_xor_sync(kFullMask, wl[kTokensPerLane - 1], 1);
   const float g_prev = __shfl_xor_sync(kFullMask, gl[kTokensPerLane - 1], 1);
@@ -915,13 +922,7 @@ __device__ __forceinline__ void tile_grads(const RevScan& s, bool odd,
     const float wx = e > 0 ? wl[e - 1] : (odd ? w_prev : 0.f);
     const float gx = e > 0 ? gl[e - 1] : (odd ? g_prev : 1.f);
     const float full = fmaf(gs[e], dcar[kWindow - 1], r[e]);
-    float acc = 0.f;
-#pragma unroll
-    for (int q = 1; q < kWindow; ++q) {
-      // R^(0) = r: D^(0) is no term at all, not a zero to multiply (which cost an FMA a token).
-      const float rm = q == kWindow - 1 ? r[e] : fmaf(gs[e], dcar[kWindow - 1 - q], r[e]);
-      acc = q == 1 ? cfwd[1] * rm : fmaf(cfwd[q], rm, acc);
-    }
+    const float acc = kWindow > 2 ? fmaf(cg, gs[e], cr * r[e]) : (kWindow > 1 ? cr * r[e] : 0.f);
     dxv[e] = full;
     dav[e] = fmaf(gx, acc, wx * full);
   }
@@ -1218,9 +1219,9 @@ __device__ __forceinline__ void bwd(const Params& p) {
         if (n >= end) break;  // uniform across the warp
         RevScan sj;  // kKeepScans: tile j's scan, from its look-ahead (when tile j > w.first)
         if constexpr (kWindow > 1) {  // look ahead: reverse carrier of tile n
-          float rho = 0.f, q = 0.f;
+          float rho, q;
           RevScan sn;
-          if (n > w.first && n < num_tiles) {
+          {  // on every step, dropped where not wanted: no branch between this chain and tile j's
             float d[kTokensPerLane], g8[kTokensPerLane];
             float a_after;
             if constexpr (kShared) {  // stage token (f + k-1) * BL is tile n's first
@@ -1237,6 +1238,9 @@ __device__ __forceinline__ void bwd(const Params& p) {
             // gates here (0 outside [lo, hi)) are the ones tile_reverse takes when tile n is finished.
             tile_scan_rev(d, g8, a_after, odd, sn.r, sn.gs);
             first_token_carrier(sn, lane, rho, q);
+            const bool look = n > w.first && n < num_tiles;
+            rho = look ? rho : 0.f;
+            q = look ? q : 0.f;
           }
           if constexpr (kKeepScans) keep_scan(kept, sn, sj);
           push_carrier(rr, rq, rho, q);

@@ -907,6 +907,13 @@ __device__ __forceinline__ void tile_grads(const RevScan& s, bool odd,
     cfwd[q] = fprod * cv[q - 1];
     fprod *= cp[q - 1];
   }
+  // sum_p c_p R^(k-1-p) = sum_p c_p (r + gs D^(k-1-p)) = cr r + cg gs, with D^(0) = 0: two terms a token
+  // whatever k (k = 2: cg = 0, no term at all).
+  float cr = 0.f, cg = 0.f;
+#pragma unroll
+  for (int q = 1; q < kWindow; ++q) cr = q == 1 ? cfwd[1] : cr + cfwd[q];
+#pragma unroll
+  for (int q = 1; q + 1 < kWindow; ++q) cg = q == 1 ? cfwd[1] * dcar[kWindow - 2] : fmaf(cfwd[q], dcar[kWindow - 1 - q], cg);
   // Tile-local forward state and gate prefix just before each token.
   const float w_prev = __shfl_xor_sync(kFullMask, wl[kTokensPerLane - 1], 1);
   const float g_prev = __shfl_xor_sync(kFullMask, gl[kTokensPerLane - 1], 1);
@@ -915,13 +922,7 @@ __device__ __forceinline__ void tile_grads(const RevScan& s, bool odd,
     const float wx = e > 0 ? wl[e - 1] : (odd ? w_prev : 0.f);
     const float gx = e > 0 ? gl[e - 1] : (odd ? g_prev : 1.f);
     const float full = fmaf(gs[e], dcar[kWindow - 1], r[e]);
-    float acc = 0.f;
-#pragma unroll
-    for (int q = 1; q < kWindow; ++q) {
-      // R^(0) = r: D^(0) is no term at all, not a zero to multiply (which cost an FMA a token).
-      const float rm = q == kWindow - 1 ? r[e] : fmaf(gs[e], dcar[kWindow - 1 - q], r[e]);
-      acc = q == 1 ? cfwd[1] * rm : fmaf(cfwd[q], rm, acc);
-    }
+    const float acc = kWindow > 2 ? fmaf(cg, gs[e], cr * r[e]) : (kWindow > 1 ? cr * r[e] : 0.f);
     dxv[e] = full;
     dav[e] = fmaf(gx, acc, wx * full);
   }
@@ -1218,9 +1219,9 @@ __device__ __forceinline__ void bwd(const Params& p) {
         if (n >= end) break;  // uniform across the warp
         RevScan sj;  // kKeepScans: tile j's scan, from its look-ahead (when tile j > w.first)
         if constexpr (kWindow > 1) {  // look ahead: reverse carrier of tile n
-          float rho = 0.f, q = 0.f;
+          float rho, q;
           RevScan sn;
-          if (n > w.first && n < num_tiles) {
+          {  // on every step, dropped where not wanted: no branch between this chain and tile j's
             float d[kTokensPerLane], g8[kTokensPerLane];
             float a_after;
             if constexpr (kShared) {  // stage token (f + k-1) * BL is tile n's first
@@ -1237,6 +1238,9 @@ __device__ __forceinline__ void bwd(const Params& p) {
             // gates here (0 outside [lo, hi)) are the ones tile_reverse takes when tile n is finished.
             tile_scan_rev(d, g8, a_after, odd, sn.r, sn.gs);
             first_token_carrier(sn, lane, rho, q);
+            const bool look = n > w.first && n < num_tiles;
+            rho = look ? rho : 0.f;
+            q = look ? q : 0.f;
           }
           if constexpr (kKeepScans) keep_scan(kept, sn, sj);
           push_carrier(rr, rq, rho, q);
@@ -1496,17 +1500,29 @@ __device__ __forceinline__ Gates<kVec, T> load_gates(const T* __restrict__ col, 
   return g;
 }
 
-// scale * sigmoid(P_A) of this lane's half-tile (the forward takes scale = decay_max, the backward 1: it
-// needs the sigmoid itself). vec: each lane pair takes the sigmoid of its G tokens before the shuffles, so
-// one head's gates cost G = BL/16 sigmoids and products a lane, not one per token it scans (BL/2); the
+// The slope of a gate in its logit, d(decay_max sigmoid(P_A)) / dP_A = a (1 - s) with a = decay_max s, for
+// the gates a lane takes the sigmoid of (vec: its pair's G tokens; scalar: its own tokens). The backward
+// applies it to dP_A after the channel sum (apply_slope): one product a token, not one a channel.
+template <bool kVec>
+struct GateSlope {
+  float f[kVec ? kGatesPerLane : kTokensPerLane];
+};
+
+// scale * sigmoid(P_A) of this lane's half-tile (the forward and the backward take scale = decay_max), and
+// with `slope` the slopes above. vec: each lane pair takes the sigmoid of its G tokens before the shuffles,
+// so one head's gates cost G = BL/16 sigmoids and products a lane, not one per token it scans (BL/2); the
 // values are the same bit for bit.
 template <bool kVec, typename T>
 __device__ __forceinline__ void gate_sigmoids(const Gates<kVec, T>& g, int lane, float (&out)[kTokensPerLane],
-                                              float scale = 1.f) {
+                                              float scale, GateSlope<kVec>* slope = nullptr) {
   if constexpr (kVec) {
     float mine[kGatesPerLane];
 #pragma unroll
-    for (int i = 0; i < kGatesPerLane; ++i) mine[i] = scale * sigmoid(to_f32(g.v[i]));
+    for (int i = 0; i < kGatesPerLane; ++i) {
+      const float s = sigmoid(to_f32(g.v[i]));
+      mine[i] = scale * s;
+      if (slope != nullptr) slope->f[i] = fmaf(-mine[i], s, mine[i]);
+    }
     const int half = (lane & 1) * kTokensPerLane;
 #pragma unroll
     for (int e = 0; e < kTokensPerLane; ++e)
@@ -1514,7 +1530,34 @@ __device__ __forceinline__ void gate_sigmoids(const Gates<kVec, T>& g, int lane,
       out[e] = __shfl_sync(kFullMask, mine[e % kGatesPerLane], 2 * ((half + e) / kGatesPerLane));
   } else {
 #pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e) out[e] = scale * sigmoid(to_f32(g.v[e]));
+    for (int e = 0; e < kTokensPerLane; ++e) {
+      const float s = sigmoid(to_f32(g.v[e]));
+      out[e] = scale * s;
+      if (slope != nullptr) slope->f[e] = fmaf(-out[e], s, out[e]);
+    }
+  }
+}
+
+// Multiplies the channel sums reduce_channels left in v (this lane's half-tile tokens off .. off+kReduced-1)
+// by their gates' slopes. vec: token T of the tile has its slope in lane 2 * (T / G), slot T % G; scalar: the
+// lane holds its own tokens' slopes. Both give the same floats.
+template <bool kVec>
+__device__ __forceinline__ void apply_slope(float (&v)[kTokensPerLane], const GateSlope<kVec>& s, int lane, int off) {
+#pragma unroll
+  for (int i = 0; i < kReduced; ++i) {
+    float f = s.f[0];
+    if constexpr (kVec) {
+      const int tok = (lane & 1) * kTokensPerLane + off + i;
+#pragma unroll
+      for (int g = 0; g < kGatesPerLane; ++g) {
+        const float x = __shfl_sync(kFullMask, s.f[g], 2 * (tok / kGatesPerLane));
+        f = tok % kGatesPerLane == g ? x : f;
+      }
+    } else {
+#pragma unroll
+      for (int e = 1; e < kTokensPerLane; ++e) f = off + i == e ? s.f[e] : f;
+    }
+    v[i] *= f;
   }
 }
 
@@ -1706,10 +1749,11 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
     const bool resume = st_in != nullptr && w.lo > 0;
 
     const tok_t end = w.last + kWindow - 1;
-    // kKeepFusedScans: the look-ahead's reverse scan, dZ and gate sigmoids of tile n wait here (newest
-    // first) until tile n is finished, k-1 steps later, instead of being loaded and made again.
+    // kKeepFusedScans: the look-ahead's reverse scan, dZ and gates (and their slopes) of tile n wait here
+    // (newest first) until tile n is finished, k-1 steps later, instead of being loaded and made again.
     struct TileInputs {
-      float dz[kTokensPerLane], sa[kTokensPerLane];
+      float dz[kTokensPerLane], a8[kTokensPerLane];  // a8 before the edge fill
+      GateSlope<kVec> slope;
     };
     RevScan kept[kCarry];
     TileInputs kept_in[kCarry];
@@ -1741,30 +1785,41 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
       return s;
     };
     StepLoads cur = load_step(w.first);
-    for (tok_t n = w.first; n < end; ++n) {
+    // One step. kSteady: from w.first + k on, where tile j > w.first is past the chunk's first tiles (j >= 1,
+    // looked ahead at, not a halo tile); kInterior (steady too): tiles j and n lie inside [lo, hi). The tests
+    // for those cases fold away in their copies, and each loop below is one block for ptxas to schedule (the
+    // kernel waits on latencies: a branch between two chains keeps them from being interleaved).
+    const auto step = [&](tok_t n, bool kSteady, bool kInterior) {  // inlined: the flags are constants there
       StepLoads next;
       if constexpr (kFusedBwdPrefetch) next = load_step(n + 1);
       RevScan sj;      // kKeepFusedScans: tile j's scan and inputs, from its look-ahead
       TileInputs in_j;
       if constexpr (kWindow > 1) {  // look ahead: reverse carrier of tile n (n >= 1: no position before lo)
-        float rho = 0.f, q = 0.f;
+        float rho, q;
         RevScan sn;
         TileInputs in_n;
-        if (n > w.first && n < num_tiles) {
+        // Made on every step, also where it is not wanted (the first step, past the last tile: the loads
+        // read zeros there) and then dropped: with no branch around it, ptxas interleaves this chain with
+        // tile j's below.
+        {
           const tok_t tn = n * kBlockLen + half_off;
           float d[kTokensPerLane], cc[kTokensPerLane], g8[kTokensPerLane];
           unpack_block(cur.dz, smem, lane, in_n.dz);
           unpack_block(cur.c, smem, lane, cc);
-          gate_sigmoids(cur.a, lane, in_n.sa);
+          gate_sigmoids(cur.a, lane, in_n.a8, dm, &in_n.slope);
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) {
             d[e] = in_n.dz[e] * cc[e];
-            g8[e] = dm * in_n.sa[e];
+            g8[e] = in_n.a8[e];
           }
-          if (edge_tile(n, w.lo, w.hi)) fill_gates_outside(g8, 0.f, tn, w);  // = tile j's ga when it is finished
+          // The gates tile_reverse takes when tile n is finished (0 outside [lo, hi)).
+          if (!kInterior && edge_tile(n, w.lo, w.hi)) fill_gates_outside(g8, 0.f, tn, w);
           const float a_next = (n + 1) * kBlockLen < w.hi ? dm * sigmoid(to_f32(cur.a_next)) : 0.f;
           tile_scan_rev(d, g8, a_next, odd, sn.r, sn.gs);
           first_token_carrier(sn, lane, rho, q);
+          const bool look = kInterior || (n > w.first && n < num_tiles);
+          rho = look ? rho : 0.f;
+          q = look ? q : 0.f;
         }
         if constexpr (kKeepFusedScans) {
           keep_scan(kept, sn, sj);
@@ -1776,15 +1831,18 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
         push_carrier(rr, rq, rho, q);
       }
       const tok_t j = n - (kWindow - 1);
-      if (j >= 0) {
+      if (kSteady || j >= 0) {
         const tok_t t0 = j * kBlockLen + half_off;
-        float sa[kTokensPerLane], sb[kTokensPerLane], vv[kTokensPerLane], a8[kTokensPerLane], u[kTokensPerLane];
+        float sb[kTokensPerLane], vv[kTokensPerLane], a8[kTokensPerLane], u[kTokensPerLane];
         float wl[kTokensPerLane], gl[kTokensPerLane];
-        if (!kKeepFusedScans || j <= w.first) {  // uniform; halo and first tiles were not looked ahead at
-          gate_sigmoids(cur.aj, lane, sa);
+        GateSlope<kVec> slope;
+        // Uniform; halo and first tiles were not looked ahead at.
+        if (!kKeepFusedScans || (!kSteady && j <= w.first)) {
+          gate_sigmoids(cur.aj, lane, a8, dm, &slope);
         } else {
 #pragma unroll
-          for (int e = 0; e < kTokensPerLane; ++e) sa[e] = in_j.sa[e];
+          for (int e = 0; e < kTokensPerLane; ++e) a8[e] = in_j.a8[e];
+          slope = in_j.slope;
         }
         unpack_block(cur.bj, smem, lane, sb);
         unpack_block(cur.vj, smem, lane, vv);
@@ -1792,16 +1850,15 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
 #pragma unroll
         for (int e = 0; e < kTokensPerLane; ++e) {  // as gated_inputs, keeping sigmoid(P_B) for the chain rule
           sb[e] = sigmoid(sb[e]);
-          a8[e] = dm * sa[e];
           u[e] = sb[e] * vv[e];
         }
-        const bool edge = edge_tile(j, w.lo, w.hi);
+        const bool edge = !kInterior && edge_tile(j, w.lo, w.hi);
         if (edge) fill_gates_outside(a8, 1.f, t0, w);
-        if (resume && j == 0) virtual_token(st_in, w, t0, u, a8);
+        if (!kSteady && resume && j == 0) virtual_token(st_in, w, t0, u, a8);
         tile_scan_fwd(u, a8, odd, wl, gl);
-        if (j >= w.first) {
+        if (kSteady || j >= w.first) {
           float dze[kTokensPerLane];
-          if (!kKeepFusedScans || j == w.first) {  // uniform; not looked ahead at
+          if (!kKeepFusedScans || (!kSteady && j == w.first)) {  // uniform; not looked ahead at
             // dZ and C of tile j again (read k-1 steps ago by the look-ahead: cache hits).
             float cj[kTokensPerLane], d[kTokensPerLane];
             unpack_block(load_block<kVec>(dz, lane, p.sdzt, j, w.lo, w.hi), smem, lane, dze);
@@ -1821,7 +1878,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
           if constexpr (kState) {
             const Injection inj = injection(dso, w, j);
             if (inj.on) add_injection(inj, a8, odd, wl, gl, dxv, dav);
-            if (j == 0 && p.dstate != nullptr) {  // the first tile: the old state's gradient
+            if (!kSteady && j == 0 && p.dstate != nullptr) {  // the first tile: the old state's gradient
               float dw0 = 0.f, dg0 = 0.f;
 #pragma unroll
               for (int e = 0; e < kTokensPerLane; ++e) {  // the virtual tokens: w0 at lo-1, g0 at 0
@@ -1842,8 +1899,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
           for (int e = 0; e < kTokensPerLane; ++e) {
             gc[e] = dze[e] * fmaf(gl[e], carry, wl[e]);
             gv[e] = fmaf(dxv[e], sb[e], dze[e]);
-            gb[e] = dxv[e] * vv[e] * sb[e] * (1.f - sb[e]);
-            dav[e] *= a8[e] * (1.f - sa[e]);  // dm s_A (1 - s_A), the same for every channel: before the sum
+            gb[e] = dxv[e] * fmaf(-u[e], sb[e], u[e]);  // du V s_B (1 - s_B), with u = s_B V
           }
           store_block<kVec>(dP.v, gv, smem, lane, p.sdpt, j, w.lo, w.hi);
           if (db_head == nullptr) {
@@ -1854,6 +1910,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
             store_tokens(dc_head, sbc, t0, w.lo, w.hi, gc);
           }
           const int off = reduce_channels(dav, lane);
+          apply_slope(dav, slope, lane, off);  // the same for every channel: after the sum
           if ((static_cast<unsigned>(lane) & kDuplicateLaneBits) == 0) {
 #pragma unroll
             for (int i = 0; i < kReduced; ++i)
@@ -1868,7 +1925,13 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
       } else {
         cur = load_step(n + 1);
       }
-    }
+    };
+    const tok_t n_inner = max(w.first + kWindow, (w.lo + kBlockLen - 1) / kBlockLen + kWindow - 1);  // j * BL >= lo
+    const tok_t n_inner_end = min(end, w.hi / kBlockLen);  // (n + 1) * BL <= hi
+    tok_t n = w.first;
+    for (; n < min(end, n_inner); ++n) step(n, false, false);
+    for (; n < n_inner_end; ++n) step(n, true, true);
+    for (; n < end; ++n) step(n, true, false);
   }
 }
 
