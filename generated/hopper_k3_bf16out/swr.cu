@@ -208,8 +208,8 @@ __device__ __forceinline__ bool lane_token_in(tok_t t0, int e, tok_t lo, tok_t h
   return kVec ? (t0 >= lo && t0 < hi) : (t0 + e >= lo && t0 + e < hi);
 }
 
-// A lane's tokens t0 .. t0+kTokensPerLane-1 against [lo, hi), made relative once: token e is inside when
-// lo <= e < hi here: two compares a token against bounds made relative once.
+// A lane's tokens t0 .. t0+kTokensPerLane-1 against [lo, hi), made relative to t0 once: token e is inside
+// when lo <= e < hi here, two compares a token.
 struct LaneSpan {
   int lo, hi;  // clamped to 0 .. kTokensPerLane
   __device__ __forceinline__ bool has(int e) const { return e >= lo && e < hi; }
