@@ -877,6 +877,15 @@ __device__ __forceinline__ void first_token_carrier(const RevScan& s, int lane, 
   rho = __shfl_sync(kFullMask, s.r[0], lane & ~1);
   q = __shfl_sync(kFullMask, s.gs[0], lane & ~1);
 }
+// The look-ahead's reverse carrier of tile n where it is wanted (`look`), else (0, 0). The look-ahead runs on
+// every step, also where it is not wanted (a warp's first step, steps past the last tile), and this select,
+// not a branch around it, drops its carrier: with no branch between them, ptxas interleaves its chain with
+// tile j's (the backward waits on latencies, not on issue).
+__device__ __forceinline__ void lookahead_carrier(const RevScan& s, int lane, bool look, float& rho, float& q) {
+  first_token_carrier(s, lane, rho, q);
+  rho = look ? rho : 0.f;
+  q = look ? q : 0.f;
+}
 
 // The gradient math of tile j, shared by the plain and the fused (Phalanx) backward:
 // dx and the per-channel da terms from the tile's reverse scan s (tile_scan_rev of its upstream
@@ -1221,7 +1230,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
         if constexpr (kWindow > 1) {  // look ahead: reverse carrier of tile n
           float rho, q;
           RevScan sn;
-          {  // on every step, dropped where not wanted: no branch between this chain and tile j's
+          {  // on every step (lookahead_carrier)
             float d[kTokensPerLane], g8[kTokensPerLane];
             float a_after;
             if constexpr (kShared) {  // stage token (f + k-1) * BL is tile n's first
@@ -1237,10 +1246,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
             // Positions before lo lie only in a warp's first tile, which is never looked ahead at: the
             // gates here (0 outside [lo, hi)) are the ones tile_reverse takes when tile n is finished.
             tile_scan_rev(d, g8, a_after, odd, sn.r, sn.gs);
-            first_token_carrier(sn, lane, rho, q);
-            const bool look = n > w.first && n < num_tiles;
-            rho = look ? rho : 0.f;
-            q = look ? q : 0.f;
+            lookahead_carrier(sn, lane, n > w.first && n < num_tiles, rho, q);
           }
           if constexpr (kKeepScans) keep_scan(kept, sn, sj);
           push_carrier(rr, rq, rho, q);
