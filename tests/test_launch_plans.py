@@ -509,6 +509,67 @@ def test_repeated_fused_training_call_skips_checks_and_planning_both_ways(fake_c
     assert sorted(type(c).__name__ for c in REGISTRY.calls.values()) == ["_GatingCall", "_GatingTrainCall"]
 
 
+def test_packed_layout_is_checked_and_uploaded_once(fake_cuda, monkeypatch) -> None:
+    """Offsets given as host ints are checked once: the same offsets again (the next layer, the next step, the
+    backward) take the same checked layout and its device copies; other offsets, tensors and bad offsets are
+    checked every time (an error is never remembered)."""
+    checked, uploads = [], []
+    real_check, real_upload = swr_op.check_cu_seqlens, launch.upload
+    monkeypatch.setattr(swr_op, "check_cu_seqlens", lambda cu, total: (checked.append(1), real_check(cu, total))[1])
+    monkeypatch.setattr(launch, "upload", lambda vals, device: (uploads.append(vals), real_upload(vals, device))[1])
+    a, x = _inputs(L=100)
+    ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(x.shape)
+    ks = swr_op.default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)
+    firsts, uploaded = [], []
+    for cu in ([0, 40, 100], [0, 40, 100], (0, 40, 100)):  # a tuple of the same offsets is the same layout
+        torch.autograd.grad(swrgen.swr(ag, xg, cu_seqlens=cu), (ag, xg), dy)
+        firsts.append(ks.on(-1).kernels["swr_fwd_scalar"].launches[-1].seq_start)
+        uploaded.append(len(uploads))
+    assert len(checked) == 1 and len(REGISTRY.layouts) >= 1
+    assert uploaded[0] >= 2 and uploaded[0] == uploaded[1] == uploaded[2]  # starts and chunk offsets, once
+    assert firsts[0] == firsts[1] == firsts[2]  # one device copy of the starts serves every call
+    bwd = ks.on(-1).kernels["swr_bwd_scalar"].launches
+    assert bwd[-1].seq_start == firsts[0]
+    swrgen.swr(a, x, cu_seqlens=[0, 7, 60, 100])  # other offsets: their own check
+    swrgen.swr(a, x, cu_seqlens=torch.tensor([0, 40, 100]))  # a tensor: checked every time
+    assert len(checked) == 3
+    for _ in range(2):  # a bad layout raises every time
+        with pytest.raises(ValueError, match="non-decreasing"):
+            swrgen.swr(a, x, cu_seqlens=[0, 60, 40, 100])
+    assert len(checked) == 5
+    n = len(REGISTRY.layouts)
+    swrgen.swr(a, x, cu_seqlens=[0, True, 100])  # a bool among the offsets: checked, not remembered
+    assert len(checked) == 6 and len(REGISTRY.layouts) == n
+    layout = GatingLayout(4, 2, 16)  # the fused op shares the memo
+    P = torch.randn(1, 100, layout.width).bfloat16()
+    for _ in range(3):
+        swrgen.phalanx_gating(P, heads=4, kv_heads=2, cu_seqlens=[0, 33, 100])
+    assert len(checked) == 7
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # tracing: the memo is not read
+    monkeypatch.setattr(REGISTRY.layouts, "get", lambda key: pytest.fail("the layout memo was read while compiling"))
+    assert swr_op.packed_sequences([0, 40, 100], (1, 2, 16, 100), 100, x.device).starts == (0, 40, 100)
+    assert len(checked) == 8
+
+
+def test_packed_layout_device_copies_are_per_stream(monkeypatch) -> None:
+    """A remembered layout's device copies are read only on the stream that made them (dropped, their memory
+    goes back in that stream's order): another stream gets its own copy."""
+    stream, uploads = [5], []
+    monkeypatch.setattr(launch, "current_stream", lambda index: stream[0])
+    monkeypatch.setattr(launch, "upload", lambda vals, device: (uploads.append(vals), torch.tensor(vals))[1])
+    seqs, cuda = launch.Sequences([0, 40, 100]), torch.device("cuda", 0)
+    first = seqs.device_starts(cuda)
+    assert seqs.device_starts(cuda) is first and len(uploads) == 1
+    seqs.chunk_offsets(cuda, 16, 4, (0, 0))
+    seqs.chunk_offsets(cuda, 16, 4, (0, 0))
+    assert len(uploads) == 2
+    stream[0] = 6
+    assert seqs.device_starts(cuda) is not first and len(uploads) == 3
+    seqs.chunk_offsets(cuda, 16, 4, (0, 0))
+    assert len(uploads) == 4
+
+
 def test_packed_and_state_calls_reuse_their_plan_and_set_the_work(fake_cuda) -> None:
     a, x = _inputs(L=100)
     swrgen.swr(a, x, cu_seqlens=[0, 40, 100])

@@ -119,6 +119,15 @@ def paths(length: int) -> dict[str, Callable[[], Callable[[], Any]]]:
     def fused_fwd_bwd() -> Any:
         return torch.autograd.grad(swrgen.phalanx_gating(Pg, heads=1), Pg, dZ)
 
+    # Packed: four sequences, the offsets as a list (as the model hands them to every layer).
+    cu = [0, length // 4, length // 2, length]
+
+    def packed_fwd_bwd() -> Any:
+        return torch.autograd.grad(swrgen.swr(ag, xg, cu_seqlens=cu), (ag, xg), dy)
+
+    def packed_fused_fwd_bwd() -> Any:
+        return torch.autograd.grad(swrgen.phalanx_gating(Pg, heads=1, cu_seqlens=cu), Pg, dZ)
+
     return {
         "swrgen.swr(a, x) inference": lambda: lambda: swrgen.swr(a, x),
         "SwrOp op(a, x) under no_grad": lambda: no_grad(lambda: op(a, x)),
@@ -137,6 +146,9 @@ def paths(length: int) -> dict[str, Callable[[], Callable[[], Any]]]:
         "swrgen.swr forward recording a graph": lambda: lambda: swrgen.swr(ag, xg),
         "torch.autograd.grad of it alone": lambda: lambda: torch.autograd.grad(kept, (ag, xg), dy, retain_graph=True),
         "swrgen.phalanx_gating fwd+bwd (autograd.grad)": lambda: fused_fwd_bwd,
+        "swrgen.swr(a, x, cu_seqlens=4 sequences) inference": lambda: lambda: swrgen.swr(a, x, cu_seqlens=cu),
+        "swrgen.swr packed fwd+bwd (autograd.grad)": lambda: packed_fwd_bwd,
+        "swrgen.phalanx_gating packed fwd+bwd (autograd.grad)": lambda: packed_fused_fwd_bwd,
         # The floors any op pays under autograd on this host: a native op, and a custom Function that only
         # allocates its outputs (torch's engine, Function.apply and autograd.grad's checks).
         "torch x * x2 fwd+bwd (autograd.grad), for scale": lambda: lambda: torch.autograd.grad(xg * x2, (xg, x2), dyb),

@@ -4,8 +4,9 @@ torch.library ops take plain values, so an op call carries its KernelSet's key (
 answers it. Kernel sets are held weakly by key (an op object keeps its own alive), except the defaults,
 which ``swrgen.swr`` and ``swrgen.phalanx_gating`` build from their arguments and keep for the process.
 It also remembers the dense calls (inference and training) that passed the public ops' checks
-(``calls``). The registry listens to the tuned store: a change drops those and makes every kernel set
-drop its tuned plans.
+(``calls``), and the packed layouts (``cu_seqlens`` given as host values) that did (``layouts``). The
+registry listens to the tuned store: a change drops the calls and makes every kernel set drop its tuned
+plans.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from swrgen.spec import Spec, default_spec
 from swrgen.tune.store import STORE
 
 CALLS = 1024  # validated calls remembered
+LAYOUTS = 256  # validated packed layouts remembered
 
 
 class Registry:
@@ -32,6 +34,9 @@ class Registry:
         # Dense calls that passed the public ops' checks, by everything those checks read (the tensors'
         # geometry and the arguments): a hit skips the checks, the spec and tuned lookups and the plan.
         self.calls: PlanCache[tuple, Any] = PlanCache(CALLS)
+        # Packed layouts that passed the checks, by their offsets: each layer of a step and each step that
+        # repeats the layout reuses one checked object and its device copies (no check, no upload).
+        self.layouts: PlanCache[tuple, Any] = PlanCache(LAYOUTS)
         STORE.subscribe(self.forget_tuned)
 
     def add(self, program: Program) -> KernelSet:

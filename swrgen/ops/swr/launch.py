@@ -24,7 +24,7 @@ import torch
 from swrgen import constants
 from swrgen.runtime.kernels import DeviceKernels, KernelSet
 from swrgen.runtime.params import KernelParams
-from swrgen.runtime.plan import LaunchPlan, grid_for
+from swrgen.runtime.plan import LaunchPlan, current_stream, grid_for
 from swrgen.tune.buckets import bucket_of
 
 
@@ -35,29 +35,29 @@ def ceil_div(n: int, d: int) -> int:
 class Sequences:
     """Packed sequences of one buffer (``cu_seqlens``, checked): host offsets and their device copies.
 
-    Made once per call; the device copies (one pinned, asynchronous upload each) are memoized on it, so a
-    backward that reuses the forward's object uploads nothing.
+    Made once per layout (``REGISTRY.layouts`` keeps those given as host ints); the device copies (one pinned,
+    asynchronous upload each) are memoized on it, so a backward, another layer or a later step with the same
+    layout uploads nothing. The copies are per device and stream: a copy is only read on the stream that
+    allocated it, so its memory goes back to the allocator in that stream's order, whenever it is dropped.
     """
 
-    __slots__ = ("_chunks", "_device_starts", "starts")
+    __slots__ = ("_chunks", "_device_starts", "count", "starts")
 
     def __init__(self, starts: list[int]) -> None:
         self.starts = tuple(starts)
-        self._device_starts: dict[torch.device, torch.Tensor] = {}
+        self.count = len(self.starts) - 1  # sequences
+        self._device_starts: dict[tuple, torch.Tensor] = {}
         self._chunks: dict[tuple, tuple[int, torch.Tensor]] = {}
-
-    @property
-    def count(self) -> int:
-        return len(self.starts) - 1
 
     @property
     def lengths(self) -> list[int]:
         return [e - s for s, e in itertools.pairwise(self.starts)]
 
     def device_starts(self, device: torch.device) -> torch.Tensor:
-        t = self._device_starts.get(device)
+        where = _on(device)
+        t = self._device_starts.get(where)
         if t is None:
-            t = self._device_starts[device] = upload(list(self.starts), device)
+            t = self._device_starts[where] = upload(list(self.starts), device)
         return t
 
     def chunk_offsets(self, device: torch.device, block_len: int, tiles_per_warp: int,
@@ -65,7 +65,7 @@ class Sequences:
         """(total chunks, int64 [S+1] cumulative chunk counts): each sequence's tiles in chunks of
         ``tiles_per_warp``, at least one (its state goes through even when it is empty). Unknown phases
         (None) count one more tile per sequence: enough for any phase."""
-        key = (device, block_len, tiles_per_warp, phases)
+        key = (_on(device), block_len, tiles_per_warp, phases)
         hit = self._chunks.get(key)
         if hit is None:
             cum = [0]
@@ -74,6 +74,11 @@ class Sequences:
                 cum.append(cum[-1] + max(1, ceil_div(ceil_div(n + extra, block_len), tiles_per_warp)))
             hit = self._chunks[key] = (cum[-1], upload(cum, device))
         return hit
+
+
+def _on(device: torch.device) -> tuple:
+    """(device, its current stream): where a memoized device copy may be read."""
+    return (device, current_stream(device.index) if device.type == "cuda" else 0)
 
 
 def upload(values: list[int], device: torch.device) -> torch.Tensor:

@@ -367,7 +367,9 @@ def check_out_dtype(out_dtype: object, x: torch.Tensor) -> None:
 
 def packed_sequences(cu_seqlens: object, shape: tuple[int, ...], total: int, device: torch.device) -> launch.Sequences:
     """Checked ``cu_seqlens`` of a packed batch (batch 1 of ``shape``, ``total`` tokens) as host offsets: one
-    device read for a tensor on the inputs' device; a CPU tensor or a list costs none."""
+    device read for a tensor on the inputs' device; a CPU tensor or a list costs none. Offsets given as a
+    list or tuple of ints are checked once: the same offsets again get the same object (``REGISTRY.layouts``),
+    whose device copies are made once."""
     if shape[0] != 1:
         raise ValueError(
             f"with cu_seqlens the sequences are packed along the tokens in batch 1; got shape {list(shape)}"
@@ -375,7 +377,17 @@ def packed_sequences(cu_seqlens: object, shape: tuple[int, ...], total: int, dev
     if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}; allowed: the "
                          "inputs' device or the CPU")  # fmt: skip
-    return launch.Sequences(check_cu_seqlens(cu_seqlens, total).tolist())
+    key = None
+    # Plain ints only (a bool or a traced SymInt takes the checks), not while tracing (dynamo folds the test);
+    # the checks' errors are never remembered.
+    if (not torch.compiler.is_compiling() and type(total) is int and isinstance(cu_seqlens, (list, tuple))
+            and all(type(v) is int for v in cu_seqlens)):  # fmt: skip
+        key = (tuple(cu_seqlens), total)
+        hit = REGISTRY.layouts.get(key)
+        if hit is not None:
+            return hit
+    seqs = launch.Sequences(check_cu_seqlens(cu_seqlens, total).tolist())
+    return seqs if key is None else REGISTRY.layouts.put(key, seqs)
 
 
 def check_state(state: object, n: int, x: torch.Tensor, k: int, bl: int, what: str = "initial_state") -> SwrState:
