@@ -36,6 +36,18 @@ def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
         yield path
 
 
+@pytest.fixture
+def tuned_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temporary $SWRGEN_CACHE_DIR (so its own tuned/ folder), no shipped configs, an empty memo."""
+    from swrgen.tune import store
+
+    monkeypatch.setenv("SWRGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(store, "SHIPPED_DIR", tmp_path / "shipped")
+    store.clear_memo()
+    yield tmp_path / "cache"
+    store.clear_memo()
+
+
 def _cuda_available() -> bool:
     try:
         import torch

@@ -80,6 +80,31 @@ def test_packed_equals_each_sequence_alone(k, lens, kv_heads):
         assert torch.equal(alone, Z[:, s:e]), f"packed != alone for [{s}, {e})"
 
 
+@pytest.mark.parametrize("tiles_per_warp", [3, 100])
+def test_packed_under_a_tuned_tiles_per_warp(tuned_cache, tiles_per_warp):
+    """A tuned variant whose tiles_per_warp is not the spec's serves a packed batch: every tile of every
+    sequence is written (outputs poisoned first) and matches the float64 reference."""
+    from swrgen.tune import store
+
+    layout, cu = GatingLayout(8, 2, 16), [0, 17, 1017, 1018, 4018]
+    P = projections(1, cu[-1], layout, seed=tiles_per_warp)
+    dZ = torch.randn(1, cu[-1], layout.inner, device="cuda", dtype=torch.bfloat16)
+    ks = swrgen.load(fused_spec(k=2)).kernels
+    dev, seqs = ks.on(P.get_device()), Sequences(cu)
+    shape = launch.tuning_shape(P, layout, seqs)
+    store.save(ks.spec, dev.arch, shape, {"target": {"tiles_per_warp": tiles_per_warp}}, device=dev.card)
+    assert ks.for_shape(dev.index, shape, "fwd").spec.target.tiles_per_warp == tiles_per_warp
+    assert tiles_per_warp != ks.spec.target.tiles_per_warp
+    Z, _, _ = launch.forward(ks, P, layout, DM, seqs=seqs, poison=NAN)
+    dP, _ = launch.backward(ks, P, dZ, layout, DM, seqs=seqs, poison=NAN)
+    for s, e in itertools.pairwise(cu):
+        P64 = P[:, s:e].double().requires_grad_()
+        rZ = phalanx_gating_reference(P64, layout, 2, 16, DM)
+        (rdP,) = torch.autograd.grad(rZ, P64, dZ[:, s:e].double())
+        assert rel_err(Z[:, s:e], rZ.detach()) <= 1e-2, f"sequence [{s}, {e})"
+        check_blocks(dP[:, s:e], rdP, layout, 1e-2)
+
+
 # --- states -------------------------------------------------------------------------------------------------
 
 

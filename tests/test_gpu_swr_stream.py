@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -67,3 +69,35 @@ def test_decode_steps_continue_a_prefill(k):
         y_t, st = decode_step(a[..., t], x[..., t], st, k, 16)
         outs.append(y_t)
     assert rel_err(torch.stack(outs, dim=-1), ref[..., 250:]) <= 2e-3
+
+
+@pytest.mark.parametrize("tiles_per_warp", [3, 100])
+@pytest.mark.parametrize("kind", list(LENGTHS))
+def test_packed_sequences_under_a_tuned_tiles_per_warp(tuned_cache, kind, tiles_per_warp):
+    """A tuned variant whose tiles_per_warp is not the spec's serves a packed batch: every tile of every
+    sequence is written (outputs poisoned first) and matches the float64 reference, forward and backward."""
+    from swrgen.ops.swr import launch
+    from swrgen.ops.swr.op import default_kernels
+    from swrgen.tune import store
+
+    lens = [*LENGTHS[kind], 3000]  # 188 tiles: many chunks of 3
+    cu = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    a, x = make_inputs(1, 3, 16, cu[-1], seed=tiles_per_warp)
+    dy = torch.randn(x.shape, device="cuda")
+    ks = default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)
+    dev = ks.on(x.get_device())
+    seqs = launch.Sequences(cu)
+    shape = launch.tuning_shape(tuple(x.shape), seqs)
+    store.save(ks.spec, dev.arch, shape, {"target": {"tiles_per_warp": tiles_per_warp}}, device=dev.card)
+    assert ks.for_shape(dev.index, shape, "fwd").spec.target.tiles_per_warp == tiles_per_warp
+    assert tiles_per_warp != ks.spec.target.tiles_per_warp
+    y, _, _ = launch.forward(ks, a, x, seqs=seqs, poison=float("nan"))
+    dx, da, _ = launch.backward(ks, a, x, dy, seqs=seqs, poison=float("nan"))
+    for s, e in itertools.pairwise(cu):
+        a64 = a[..., s:e].double().requires_grad_()
+        x64 = x[..., s:e].double().requires_grad_()
+        ref = swr_reference(a64, x64, 2, 16)
+        ref.backward(dy[..., s:e].double())
+        assert rel_err(y[..., s:e], ref.detach()) <= 2e-3, f"y of sequence [{s}, {e})"
+        assert rel_err(dx[..., s:e], x64.grad) <= 5e-3, f"dx of sequence [{s}, {e})"
+        assert rel_err(da[..., s:e], a64.grad) <= 5e-3, f"da of sequence [{s}, {e})"

@@ -18,16 +18,6 @@ pytestmark = pytest.mark.gpu
 GRID = "warps_per_cta=4;tiles_per_warp=32,64;tiles_in_flight=1,2;cluster_size=1;persistent=false"
 
 
-@pytest.fixture
-def tuned_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A temporary $SWRGEN_CACHE_DIR (so its own tuned/ folder), no shipped configs, an empty memo."""
-    monkeypatch.setenv("SWRGEN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(store, "SHIPPED_DIR", tmp_path / "shipped")
-    store.clear_memo()
-    yield tmp_path / "cache"
-    store.clear_memo()
-
-
 def tune_tiny(spec, shape):
     lines: list[str] = []
     result = search.tune(spec, [shape], grid=space.parse_grid(GRID), rep_ms=5.0, warmup_ms=2.0,

@@ -570,6 +570,39 @@ def test_packed_layout_device_copies_are_per_stream(monkeypatch) -> None:
     assert len(uploads) == 4
 
 
+def test_packed_chunks_are_cut_with_the_tuned_variants_tiles_per_warp(fake_cuda, monkeypatch) -> None:
+    """A packed call cuts each sequence into chunks of the tiles_per_warp its kernel walks: a tuned variant's,
+    not the spec's (chunks of the spec's 64 tiles walked 3 at a time would leave most tiles unwritten)."""
+    seen = []
+    real = plan.LaunchPlan.launch_fields
+
+    def spy(self, fields, work=None):
+        real(self, fields, work)
+        seen.append((self.params.tiles_per_warp, self.params.chunks, self.params.work, self.params.rows))
+
+    monkeypatch.setattr(plan.LaunchPlan, "launch_fields", spy)
+    cu = [0, 100, 101, 400]  # 7, 1 and 19 tiles of 16: 3 + 1 + 7 chunks of 3 tiles
+    a, x = _inputs(L=400)
+    ks = swr_op.default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)
+    assert ks.spec.target.tiles_per_warp != 3
+    store.save(ks.spec, "sm_90a", launch.tuning_shape(tuple(x.shape), launch.Sequences(cu)),
+               {"target": {"tiles_per_warp": 3}})  # fmt: skip
+    ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+    y = swrgen.swr(ag, xg, cu_seqlens=cu)
+    torch.autograd.grad(y, (ag, xg), torch.randn_like(y))
+    layout = GatingLayout(2, 2, 16)
+    P = torch.randn(1, 400, layout.width).bfloat16()
+    fused = swr_op.default_kernels(16, False, P.dtype, P.dtype, 2, 16, P.dtype, True)
+    store.save(fused.spec, "sm_90a", fused_launch.tuning_shape(P, layout, launch.Sequences(cu)),
+               {"target": {"tiles_per_warp": 3}})  # fmt: skip
+    Pg = P.clone().requires_grad_()
+    Z = swrgen.phalanx_gating(Pg, heads=2, cu_seqlens=cu)
+    torch.autograd.grad(Z, Pg, torch.randn_like(Z))
+    assert len(seen) == 4  # swr fwd, bwd; fused fwd, bwd
+    for tiles_per_warp, chunks, work, rows in seen:
+        assert (tiles_per_warp, chunks, work) == (3, 11, rows * 11)
+
+
 def test_packed_and_state_calls_reuse_their_plan_and_set_the_work(fake_cuda) -> None:
     a, x = _inputs(L=100)
     swrgen.swr(a, x, cu_seqlens=[0, 40, 100])

@@ -196,11 +196,11 @@ def _state_fields(state: StateArgs | None) -> dict[str, int]:
 
 def _packed_fields(ks: KernelSet, x: torch.Tensor, seqs: Sequences, state: StateArgs | None,
                    plan: LaunchPlan) -> tuple[dict[str, int], int]:  # fmt: skip
-    """The packed batch's fields and work items for ``plan``."""
-    t, r = ks.spec.target, ks.spec.recurrence
+    """The packed batch's fields and work items for ``plan``. The chunks are cut with the plan's own
+    ``tiles_per_warp`` (a tuned variant's may differ from ``ks``'s), the count each warp's kernel walks."""
     phases = (0,) * seqs.count if state is None else state.phases  # no state: every sequence starts a tile
-    total, offsets = seqs.chunk_offsets(x.device, r.block_len, t.tiles_per_warp, phases)
     p = plan.params
+    total, offsets = seqs.chunk_offsets(x.device, ks.spec.recurrence.block_len, p.tiles_per_warp, phases)
     fields = {"seq_start": seqs.device_starts(x.device).data_ptr(), "seq_chunk": offsets.data_ptr(),
               "num_seqs": seqs.count, "chunks": total}  # fmt: skip
     return fields, p.rows * total
