@@ -5,6 +5,7 @@ next call; and threads can share plans."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -136,7 +137,7 @@ def test_training_calls_equal_the_custom_ops_bitwise(head_dim, per_channel, out)
         with _SeeTheOp():
             y_op = swrgen.swr(ao, xo, out_dtype=out)
             got_op = torch.autograd.grad(y_op, (ao, xo), dy_)
-        assert type(y.grad_fn).__name__ == "_DenseSwrFunctionBackward" and type(y_op.grad_fn) is not type(y.grad_fn)
+        assert type(y.grad_fn).__name__ == "_SwrTrainCallFunctionBackward" and type(y_op.grad_fn) is not type(y.grad_fn)
         assert torch.equal(y, y_op) and torch.equal(got[0], got_op[0]) and torch.equal(got[1], got_op[1])
         if dy_ is not other:
             tol = 2e-2 if out == torch.bfloat16 else 5e-3
@@ -144,6 +145,55 @@ def test_training_calls_equal_the_custom_ops_bitwise(head_dim, per_channel, out)
     trained = [c for c in REGISTRY.calls.values() if isinstance(c, swr_op.TrainCall) and c.ks.spec.recurrence.head_dim
                == head_dim]  # fmt: skip
     assert trained and all(c._bwd is not None for c in trained)  # the backward's plan was cached
+
+
+@pytest.mark.parametrize("offsets", [[0, 1, 17, 1000, 1016, 4000], [0, 1024, 1040, 4000]], ids=["odd", "aligned"])
+def test_remembered_packed_calls_equal_the_custom_ops_bitwise(offsets):
+    """Packed calls with host-int offsets, repeated (a remembered call with its layout's plans), give the
+    custom ops' outputs and gradients bit for bit, swrgen.swr and phalanx_gating, also for a dy the
+    remembered backward does not take; and the float64 reference's within tolerance."""
+    a, x = make_inputs(1, 3, 16, offsets[-1], seed=len(offsets))
+    dy = torch.randn(x.shape, device="cuda")
+    cu = torch.tensor(offsets)
+    grads = []
+    for dy_ in (dy, dy, dy, dy.bfloat16()):
+        ag, xg = _leaves(a, x)
+        _poison_allocator(x.numel() * 4)
+        y = swrgen.swr(ag, xg, cu_seqlens=offsets)
+        got = torch.autograd.grad(y, (ag, xg), dy_)
+        ao, xo = _leaves(a, x)
+        with _SeeTheOp():
+            y_op = swrgen.swr(ao, xo, cu_seqlens=cu)
+            got_op = torch.autograd.grad(y_op, (ao, xo), dy_)
+        assert type(y.grad_fn).__name__ == "_SwrTrainCallFunctionBackward"
+        assert torch.equal(y, y_op) and torch.equal(got[0], got_op[0]) and torch.equal(got[1], got_op[1])
+        with torch.no_grad():
+            assert torch.equal(_swr(a, x, cu_seqlens=tuple(offsets)), y_op)
+        grads.append(got)
+    for s, e in itertools.pairwise(offsets):
+        a64, x64 = _leaves(a[..., s:e].double(), x[..., s:e].double())
+        ref = swr_reference(a64, x64, 2, 16)
+        da, dx = torch.autograd.grad(ref, (a64, x64), dy[..., s:e].double())
+        assert rel_err(y[..., s:e], ref) <= 2e-3, f"y of [{s}, {e})"
+        assert rel_err(grads[0][0][..., s:e], da) <= 5e-3 and rel_err(grads[0][1][..., s:e], dx) <= 5e-3
+    layout = GatingLayout(8, 4, 16)
+    P = _projections(1, offsets[-1], layout, seed=len(offsets))
+    dZ = torch.randn(1, offsets[-1], layout.inner, device="cuda").bfloat16()
+    for _ in range(3):
+        (Pg,) = _leaves(P)
+        _poison_allocator(P.numel() * 2)
+        Z = swrgen.phalanx_gating(Pg, heads=8, kv_heads=4, cu_seqlens=offsets)
+        (got,) = torch.autograd.grad(Z, Pg, dZ)
+        (Po,) = _leaves(P)
+        with _SeeTheOp():
+            Z_op = swrgen.phalanx_gating(Po, heads=8, kv_heads=4, cu_seqlens=cu)
+            (got_op,) = torch.autograd.grad(Z_op, Po, dZ)
+        assert type(Z.grad_fn).__name__ == "_PhalanxTrainCallFunctionBackward"
+        assert torch.equal(Z, Z_op) and torch.equal(got, got_op)
+    s, e = offsets[-2], offsets[-1]
+    P64 = P[:, s:e].double().requires_grad_()
+    rZ = phalanx_gating_reference(P64, layout, 2, 16, 0.8)
+    assert rel_err(Z[:, s:e], rZ.detach()) <= 1e-2
 
 
 def test_tuned_store_change_takes_effect_on_the_next_call(tmp_path, monkeypatch):
@@ -207,7 +257,7 @@ def test_fused_training_calls_equal_the_custom_ops_bitwise(heads, kv_heads):
         with _SeeTheOp():
             Z_op = swrgen.phalanx_gating(Po, heads=heads, kv_heads=kv_heads)
             (got_op,) = torch.autograd.grad(Z_op, Po, dZ_)
-        assert type(Z.grad_fn).__name__ == "_DensePhalanxFunctionBackward"
+        assert type(Z.grad_fn).__name__ == "_PhalanxTrainCallFunctionBackward"
         assert torch.equal(Z, Z_op) and torch.equal(got, got_op)
         assert rel_err(got, want) <= 2e-2
 

@@ -291,14 +291,16 @@ def test_grad_goes_through_autograd_and_compile_through_the_custom_op(fake_cuda,
     swrgen.swr(a, x)
     applied, dense, custom = [], [], []
     monkeypatch.setattr(swr_op._SwrFunction, "apply", lambda *args: applied.append(args) or (args[1], None, None))
-    monkeypatch.setattr(swr_op._DenseSwrFunction, "apply", lambda *args: dense.append(args) or args[1])
+    monkeypatch.setattr(swr_op._SwrTrainCallFunction, "apply", lambda *args: dense.append(args) or args[1])
     monkeypatch.setattr(swr_op, "_swr_fwd", lambda *args: custom.append(args) or (args[1], None, None))
     xg = x.clone().requires_grad_()
     assert swrgen.swr(a, xg) is xg and len(dense) == 1 and isinstance(dense[0][2], swr_op.TrainCall)
     assert swrgen.swr(a, xg) is xg and len(dense) == 2 and dense[1][2] is dense[0][2]  # the remembered call
-    assert swrgen.swr(a, xg, cu_seqlens=[0, 32]) is xg and len(applied) == 1  # packed: the general Function
+    assert swrgen.swr(a, xg, cu_seqlens=[0, 32]) is xg and len(dense) == 3  # packed, host ints: a TrainCall too
+    assert dense[2][2] is not dense[0][2] and dense[2][2].forward.seqs.starts == (0, 32)
+    assert swrgen.swr(a, xg, cu_seqlens=torch.tensor([0, 32])) is xg and len(applied) == 1  # a tensor: checked
     with torch.no_grad():
-        assert swrgen.swr(a, xg).shape == x.shape and len(applied) == 1 and len(dense) == 2  # the direct launch
+        assert swrgen.swr(a, xg).shape == x.shape and len(applied) == 1 and len(dense) == 3  # the direct launch
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(REGISTRY.calls, "get", lambda key: pytest.fail("the call memo was read while compiling"))
     assert swrgen.swr(a, x) is x and swrgen.load(default_spec())(a, x) is x
@@ -316,7 +318,7 @@ def test_repeated_training_call_skips_checks_and_planning_both_ways(fake_cuda, h
     dy = torch.randn(x.shape)  # float32: the output's dtype, contiguous
     ks = swr_op.default_kernels(head_dim, per_channel, x.dtype, a.dtype, 2, 16, torch.float32)
     y = swrgen.swr(ag, xg)
-    assert type(y.grad_fn).__name__ == "_DenseSwrFunctionBackward"
+    assert type(y.grad_fn).__name__ == "_SwrTrainCallFunctionBackward"
     da, dx = torch.autograd.grad(y, (ag, xg), dy)
     assert (da.shape, da.dtype, dx.shape, dx.dtype) == (a.shape, a.dtype, x.shape, x.dtype)
     assert [name for _, name in fake_cuda.made] == ["swr_fwd_vec", "swr_bwd_vec"] and len(fake_cuda.checks) == 1
@@ -488,7 +490,7 @@ def test_repeated_fused_training_call_skips_checks_and_planning_both_ways(fake_c
     P = torch.randn(2, 8, layout.width).bfloat16().requires_grad_()
     dZ = torch.randn(2, 8, layout.inner).bfloat16()
     Z = swrgen.phalanx_gating(P, heads=4, kv_heads=kv_heads)
-    assert type(Z.grad_fn).__name__ == "_DensePhalanxFunctionBackward"
+    assert type(Z.grad_fn).__name__ == "_PhalanxTrainCallFunctionBackward"
     (dP,) = torch.autograd.grad(Z, P, dZ)
     assert dP.shape == P.shape and dP.dtype == P.dtype
     assert [name.split("_")[1] for _, name in fake_cuda.made] == ["fwd", "bwd"]
@@ -552,6 +554,55 @@ def test_packed_layout_is_checked_and_uploaded_once(fake_cuda, monkeypatch) -> N
     assert len(checked) == 8
 
 
+def test_repeated_packed_calls_are_remembered_with_their_layout(fake_cuda, monkeypatch) -> None:
+    """A packed call with offsets given as host ints is remembered like a dense one (inference, and training
+    both ways): a repeat skips every check, lookup and plan and launches the layout's own plans, whose
+    fields are those of the checked path; other offsets, another stream or a tensor take their own call."""
+    a, x = _inputs(L=100)
+    ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(x.shape)
+    ks = swr_op.default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)
+    fwd, bwd = (ks.on(-1).kernels[f"swr_{d}_scalar"].launches for d in ("fwd", "bwd"))
+    cu = [0, 7, 60, 100]  # 7 is no multiple of 8: the element-wise kernels
+    torch.autograd.grad(swrgen.swr(ag, xg, cu_seqlens=torch.tensor(cu)), (ag, xg), dy)  # a tensor: checked path
+    checked = (fwd[-1], bwd[-1])
+    counts = (len(fake_cuda.made), len(fake_cuda.checks), len(fake_cuda.lookups))
+    for _ in range(3):
+        y = swrgen.swr(ag, xg, cu_seqlens=cu)
+        assert type(y.grad_fn).__name__ == "_SwrTrainCallFunctionBackward"
+        da, dx = torch.autograd.grad(y, (ag, xg), dy)
+        assert (bwd[-1].dx, bwd[-1].da) == (dx.data_ptr(), da.data_ptr())
+        with torch.no_grad():
+            swrgen.swr(a, x, cu_seqlens=tuple(cu))  # a tuple of the same offsets: the same layout
+    assert (len(fake_cuda.made), len(fake_cuda.checks)) == (counts[0], counts[1] + 2)  # the first of each kind
+    assert len(fake_cuda.lookups) == counts[2]  # the plans were the tensor call's
+    for new, old in ((fwd[-1], checked[0]), (bwd[-1], checked[1])):
+        assert (new.grid, new.work) == (old.grid, old.work) == (old.grid, 2 * 3)  # 2 rows x 3 one-chunk sequences
+        assert new.seq_start and new.seq_start != old.seq_start  # the remembered layout's own device copy
+    assert len({launch.seq_start for launch in fwd[-6:]}) == 1
+    kinds = sorted(type(c).__name__ for c in REGISTRY.calls.values())
+    assert kinds == ["ForwardCall", "TrainCall"]
+    REGISTRY.layouts.clear()  # the remembered call keeps the layout (and its copies) its plans point at
+    held = next(c for c in REGISTRY.calls.values() if type(c).__name__ == "ForwardCall").seqs
+    assert held.device_starts(x.device).data_ptr() == fwd[-1].seq_start
+    swrgen.swr(a, x, cu_seqlens=[0, 40, 100])  # other offsets: their own call
+    monkeypatch.setattr(launch, "current_stream", lambda index: 5)  # another stream: its own call and copies
+    monkeypatch.setattr(launch, "on_stream", lambda device: (device, 5))
+    swrgen.swr(a, x, cu_seqlens=cu)
+    assert len(REGISTRY.calls) == 4 and fwd[-1].seq_start not in {fwd[-3].seq_start, fwd[-4].seq_start}
+    layout = GatingLayout(4, 2, 16)  # the fused op: the same
+    P = torch.randn(1, 100, layout.width).bfloat16()
+    Pg = P.clone().requires_grad_()
+    n = len(fake_cuda.made)
+    for _ in range(3):
+        Z = swrgen.phalanx_gating(Pg, heads=4, kv_heads=2, cu_seqlens=[0, 33, 100])
+        assert type(Z.grad_fn).__name__ == "_PhalanxTrainCallFunctionBackward"
+        torch.autograd.grad(Z, Pg, torch.randn_like(Z))
+    assert len(fake_cuda.made) == n + 2  # one forward and one backward plan
+    fks = swr_op.default_kernels(16, False, P.dtype, P.dtype, 2, 16, P.dtype, True)
+    assert {r.work for name, k in fks.on(-1).kernels.items() for r in k.launches} == {4 * 2}  # 4 heads x 2 sequences
+
+
 def test_packed_layout_device_copies_are_per_stream(monkeypatch) -> None:
     """A remembered layout's device copies are read only on the stream that made them (dropped, their memory
     goes back in that stream's order): another stream gets its own copy."""
@@ -574,13 +625,13 @@ def test_packed_chunks_are_cut_with_the_tuned_variants_tiles_per_warp(fake_cuda,
     """A packed call cuts each sequence into chunks of the tiles_per_warp its kernel walks: a tuned variant's,
     not the spec's (chunks of the spec's 64 tiles walked 3 at a time would leave most tiles unwritten)."""
     seen = []
-    real = plan.LaunchPlan.launch_fields
+    real = plan.LaunchPlan._launch
 
-    def spy(self, fields, work=None):
-        real(self, fields, work)
+    def spy(self, grid, stream):
         seen.append((self.params.tiles_per_warp, self.params.chunks, self.params.work, self.params.rows))
+        real(self, grid, stream)
 
-    monkeypatch.setattr(plan.LaunchPlan, "launch_fields", spy)
+    monkeypatch.setattr(plan.LaunchPlan, "_launch", spy)
     cu = [0, 100, 101, 400]  # 7, 1 and 19 tiles of 16: 3 + 1 + 7 chunks of 3 tiles
     a, x = _inputs(L=400)
     ks = swr_op.default_kernels(16, False, x.dtype, a.dtype, 2, 16, torch.float32)

@@ -33,10 +33,11 @@ class LaunchPlan:
     """One kernel, block and cluster, the grid, and the params struct (data pointers unset) with the
     ``void*[1]`` the driver reads it through, both built once.
 
-    ``launch`` writes every data pointer (none is left over from an earlier call) and launches on the
-    device's current stream. ``launch_fields`` also sets other fields (the size of a packed batch) and
-    the grid. A lock covers write + launch, so threads may share a plan: the driver copies the struct
-    during the call (cuda-bindings releases the GIL inside it).
+    ``launch`` writes every data pointer of a plain call (none is left over from an earlier call) and
+    launches on the device's current stream. ``launch_fields`` also sets other fields (the size of a packed
+    batch) and the grid; ``with_fields`` makes a plan that keeps such fields (one packed layout's). A lock
+    covers write + launch, so threads may share a plan: the driver copies the struct during the call
+    (cuda-bindings releases the GIL inside it).
     """
 
     __slots__ = ("_address", "_args", "_config", "_function", "_index", "_lock", "_shared", "cluster", "grid",
@@ -86,6 +87,18 @@ class LaunchPlan:
                 grid = grid_for(work, self.threads // constants.WARP_SIZE, self.cluster, self.grid_cap)
             if grid:
                 self._launch(grid, stream)
+
+    def with_fields(self, fields: dict[str, Any], work: int) -> LaunchPlan:
+        """A copy of this plan whose params also hold ``fields`` (every other pointer field null) and whose
+        grid covers ``work`` items: ``launch`` then writes only the plain call's pointers around them."""
+        params = type(self.params).from_buffer_copy(self.params)
+        for name in _POINTERS:
+            setattr(params, name, 0)
+        for name, value in fields.items():
+            setattr(params, name, value)
+        params.work = work
+        grid = grid_for(work, self.threads // constants.WARP_SIZE, self.cluster, self.grid_cap)
+        return LaunchPlan(self.kernel, grid, self.threads, self.cluster, params, grid_cap=self.grid_cap)
 
     def _launch(self, grid: int, stream: int) -> None:
         if self._config is None:  # the common case inline: one Python frame less per launch

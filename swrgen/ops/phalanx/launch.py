@@ -22,13 +22,14 @@ from swrgen.ops.swr.launch import (
     geometry,
     launch_stateful,
     make_plan,
+    packed_plan,
     rows_aligned,
 )
 from swrgen.ops.swr.launch import tuning_shape as packed_tuning_shape
 from swrgen.tune.buckets import bucket_of
 
-__all__ = ["aligned", "backward", "backward_plan", "decode", "dense_backward", "fold_shared_grads", "forward",
-           "forward_plan", "shared_grad_buffer", "tuning_shape", "use_vector_kernel"]  # fmt: skip
+__all__ = ["aligned", "backward", "backward_plan", "decode", "fold_shared_grads", "forward", "forward_plan",
+           "packed_plan", "plain_backward", "shared_grad_buffer", "tuning_shape", "use_vector_kernel"]  # fmt: skip
 from swrgen.runtime.kernels import DeviceKernels, KernelSet
 from swrgen.runtime.params import KernelParams
 from swrgen.runtime.plan import LaunchPlan
@@ -130,7 +131,7 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
         dZ = dZ.contiguous()
     stateful = state is not None or d_state_out is not None
     if not stateful and seqs is None and not want_d_state and poison is None:
-        return dense_backward(backward_plan(ks, P, dZ, layout, decay_max), P, dZ, layout), None
+        return plain_backward(backward_plan(ks, P, dZ, layout, decay_max), P, dZ, layout), None
     batch, length, width = P.shape
     dP = P.new_empty((batch, length, width))
     dbc = shared_grad_buffer(P, layout)
@@ -173,9 +174,9 @@ def backward_plan(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: Gati
     return cached_plan(ks, P, key, "bwd", build, shape)
 
 
-def dense_backward(plan: LaunchPlan, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout) -> torch.Tensor:
-    """dP of a dense call (no state, no packed sequences) by its :func:`backward_plan`: fresh buffers, one
-    launch (``backward`` and a training call's backward both end here)."""
+def plain_backward(plan: LaunchPlan, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout) -> torch.Tensor:
+    """dP of a call without a state by its :func:`backward_plan` (a packed layout's through ``packed_plan``):
+    fresh buffers, one launch (``backward`` and a training call's backward both end here)."""
     dP = P.new_empty(P.shape)
     dbc = shared_grad_buffer(P, layout)
     plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=0 if dbc is None else dbc.data_ptr())

@@ -20,7 +20,7 @@ from swrgen.ops.phalanx import launch
 from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.phalanx.reference import split_projections
 from swrgen.ops.swr import op as swr_op
-from swrgen.ops.swr.launch import Sequences, StateArgs
+from swrgen.ops.swr.launch import Sequences, StateArgs, on_stream
 from swrgen.ops.swr.state import SwrState, state_width
 from swrgen.runtime.kernels import KernelSet
 from swrgen.runtime.registry import REGISTRY
@@ -101,8 +101,8 @@ def backward_call(call: Call, P: torch.Tensor, dZ: torch.Tensor, data: torch.Ten
 # ---------------------------------------------------------------- eager autograd
 
 
-class _DensePhalanxFunction(torch.autograd.Function):
-    """Eager training of a dense call that passed the checks before (:class:`_GatingTrainCall`)."""
+class _PhalanxTrainCallFunction(torch.autograd.Function):
+    """Eager training of a call without a state that passed the checks before (:class:`_GatingTrainCall`)."""
 
     @staticmethod
     def forward(ctx, P, call: _GatingTrainCall):
@@ -247,12 +247,13 @@ def _spec_kernels(spec: Spec | str | Path, P: torch.Tensor, layout: GatingLayout
 
 
 class _GatingCall:
-    """A validated inference call of the fused forward (``REGISTRY.calls`` keeps these)."""
+    """A validated inference call of the fused forward and, packed, its layout (whose device offsets the plan
+    points at); ``REGISTRY.calls`` keeps these."""
 
-    __slots__ = ("plan", "shape")
+    __slots__ = ("plan", "seqs", "shape")
 
-    def __init__(self, plan, shape: tuple[int, int, int]) -> None:
-        self.plan, self.shape = plan, shape
+    def __init__(self, plan, shape: tuple[int, int, int], seqs: Sequences | None = None) -> None:
+        self.plan, self.shape, self.seqs = plan, shape, seqs
 
     def run(self, P: torch.Tensor) -> torch.Tensor:
         Z = P.new_empty(self.shape)  # P's dtype and device; a tuple shape parses faster than a torch.Size
@@ -263,9 +264,10 @@ class _GatingCall:
 
 
 class _GatingTrainCall:
-    """A validated dense training call of the fused op: the forward's :class:`_GatingCall` and the backward's
-    plan, made by the first backward whose dZ is laid out as autograd hands it (P's dtype, contiguous,
-    16-byte aligned); another layout takes the general backward (``REGISTRY.calls`` keeps these)."""
+    """A validated training call of the fused op without a state (dense, or packed with its layout fixed): the
+    forward's :class:`_GatingCall` and the backward's plan, made by the first backward whose dZ is laid out
+    as autograd hands it (P's dtype, contiguous, 16-byte aligned); another layout takes the general backward
+    (``REGISTRY.calls`` keeps these)."""
 
     __slots__ = ("_bwd", "decay_max", "forward", "ks", "layout")
 
@@ -274,17 +276,19 @@ class _GatingTrainCall:
         self._bwd = None
 
     def __call__(self, P: torch.Tensor) -> torch.Tensor:
-        return _DensePhalanxFunction.apply(P, self)
+        return _PhalanxTrainCallFunction.apply(P, self)
 
     def backward(self, P: torch.Tensor, dZ: torch.Tensor) -> torch.Tensor:
         """dP for upstream gradient dZ."""
+        seqs = self.forward.seqs
         if dZ.dtype != P.dtype or not dZ.is_contiguous() or dZ.data_ptr() % constants.VECTOR_BYTES:
             dZ = swr_op.grad_output(dZ, self.forward.shape, P.dtype, P.device)
-            return launch.backward(self.ks, P, dZ, self.layout, self.decay_max)[0]
+            return launch.backward(self.ks, P, dZ, self.layout, self.decay_max, seqs=seqs)[0]
         plan = self._bwd
         if plan is None:  # a contiguous aligned dZ of Z's shape: every such dZ gets this plan
-            plan = self._bwd = launch.backward_plan(self.ks, P, dZ, self.layout, self.decay_max)
-        return launch.dense_backward(plan, P, dZ, self.layout)
+            plan = launch.backward_plan(self.ks, P, dZ, self.layout, self.decay_max, seqs)
+            self._bwd = plan = plan if seqs is None else launch.packed_plan(self.ks, plan, P, seqs)
+        return launch.plain_backward(plan, P, dZ, self.layout)
 
 
 def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, head_dim: int = 16,
@@ -313,13 +317,17 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
                                                initial_state=initial_state, return_state=return_state,
                                                cp_group=cp_group)  # fmt: skip
     key = mode = None
-    if spec is None and cu_seqlens is None and initial_state is None and not return_state:
+    if spec is None and initial_state is None and return_state is False:
         mode = swr_op.fast_path(P)
     if mode is not None:
         # The scalar arguments' types too: heads=True or heads=2.0 must not be served the plan of heads=1 or 2.
         args = (heads, kv_heads, head_dim, window_blocks, block_len, decay_max, type(heads), type(kv_heads),
                 type(head_dim), type(window_blocks), type(block_len), type(decay_max))  # fmt: skip
         key = ("phalanx", mode, P.shape, P.stride(), P.dtype, P.get_device(), launch.aligned(P), args)
+        if cu_seqlens is not None:  # packed: offsets given as host ints only; keyed with their stream
+            offsets = swr_op.layout_key(cu_seqlens, P.shape[1])
+            key = None if offsets is None else (*key, offsets, on_stream(P.device))
+    if key is not None:
         hit = REGISTRY.calls.get(key)
         if hit is not None:  # P and arguments like these passed the checks below
             return hit(P)
@@ -336,14 +344,17 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
         ks = swr_op.default_key(*args) if torch.compiler.is_compiling() else swr_op.default_kernels(*args)
     else:
         ks = None
+    seqs = None if cu_seqlens is None else swr_op.packed_sequences(cu_seqlens, tuple(P.shape), P.shape[1], P.device)
     if key is not None and P.shape[1] > 0:  # the checks passed: remember the plans
-        call = _GatingCall(launch.forward_plan(ks, P, layout, dm), (P.shape[0], P.shape[1], layout.inner))
+        plan = launch.forward_plan(ks, P, layout, dm, seqs)
+        if seqs is not None:
+            plan = launch.packed_plan(ks, plan, P, seqs)
+        call = _GatingCall(plan, (P.shape[0], P.shape[1], layout.inner), seqs)
         if mode == "train":
             call = _GatingTrainCall(ks, call, layout, dm)
         if ks.caching:
             REGISTRY.calls.put(key, call)
         return call(P)
-    seqs = None if cu_seqlens is None else swr_op.packed_sequences(cu_seqlens, tuple(P.shape), P.shape[1], P.device)
     if seqs is None and P.shape[1] < 1:
         raise ValueError("P must hold at least one token (L >= 1)")
     state = None

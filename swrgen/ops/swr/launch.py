@@ -54,7 +54,7 @@ class Sequences:
         return [e - s for s, e in itertools.pairwise(self.starts)]
 
     def device_starts(self, device: torch.device) -> torch.Tensor:
-        where = _on(device)
+        where = on_stream(device)
         t = self._device_starts.get(where)
         if t is None:
             t = self._device_starts[where] = upload(list(self.starts), device)
@@ -65,7 +65,7 @@ class Sequences:
         """(total chunks, int64 [S+1] cumulative chunk counts): each sequence's tiles in chunks of
         ``tiles_per_warp``, at least one (its state goes through even when it is empty). Unknown phases
         (None) count one more tile per sequence: enough for any phase."""
-        key = (_on(device), block_len, tiles_per_warp, phases)
+        key = (on_stream(device), block_len, tiles_per_warp, phases)
         hit = self._chunks.get(key)
         if hit is None:
             cum = [0]
@@ -76,7 +76,7 @@ class Sequences:
         return hit
 
 
-def _on(device: torch.device) -> tuple:
+def on_stream(device: torch.device) -> tuple:
     """(device, its current stream): where a memoized device copy may be read."""
     return (device, current_stream(device.index) if device.type == "cuda" else 0)
 
@@ -206,6 +206,14 @@ def _packed_fields(ks: KernelSet, x: torch.Tensor, seqs: Sequences, state: State
     return fields, p.rows * total
 
 
+def packed_plan(ks: KernelSet, plan: LaunchPlan, t: torch.Tensor, seqs: Sequences) -> LaunchPlan:
+    """``plan`` (a packed call's, without a state) with the fields of one layout fixed: its offsets' device
+    copies on ``t``'s device and current stream, its chunks, its grid. A remembered packed call launches it
+    like a dense plan; whoever keeps it keeps ``seqs`` too (the copies its pointers name)."""
+    fields, work = _packed_fields(ks, t, seqs, None, plan)
+    return plan.with_fields(fields, work)
+
+
 def launch_stateful(ks: KernelSet, plan: LaunchPlan, t: torch.Tensor, fields: dict[str, int], seqs: Sequences | None,
                     state: StateArgs | None, **buffers: torch.Tensor | None) -> None:  # fmt: skip
     """Launch ``plan`` (a packed or state-carrying call: all but the plain path) with the data pointers in
@@ -318,7 +326,7 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
     """
     stateful = state is not None or d_state_out is not None
     if not stateful and seqs is None and not want_d_state and poison is None and x.numel():
-        return (*dense_backward(backward_plan(ks, a, x, dy), a, x, dy), None)
+        return (*plain_backward(backward_plan(ks, a, x, dy), a, x, dy), None)
     batch, heads, head_dim, _ = x.shape
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     da_buf = gate_grad_buffer(a, x)
@@ -342,10 +350,10 @@ def backward(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, 
     return dx, gate_grad(da_buf, a), d_state
 
 
-def dense_backward(plan: LaunchPlan, a: torch.Tensor, x: torch.Tensor,
+def plain_backward(plan: LaunchPlan, a: torch.Tensor, x: torch.Tensor,
                    dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dx, da) of a dense call (no state, no packed sequences, L >= 1) by its :func:`backward_plan`: fresh
-    buffers, one launch (``launch.backward`` and a ``TrainCall``'s backward both end here)."""
+    """(dx, da) of a call without a state (L >= 1) by its :func:`backward_plan` (a packed layout's through
+    :func:`packed_plan`): fresh buffers, one launch (``launch.backward`` and a ``TrainCall``'s end here)."""
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     da = gate_grad_buffer(a, x)
     plan.launch(x.data_ptr(), a.data_ptr(), 0, dy.data_ptr(), dx.data_ptr(), da.data_ptr())

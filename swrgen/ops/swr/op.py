@@ -192,9 +192,10 @@ def grad_state(d: torch.Tensor | None) -> torch.Tensor | None:
 # ---------------------------------------------------------------- eager autograd
 
 
-class _DenseSwrFunction(torch.autograd.Function):
-    """Eager training of a dense call that passed the checks before (:class:`TrainCall`): one output, no state,
-    a backward that launches the cached plan (a training call's host time is mostly the checked path's)."""
+class _SwrTrainCallFunction(torch.autograd.Function):
+    """Eager training of a call without a state that passed the checks before (:class:`TrainCall`, dense or
+    packed): one output, a backward that launches the cached plan (a training call's host time is mostly
+    the checked path's)."""
 
     @staticmethod
     def forward(ctx, a, x, call: TrainCall):
@@ -377,17 +378,23 @@ def packed_sequences(cu_seqlens: object, shape: tuple[int, ...], total: int, dev
     if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != "cpu" and cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}; allowed: the "
                          "inputs' device or the CPU")  # fmt: skip
-    key = None
-    # Plain ints only (a bool or a traced SymInt takes the checks), not while tracing (dynamo folds the test);
-    # the checks' errors are never remembered.
-    if (not torch.compiler.is_compiling() and type(total) is int and isinstance(cu_seqlens, (list, tuple))
-            and all(type(v) is int for v in cu_seqlens)):  # fmt: skip
-        key = (tuple(cu_seqlens), total)
+    key = layout_key(cu_seqlens, total)
+    if key is not None:
         hit = REGISTRY.layouts.get(key)
         if hit is not None:
             return hit
     seqs = launch.Sequences(check_cu_seqlens(cu_seqlens, total).tolist())
     return seqs if key is None else REGISTRY.layouts.put(key, seqs)
+
+
+def layout_key(cu_seqlens: object, total: object) -> tuple | None:
+    """What a layout given as host ints is remembered by (``REGISTRY.layouts``, and the calls of
+    :func:`memo_key`), or None: plain ints only (a bool or a traced SymInt takes the checks), not while
+    tracing (dynamo would fold the test). Only checked offsets are ever stored under it."""
+    if (not torch.compiler.is_compiling() and type(total) is int and isinstance(cu_seqlens, (list, tuple))
+            and all(type(v) is int for v in cu_seqlens)):  # fmt: skip
+        return (tuple(cu_seqlens), total)
+    return None
 
 
 def check_state(state: object, n: int, x: torch.Tensor, k: int, bl: int, what: str = "initial_state") -> SwrState:
@@ -438,13 +445,13 @@ def run(ks: KernelSet | str | None, a: torch.Tensor, x: torch.Tensor, k: int, bl
 
 
 class ForwardCall:
-    """A validated inference call: the plan to launch and the output dtype (``REGISTRY.calls`` keeps these);
-    called, it launches."""
+    """A validated inference call: the plan to launch, the output dtype and, for a packed call, its layout
+    (whose device offsets the plan points at); ``REGISTRY.calls`` keeps these. Called, it launches."""
 
-    __slots__ = ("dtype", "plan")
+    __slots__ = ("dtype", "plan", "seqs")
 
-    def __init__(self, plan, dtype: torch.dtype) -> None:
-        self.plan, self.dtype = plan, dtype
+    def __init__(self, plan, dtype: torch.dtype, seqs: launch.Sequences | None = None) -> None:
+        self.plan, self.dtype, self.seqs = plan, dtype, seqs
 
     def run(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # empty_like: about half the host time of torch.empty(shape, ...) (no shape argument to parse).
@@ -456,9 +463,10 @@ class ForwardCall:
 
 
 class TrainCall:
-    """A validated dense training call: the forward's :class:`ForwardCall` and the backward's plan, made by
-    the first backward whose upstream gradient is laid out as autograd hands it (y's dtype, contiguous,
-    16-byte aligned); another layout takes the general backward. ``REGISTRY.calls`` keeps these."""
+    """A validated training call without a state (dense, or packed with its layout fixed): the forward's
+    :class:`ForwardCall` and the backward's plan, made by the first backward whose upstream gradient is laid
+    out as autograd hands it (y's dtype, contiguous, 16-byte aligned); another layout takes the general
+    backward. ``REGISTRY.calls`` keeps these."""
 
     __slots__ = ("_bwd", "forward", "ks")
 
@@ -467,17 +475,20 @@ class TrainCall:
         self._bwd = None
 
     def __call__(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return _DenseSwrFunction.apply(a, x, self)
+        return _SwrTrainCallFunction.apply(a, x, self)
 
     def backward(self, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(da, dx) for upstream gradient dy."""
+        seqs = self.forward.seqs
         if dy.dtype != self.forward.dtype or not dy.is_contiguous() or dy.data_ptr() % constants.VECTOR_BYTES:
-            dx, da, _ = launch.backward(self.ks, a, x, grad_output(dy, x.shape, self.forward.dtype, x.device))
+            dy = grad_output(dy, x.shape, self.forward.dtype, x.device)
+            dx, da, _ = launch.backward(self.ks, a, x, dy, seqs=seqs)
             return da, dx
         plan = self._bwd
         if plan is None:  # a contiguous aligned dy of y's shape: every such dy gets this plan
-            plan = self._bwd = launch.backward_plan(self.ks, a, x, dy)
-        dx, da = launch.dense_backward(plan, a, x, dy)
+            plan = launch.backward_plan(self.ks, a, x, dy, seqs)
+            self._bwd = plan = plan if seqs is None else launch.packed_plan(self.ks, plan, x, seqs)
+        dx, da = launch.plain_backward(plan, a, x, dy)
         return da, dx
 
 
@@ -486,16 +497,32 @@ def _call_key(a: torch.Tensor, x: torch.Tensor, extra: tuple) -> tuple:
     return (x.shape, x.stride(), x.dtype, a.shape, a.stride(), a.dtype, x.get_device(), launch.aligned(x, a), *extra)
 
 
-def _remember(key: tuple, ks: KernelSet, a: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype,
-              train: bool) -> torch.Tensor:  # fmt: skip
-    """Run a checked dense call (``train``: with gradients to record) and remember it under ``key`` (while
-    plans may be kept)."""
+def memo_key(a: object, x: object, cu_seqlens: object, extra: tuple) -> tuple[tuple | None, str | None]:
+    """(key, mode) under which a call without a state may be remembered in ``REGISTRY.calls`` (mode as
+    :func:`fast_path` says), or (None, None). A packed call qualifies when its offsets are host ints: its
+    key holds them and the stream its layout's device copies are read on."""
+    mode = fast_path(a, x)
+    if mode is None:
+        return None, None
+    if cu_seqlens is not None:
+        layout = layout_key(cu_seqlens, x.shape[-1])
+        if layout is None:
+            return None, None
+        extra = (*extra, layout, launch.on_stream(x.device))
+    return _call_key(a, x, (mode, *extra)), mode
+
+
+def _remember(key: tuple, ks: KernelSet, a: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype, train: bool,
+              seqs: launch.Sequences | None = None) -> torch.Tensor:  # fmt: skip
+    """Run a checked call without a state (``train``: with gradients to record; ``seqs``: packed) and
+    remember it under ``key`` (while plans may be kept)."""
     if x.numel() == 0:  # nothing to launch; an empty training call takes the checked path (autograd)
         if train:
-            return run(ks, a, x, ks.spec.recurrence.window_blocks, ks.spec.recurrence.block_len, out_dtype, None,
+            return run(ks, a, x, ks.spec.recurrence.window_blocks, ks.spec.recurrence.block_len, out_dtype, seqs,
                        None, False)  # fmt: skip
         return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
-    call = ForwardCall(launch.forward_plan(ks, a, x), out_dtype)
+    plan = launch.forward_plan(ks, a, x, seqs)
+    call = ForwardCall(plan if seqs is None else launch.packed_plan(ks, plan, x, seqs), out_dtype, seqs)
     if train:
         call = TrainCall(ks, call)
     if ks.caching:
@@ -528,10 +555,9 @@ class SwrOp:
                  return_state: bool = False):  # fmt: skip
         """y = SWR(a, x); see ``swrgen.swr`` for cu_seqlens, initial_state and return_state."""
         key = mode = None
-        if cu_seqlens is None and initial_state is None and not return_state:
-            mode = fast_path(a, x)
-        if mode is not None:
-            key = _call_key(a, x, (mode, "op", self.kernels.key))
+        if initial_state is None and return_state is False:
+            key, mode = memo_key(a, x, cu_seqlens, ("op", self.kernels.key))
+        if key is not None:
             hit = REGISTRY.calls.get(key)
             if hit is not None:  # inputs like these passed the checks below
                 return hit(a, x)
@@ -543,7 +569,8 @@ class SwrOp:
         else:  # CPU: any floating dtype; output as the spec says, float64 stays float64
             out_dtype = x.dtype if (x.dtype == torch.float64 or r.output_dtype != "fp32") else torch.float32
         if key is not None:
-            return _remember(key, self.kernels, a, x, out_dtype, mode == "train")
+            seqs = None if cu_seqlens is None else packed_sequences(cu_seqlens, tuple(x.shape), x.shape[-1], x.device)
+            return _remember(key, self.kernels, a, x, out_dtype, mode == "train", seqs)
         return _checked(self.kernels if x.is_cuda else None, a, x, r.window_blocks, r.block_len, out_dtype,
                         cu_seqlens, initial_state, return_state)  # fmt: skip
 
@@ -623,12 +650,11 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
                                     out_dtype=out_dtype, cu_seqlens=cu_seqlens, initial_state=initial_state,
                                     return_state=return_state, cp_group=cp_group)  # fmt: skip
     key = mode = None
-    if spec is None and cu_seqlens is None and initial_state is None and not return_state:
-        mode = fast_path(a, x)
-    if mode is not None:
+    if spec is None and initial_state is None and return_state is False:
         # The scalar arguments' types too: window_blocks=True must not be served the plan of window_blocks=1.
-        key = _call_key(a, x, (mode, "swr", window_blocks, block_len, out_dtype, type(window_blocks),
-                               type(block_len)))  # fmt: skip
+        key, mode = memo_key(a, x, cu_seqlens, ("swr", window_blocks, block_len, out_dtype, type(window_blocks),
+                                                type(block_len)))  # fmt: skip
+    if key is not None:
         hit = REGISTRY.calls.get(key)
         if hit is not None:  # inputs and arguments like these passed the checks below
             return hit(a, x)
@@ -658,6 +684,7 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
         ks = default_key(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
     else:
         ks = default_kernels(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
-    if key is not None:  # a dense call that passed the checks: remember its plans
-        return _remember(key, ks, a, x, out_dtype, mode == "train")
+    if key is not None:  # a call without a state that passed the checks: remember its plans
+        seqs = None if cu_seqlens is None else packed_sequences(cu_seqlens, tuple(x.shape), x.shape[-1], x.device)
+        return _remember(key, ks, a, x, out_dtype, mode == "train", seqs)
     return _checked(ks, a, x, k, bl, out_dtype, cu_seqlens, initial_state, return_state)
