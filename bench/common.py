@@ -2,7 +2,9 @@
 parsing. Imports nothing GPU-only at module level (Triton and swrgen's runtime load inside the functions).
 
 Timing: :func:`bench_ms` is ``triton.testing.do_bench`` with ``return_mode="median"`` (it flushes L2 between
-calls), or a median of CUDA-event timings where Triton is missing. The floor of a kernel is the bytes it must
+calls and times each call alone, so a call's host latency shows once it outlasts the flush), or a median of
+CUDA-event timings where Triton is missing; :func:`stream_ms` times calls issued back to back, the rate a
+training loop sees. The floor of a kernel is the bytes it must
 move (each input read once, each output written once) over the bandwidth of a 1 GiB device-to-device copy
 measured in the same run (:func:`copy_bandwidth`, bytes read + written); docs/performance.md explains it.
 """
@@ -35,6 +37,30 @@ def bench_ms(fn: Callable[[], Any], warmup_ms: float = 25.0, rep_ms: float = 100
 
         return event_median_ms(fn, warmup_ms, rep_ms)
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+STREAM_CALLS = 200  # stream_ms: calls a timing; the spin's head start is at most ~0.5 us of each
+SPIN_CYCLES = 200_000  # about 0.1 ms of GPU spin before a stream_ms timing
+
+
+def stream_ms(fn: Callable[[], Any], calls: int = STREAM_CALLS, reps: int = 5) -> float:
+    """Median ms a call over ``calls`` calls issued back to back (no synchronize and no L2 flush between them),
+    as a training step issues its ops: a call's host time hides behind the GPU work queued before it, and
+    only a host slower than the GPU shows. A short GPU spin first keeps the first call's launch out of the
+    timing. Compare it with the kernel timed the same way (the L2 keeps a little of the last call's data)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(SPIN_CYCLES)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
 
 
 def event_ms(fn: Callable[[], Any]) -> float:

@@ -202,12 +202,16 @@ def _autograd_steps(fwd_ks, bwd_ks, a: torch.Tensor, x: torch.Tensor, dy: torch.
 def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
     """What training sees against the kernels launched directly: the forward and backward through autograd
     (``torch.autograd.grad`` with a dense upstream gradient) against ``launch.forward`` / ``launch.backward`` of
-    the same kernel set and shape, GPU medians; and the host time to issue one training call (fwd + bwd)
-    beside an inference call, at a tiny shape where the host is all there is."""
+    the same kernel set and shape, GPU medians of calls timed alone and (backward) of calls issued back to back
+    (``common.stream_ms``: what a training loop sees while its host keeps ahead), and of a training call in a
+    CUDA graph (``host.graph_replay``: no host time) against the two kernels; and the host time to issue
+    one training call (fwd + bwd), and a backward alone, beside an inference call, at a tiny shape where the
+    host is all there is."""
     import swrgen
+    from bench.ops.host import graph_replay
     from swrgen.ops.swr.op import default_kernels
 
-    rows = []
+    rows, graphed = [], []
     cases = [(s, o) for s in args.shapes for o in (args.out or ["fp32"])] if args.shapes else AUTOGRAD_CASES
     for (b, h, length), out in cases:
         out_dtype = OUT_DTYPES[out]
@@ -215,28 +219,49 @@ def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
         ks = default_kernels(16, False, x.dtype, a.dtype, 2, 16, out_dtype)
         fwd_ks, bwd_ks = (ks.for_shape(x.get_device(), tuple(x.shape), d) for d in ("fwd", "bwd"))
         dy = torch.randn(x.shape, device="cuda").to(out_dtype)
-        t = {name: common.bench_ms(step) for name, step in _autograd_steps(fwd_ks, bwd_ks, a, x, dy, out_dtype)}
+        steps = dict(_autograd_steps(fwd_ks, bwd_ks, a, x, dy, out_dtype))
+        t = {name: common.bench_ms(step) for name, step in steps.items()}
+        # Back to back, as a training loop issues them: the host's time per call hides unless it is the longer.
+        t.update({f"{name}_stream": common.stream_ms(steps[name]) for name in ("kernel_bwd", "autograd_bwd")})
         fb, bb = common.swr_bytes(x, a, dy.element_size())
         row = dict(B=b, H=h, L=length, out=out, **t, fwd_floor_ms=fb / bw * 1e3, bwd_floor_ms=bb / bw * 1e3,
                    bwd_autograd_over_kernel=t["autograd_bwd"] / t["kernel_bwd"],
+                   bwd_stream_autograd_over_kernel=t["autograd_bwd_stream"] / t["kernel_bwd_stream"],
                    fwd_autograd_over_kernel=t["autograd_fwd"] / t["kernel_fwd"])  # fmt: skip
         rows.append(row)
         print(f"{b}x{h}x{length} {out}: fwd kernel {t['kernel_fwd']:.4f} / autograd {t['autograd_fwd']:.4f} ms "
               f"({row['fwd_autograd_over_kernel']:.3f}x); bwd kernel {t['kernel_bwd']:.4f} / autograd "
-              f"{t['autograd_bwd']:.4f} ms ({row['bwd_autograd_over_kernel']:.3f}x); fwd+bwd "
-              f"{t['autograd_fwd_bwd']:.4f} ms", flush=True)  # fmt: skip
+              f"{t['autograd_bwd']:.4f} ms ({row['bwd_autograd_over_kernel']:.3f}x), back to back "
+              f"{t['kernel_bwd_stream']:.4f} / {t['autograd_bwd_stream']:.4f} ms "
+              f"({row['bwd_stream_autograd_over_kernel']:.3f}x); fwd+bwd {t['autograd_fwd_bwd']:.4f} ms "
+              f"(kernels {t['kernel_fwd'] + t['kernel_bwd']:.4f})", flush=True)  # fmt: skip
+        graphed.append((row, steps["autograd_fwd_bwd"]))
     from bench.ops.host import per_call_us
 
     a, x = common.swr_inputs(1, 1, 16)
     ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
     dy = torch.randn(x.shape, device="cuda")
+    y = swrgen.swr(ag, xg)
     host = {"inference call": per_call_us(lambda: swrgen.swr(a, x), 2000),
             "training call (fwd + autograd.grad)": per_call_us(
                 lambda: torch.autograd.grad(swrgen.swr(ag, xg), (ag, xg), dy), 500),
+            "backward alone (autograd.grad, retain_graph)": per_call_us(
+                lambda: torch.autograd.grad(y, (ag, xg), dy, retain_graph=True), 500),
             "torch add_ (for scale)": per_call_us(lambda: x.add_(0), 2000)}  # fmt: skip
     for name, us in host.items():
         print(f"host {name}: {us:.1f} us/call", flush=True)
     rows.append({"host_us": host, "shape": [1, 1, 16, 16]})
+    # Last (a capture torch refuses leaves the process unfit for more): each training call captured in a CUDA
+    # graph, its GPU time alone against the two kernels.
+    for row, step in graphed:
+        try:
+            row["graphed_fwd_bwd"] = common.bench_ms(graph_replay(step))
+        except RuntimeError as e:
+            print(f"no CUDA graph of the training call: {str(e).splitlines()[0]}", flush=True)
+            break
+        row["graphed_over_kernels"] = row["graphed_fwd_bwd"] / (row["kernel_fwd"] + row["kernel_bwd"])
+        print(f"{row['B']}x{row['H']}x{row['L']} {row['out']}: training call in a CUDA graph "
+              f"{row['graphed_fwd_bwd']:.4f} ms ({row['graphed_over_kernels']:.3f}x the kernels)", flush=True)
     return rows
 
 
