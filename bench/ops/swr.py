@@ -193,6 +193,7 @@ def _autograd_steps(fwd_ks, bwd_ks, a: torch.Tensor, x: torch.Tensor, dy: torch.
     y = swrgen.swr(ag, xg, out_dtype=out_dtype)
     return [("kernel_fwd", lambda: launch.forward(fwd_ks, a, x)),
             ("kernel_bwd", lambda: launch.backward(bwd_ks, a, x, dy)),
+            ("kernel_fwd_bwd", lambda: (launch.forward(fwd_ks, a, x), launch.backward(bwd_ks, a, x, dy))),
             ("op_fwd_inference", lambda: swrgen.swr(a, x, out_dtype=out_dtype)),
             ("autograd_fwd", lambda: swrgen.swr(ag, xg, out_dtype=out_dtype)),
             ("autograd_bwd", lambda: torch.autograd.grad(y, (ag, xg), dy, retain_graph=True)),
@@ -202,9 +203,10 @@ def _autograd_steps(fwd_ks, bwd_ks, a: torch.Tensor, x: torch.Tensor, dy: torch.
 def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
     """What training sees against the kernels launched directly: the forward and backward through autograd
     (``torch.autograd.grad`` with a dense upstream gradient) against ``launch.forward`` / ``launch.backward`` of
-    the same kernel set and shape, GPU medians of calls timed alone and (backward) of calls issued back to back
-    (``common.stream_ms``: what a training loop sees while its host keeps ahead), and of a training call in a
-    CUDA graph (``host.graph_replay``: no host time) against the two kernels; and the host time to issue
+    the same kernel set and shape, GPU medians of calls timed alone and (the backward, the training call) of
+    calls issued back to back (``common.stream_ms``: what a training loop sees while its host keeps ahead),
+    also with autograd's device threads off, and of a training call in a CUDA graph (``host.graph_replay``:
+    no host time) against the two kernels; and the host time to issue
     one training call (fwd + bwd), and a backward alone, beside an inference call, at a tiny shape where the
     host is all there is."""
     import swrgen
@@ -222,11 +224,18 @@ def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
         steps = dict(_autograd_steps(fwd_ks, bwd_ks, a, x, dy, out_dtype))
         t = {name: common.bench_ms(step) for name, step in steps.items()}
         # Back to back, as a training loop issues them: the host's time per call hides unless it is the longer.
-        t.update({f"{name}_stream": common.stream_ms(steps[name]) for name in ("kernel_bwd", "autograd_bwd")})
+        streamed = ("kernel_bwd", "autograd_bwd", "kernel_fwd_bwd", "autograd_fwd_bwd")
+        t.update({f"{name}_stream": common.stream_ms(steps[name]) for name in streamed})
+        # The same with autograd's device threads off (the backward on the calling thread: one GPU a process).
+        with torch.autograd.set_multithreading_enabled(False):
+            t.update({f"{name}_stream_nothreads": common.stream_ms(steps[name]) for name in streamed[1::2]})
         fb, bb = common.swr_bytes(x, a, dy.element_size())
         row = dict(B=b, H=h, L=length, out=out, **t, fwd_floor_ms=fb / bw * 1e3, bwd_floor_ms=bb / bw * 1e3,
                    bwd_autograd_over_kernel=t["autograd_bwd"] / t["kernel_bwd"],
                    bwd_stream_autograd_over_kernel=t["autograd_bwd_stream"] / t["kernel_bwd_stream"],
+                   train_stream_autograd_over_kernels=t["autograd_fwd_bwd_stream"] / t["kernel_fwd_bwd_stream"],
+                   train_stream_nothreads_over_kernels=(t["autograd_fwd_bwd_stream_nothreads"]
+                                                        / t["kernel_fwd_bwd_stream"]),
                    fwd_autograd_over_kernel=t["autograd_fwd"] / t["kernel_fwd"])  # fmt: skip
         rows.append(row)
         print(f"{b}x{h}x{length} {out}: fwd kernel {t['kernel_fwd']:.4f} / autograd {t['autograd_fwd']:.4f} ms "
@@ -234,7 +243,10 @@ def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
               f"{t['autograd_bwd']:.4f} ms ({row['bwd_autograd_over_kernel']:.3f}x), back to back "
               f"{t['kernel_bwd_stream']:.4f} / {t['autograd_bwd_stream']:.4f} ms "
               f"({row['bwd_stream_autograd_over_kernel']:.3f}x); fwd+bwd {t['autograd_fwd_bwd']:.4f} ms "
-              f"(kernels {t['kernel_fwd'] + t['kernel_bwd']:.4f})", flush=True)  # fmt: skip
+              f"(kernels {t['kernel_fwd'] + t['kernel_bwd']:.4f}), back to back {t['autograd_fwd_bwd_stream']:.4f} "
+              f"({row['train_stream_autograd_over_kernels']:.3f}x the kernels'), autograd's device threads off "
+              f"{t['autograd_fwd_bwd_stream_nothreads']:.4f} ({row['train_stream_nothreads_over_kernels']:.3f}x)",
+              flush=True)  # fmt: skip
         graphed.append((row, steps["autograd_fwd_bwd"]))
     from bench.ops.host import per_call_us
 
