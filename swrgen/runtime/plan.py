@@ -91,7 +91,8 @@ class LaunchPlan:
     def with_fields(self, fields: dict[str, Any], work: int) -> LaunchPlan:
         """A copy of this plan whose params also hold ``fields`` (every other pointer field null) and whose
         grid covers ``work`` items: ``launch`` then writes only the plain call's pointers around them."""
-        params = type(self.params).from_buffer_copy(self.params)
+        with self._lock:  # not while another thread writes a launch's fields
+            params = type(self.params).from_buffer_copy(self.params)
         for name in _POINTERS:
             setattr(params, name, 0)
         for name, value in fields.items():
