@@ -83,7 +83,8 @@ def test_packed_equals_each_sequence_alone(k, lens, kv_heads):
 @pytest.mark.parametrize("tiles_per_warp", [3, 100])
 def test_packed_under_a_tuned_tiles_per_warp(tuned_cache, tiles_per_warp):
     """A tuned variant whose tiles_per_warp is not the spec's serves a packed batch: every tile of every
-    sequence is written (outputs poisoned first) and matches the float64 reference."""
+    sequence is written (outputs poisoned first), the bits are the spec's own config's, and they match the
+    float64 reference."""
     from swrgen.tune import store
 
     layout, cu = GatingLayout(8, 2, 16), [0, 17, 1017, 1018, 4018]
@@ -97,6 +98,9 @@ def test_packed_under_a_tuned_tiles_per_warp(tuned_cache, tiles_per_warp):
     assert tiles_per_warp != ks.spec.target.tiles_per_warp
     Z, _, _ = launch.forward(ks, P, layout, DM, seqs=seqs, poison=NAN)
     dP, _ = launch.backward(ks, P, dZ, layout, DM, seqs=seqs, poison=NAN)
+    with store.disabled():  # the spec's own tiles_per_warp: tuning never changes a bit
+        assert torch.equal(launch.forward(ks, P, layout, DM, seqs=seqs)[0], Z)
+        assert torch.equal(launch.backward(ks, P, dZ, layout, DM, seqs=seqs)[0], dP)
     for s, e in itertools.pairwise(cu):
         P64 = P[:, s:e].double().requires_grad_()
         rZ = phalanx_gating_reference(P64, layout, 2, 16, DM)

@@ -75,7 +75,8 @@ def test_decode_steps_continue_a_prefill(k):
 @pytest.mark.parametrize("kind", list(LENGTHS))
 def test_packed_sequences_under_a_tuned_tiles_per_warp(tuned_cache, kind, tiles_per_warp):
     """A tuned variant whose tiles_per_warp is not the spec's serves a packed batch: every tile of every
-    sequence is written (outputs poisoned first) and matches the float64 reference, forward and backward."""
+    sequence is written (outputs poisoned first), the bits are the spec's own config's, and they match the
+    float64 reference, forward and backward."""
     from swrgen.ops.swr import launch
     from swrgen.ops.swr.op import default_kernels
     from swrgen.tune import store
@@ -93,6 +94,10 @@ def test_packed_sequences_under_a_tuned_tiles_per_warp(tuned_cache, kind, tiles_
     assert tiles_per_warp != ks.spec.target.tiles_per_warp
     y, _, _ = launch.forward(ks, a, x, seqs=seqs, poison=float("nan"))
     dx, da, _ = launch.backward(ks, a, x, dy, seqs=seqs, poison=float("nan"))
+    with store.disabled():  # the spec's own tiles_per_warp: tuning never changes a bit
+        assert torch.equal(launch.forward(ks, a, x, seqs=seqs)[0], y)
+        dx0, da0, _ = launch.backward(ks, a, x, dy, seqs=seqs)
+        assert torch.equal(dx0, dx) and torch.equal(da0, da)
     for s, e in itertools.pairwise(cu):
         a64 = a[..., s:e].double().requires_grad_()
         x64 = x[..., s:e].double().requires_grad_()
