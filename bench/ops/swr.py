@@ -200,6 +200,14 @@ def _autograd_steps(fwd_ks, bwd_ks, a: torch.Tensor, x: torch.Tensor, dy: torch.
             ("autograd_fwd_bwd", lambda: torch.autograd.grad(swrgen.swr(ag, xg, out_dtype=out_dtype), (ag, xg), dy))]
 
 
+def _training_call(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype):
+    """A training call (forward + ``autograd.grad``) on fresh leaves of ``a`` and ``x``."""
+    import swrgen
+
+    ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+    return lambda: torch.autograd.grad(swrgen.swr(ag, xg, out_dtype=out_dtype), (ag, xg), dy)
+
+
 def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
     """What training sees against the kernels launched directly: the forward and backward through autograd
     (``torch.autograd.grad`` with a dense upstream gradient) against ``launch.forward`` / ``launch.backward`` of
@@ -247,7 +255,7 @@ def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
               f"({row['train_stream_autograd_over_kernels']:.3f}x the kernels'), autograd's device threads off "
               f"{t['autograd_fwd_bwd_stream_nothreads']:.4f} ({row['train_stream_nothreads_over_kernels']:.3f}x)",
               flush=True)  # fmt: skip
-        graphed.append((row, steps["autograd_fwd_bwd"]))
+        graphed.append((row, a, x, dy, out_dtype))
     from bench.ops.host import per_call_us
 
     a, x = common.swr_inputs(1, 1, 16)
@@ -264,10 +272,12 @@ def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
         print(f"host {name}: {us:.1f} us/call", flush=True)
     rows.append({"host_us": host, "shape": [1, 1, 16, 16]})
     # Last (a capture torch refuses leaves the process unfit for more): each training call captured in a CUDA
-    # graph, its GPU time alone against the two kernels.
-    for row, step in graphed:
+    # graph, its GPU time alone against the two kernels. Fresh leaves: a leaf's AccumulateGrad node keeps the
+    # stream it was made on, and one made on the default stream (the rows above, whose retained graph holds it)
+    # makes the capture's final leaf sync cross the capture (pytorch/pytorch#164302).
+    for row, a, x, dy, out_dtype in graphed:
         try:
-            row["graphed_fwd_bwd"] = common.bench_ms(graph_replay(step))
+            row["graphed_fwd_bwd"] = common.bench_ms(graph_replay(_training_call(a, x, dy, out_dtype)))
         except RuntimeError as e:
             print(f"no CUDA graph of the training call: {str(e).splitlines()[0]}", flush=True)
             break
