@@ -273,8 +273,8 @@ def autograd_rows(args: argparse.Namespace, bw: float) -> list[dict]:
     rows.append({"host_us": host, "shape": [1, 1, 16, 16]})
     # Last (a capture torch refuses leaves the process unfit for more): each training call captured in a CUDA
     # graph, its GPU time alone against the two kernels. Fresh leaves: a leaf's AccumulateGrad node keeps the
-    # stream it was made on, and one made on the default stream (the rows above, whose retained graph holds it)
-    # makes the capture's final leaf sync cross the capture (pytorch/pytorch#164302).
+    # stream it was made on, and one made on the default stream (by the rows above, whose retained graph holds
+    # it) would have the captured gradients synced into that stream, across the capture (pytorch/pytorch#164302).
     for row, a, x, dy, out_dtype in graphed:
         try:
             row["graphed_fwd_bwd"] = common.bench_ms(graph_replay(_training_call(a, x, dy, out_dtype)))
