@@ -3,10 +3,10 @@
 torch.library ops take plain values, so an op call carries its KernelSet's key (a string); the registry
 answers it. Kernel sets are held weakly by key (an op object keeps its own alive), except the defaults,
 which ``swrgen.swr`` and ``swrgen.phalanx_gating`` build from their arguments and keep for the process.
-It also remembers the dense calls (inference and training) that passed the public ops' checks
-(``calls``), and the packed layouts (``cu_seqlens`` given as host values) that did (``layouts``). The
-registry listens to the tuned store: a change drops the calls and makes every kernel set drop its tuned
-plans.
+It also remembers the calls without a state (inference and training, dense or packed with host-int
+offsets) that passed the public ops' checks (``calls``), and the packed layouts (``cu_seqlens`` given as
+host values) that did (``layouts``). The registry listens to the tuned store: a change drops the calls and
+makes every kernel set drop its tuned plans.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ class Registry:
         self._by_key: weakref.WeakValueDictionary[str, KernelSet] = weakref.WeakValueDictionary()
         self._defaults: dict[Hashable, KernelSet] = {}
         self._lock = threading.Lock()
-        # Dense calls that passed the public ops' checks, by everything those checks read (the tensors'
-        # geometry and the arguments): a hit skips the checks, the spec and tuned lookups and the plan.
+        # Calls without a state that passed the public ops' checks, by everything those checks read (the
+        # tensors' geometry, the arguments, a packed call's offsets and stream): a hit skips the checks, the
+        # spec and tuned lookups and the plan.
         self.calls: PlanCache[tuple, Any] = PlanCache(CALLS)
         # Packed layouts that passed the checks, by their offsets: each layer of a step and each step that
         # repeats the layout reuses one checked object and its device copies (no check, no upload).
