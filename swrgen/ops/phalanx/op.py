@@ -20,7 +20,7 @@ from swrgen.ops.phalanx import launch
 from swrgen.ops.phalanx.layout import GatingLayout
 from swrgen.ops.phalanx.reference import split_projections
 from swrgen.ops.swr import op as swr_op
-from swrgen.ops.swr.launch import Sequences, StateArgs, on_stream
+from swrgen.ops.swr.launch import Sequences, StateArgs
 from swrgen.ops.swr.state import SwrState, state_width
 from swrgen.runtime.kernels import KernelSet
 from swrgen.runtime.registry import REGISTRY
@@ -287,7 +287,7 @@ class _GatingTrainCall:
         plan = self._bwd
         if plan is None:  # a contiguous aligned dZ of Z's shape: every such dZ gets this plan
             plan = launch.backward_plan(self.ks, P, dZ, self.layout, self.decay_max, seqs)
-            self._bwd = plan = plan if seqs is None else launch.packed_plan(self.ks, plan, P, seqs)
+            plan = self._bwd = launch.packed_plan(self.ks, plan, P, seqs)
         return launch.plain_backward(plan, P, dZ, self.layout)
 
 
@@ -324,9 +324,9 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
         args = (heads, kv_heads, head_dim, window_blocks, block_len, decay_max, type(heads), type(kv_heads),
                 type(head_dim), type(window_blocks), type(block_len), type(decay_max))  # fmt: skip
         key = ("phalanx", mode, P.shape, P.stride(), P.dtype, P.get_device(), launch.aligned(P), args)
-        if cu_seqlens is not None:  # packed: offsets given as host ints only; keyed with their stream
-            offsets = swr_op.layout_key(cu_seqlens, P.shape[1])
-            key = None if offsets is None else (*key, offsets, on_stream(P.device))
+        if cu_seqlens is not None:  # packed: offsets given as host ints only
+            packed = swr_op.packed_key(cu_seqlens, P.shape[1], P.device)
+            key = None if packed is None else (*key, *packed)
     if key is not None:
         hit = REGISTRY.calls.get(key)
         if hit is not None:  # P and arguments like these passed the checks below
@@ -346,9 +346,7 @@ def phalanx_gating(P: torch.Tensor, *, heads: int, kv_heads: int | None = None, 
         ks = None
     seqs = None if cu_seqlens is None else swr_op.packed_sequences(cu_seqlens, tuple(P.shape), P.shape[1], P.device)
     if key is not None and P.shape[1] > 0:  # the checks passed: remember the plans
-        plan = launch.forward_plan(ks, P, layout, dm, seqs)
-        if seqs is not None:
-            plan = launch.packed_plan(ks, plan, P, seqs)
+        plan = launch.packed_plan(ks, launch.forward_plan(ks, P, layout, dm, seqs), P, seqs)
         call = _GatingCall(plan, (P.shape[0], P.shape[1], layout.inner), seqs)
         if mode == "train":
             call = _GatingTrainCall(ks, call, layout, dm)

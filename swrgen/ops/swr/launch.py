@@ -206,10 +206,13 @@ def _packed_fields(ks: KernelSet, x: torch.Tensor, seqs: Sequences, state: State
     return fields, p.rows * total
 
 
-def packed_plan(ks: KernelSet, plan: LaunchPlan, t: torch.Tensor, seqs: Sequences) -> LaunchPlan:
-    """``plan`` (a packed call's, without a state) with the fields of one layout fixed: its offsets' device
-    copies on ``t``'s device and current stream, its chunks, its grid. A remembered packed call launches it
-    like a dense plan; whoever keeps it keeps ``seqs`` too (the copies its pointers name)."""
+def packed_plan(ks: KernelSet, plan: LaunchPlan, t: torch.Tensor, seqs: Sequences | None) -> LaunchPlan:
+    """``plan`` (a call's without a state) with the fields of one packed layout fixed: its offsets' device
+    copies on ``t``'s device and current stream, its chunks, its grid; without ``seqs`` (dense) the plan
+    itself. A remembered packed call launches it like a dense plan; whoever keeps it keeps ``seqs`` too (the
+    copies its pointers name)."""
+    if seqs is None:
+        return plan
     fields, work = _packed_fields(ks, t, seqs, None, plan)
     return plan.with_fields(fields, work)
 

@@ -486,8 +486,7 @@ class TrainCall:
             return da, dx
         plan = self._bwd
         if plan is None:  # a contiguous aligned dy of y's shape: every such dy gets this plan
-            plan = launch.backward_plan(self.ks, a, x, dy, seqs)
-            self._bwd = plan = plan if seqs is None else launch.packed_plan(self.ks, plan, x, seqs)
+            plan = self._bwd = launch.packed_plan(self.ks, launch.backward_plan(self.ks, a, x, dy, seqs), x, seqs)
         dx, da = launch.plain_backward(plan, a, x, dy)
         return da, dx
 
@@ -505,24 +504,31 @@ def memo_key(a: object, x: object, cu_seqlens: object, extra: tuple) -> tuple[tu
     if mode is None:
         return None, None
     if cu_seqlens is not None:
-        layout = layout_key(cu_seqlens, x.shape[-1])
-        if layout is None:
+        packed = packed_key(cu_seqlens, x.shape[-1], x.device)
+        if packed is None:
             return None, None
-        extra = (*extra, layout, launch.on_stream(x.device))
+        extra = (*extra, *packed)
     return _call_key(a, x, (mode, *extra)), mode
 
 
+def packed_key(cu_seqlens: object, total: int, device: torch.device) -> tuple | None:
+    """What a remembered packed call's key adds (both ops): its offsets, if host ints (:func:`layout_key`),
+    and the stream its layout's device copies are read on; or None (such a call is not remembered)."""
+    layout = layout_key(cu_seqlens, total)
+    return None if layout is None else (layout, launch.on_stream(device))
+
+
 def _remember(key: tuple, ks: KernelSet, a: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype, train: bool,
-              seqs: launch.Sequences | None = None) -> torch.Tensor:  # fmt: skip
-    """Run a checked call without a state (``train``: with gradients to record; ``seqs``: packed) and
-    remember it under ``key`` (while plans may be kept)."""
+              cu_seqlens=None) -> torch.Tensor:  # fmt: skip
+    """Run a call without a state whose tensors passed the checks (``train``: with gradients to record;
+    ``cu_seqlens``: packed, checked here) and remember it under ``key`` (while plans may be kept)."""
+    seqs = None if cu_seqlens is None else packed_sequences(cu_seqlens, tuple(x.shape), x.shape[-1], x.device)
     if x.numel() == 0:  # nothing to launch; an empty training call takes the checked path (autograd)
         if train:
             return run(ks, a, x, ks.spec.recurrence.window_blocks, ks.spec.recurrence.block_len, out_dtype, seqs,
                        None, False)  # fmt: skip
         return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
-    plan = launch.forward_plan(ks, a, x, seqs)
-    call = ForwardCall(plan if seqs is None else launch.packed_plan(ks, plan, x, seqs), out_dtype, seqs)
+    call = ForwardCall(launch.packed_plan(ks, launch.forward_plan(ks, a, x, seqs), x, seqs), out_dtype, seqs)
     if train:
         call = TrainCall(ks, call)
     if ks.caching:
@@ -569,8 +575,7 @@ class SwrOp:
         else:  # CPU: any floating dtype; output as the spec says, float64 stays float64
             out_dtype = x.dtype if (x.dtype == torch.float64 or r.output_dtype != "fp32") else torch.float32
         if key is not None:
-            seqs = None if cu_seqlens is None else packed_sequences(cu_seqlens, tuple(x.shape), x.shape[-1], x.device)
-            return _remember(key, self.kernels, a, x, out_dtype, mode == "train", seqs)
+            return _remember(key, self.kernels, a, x, out_dtype, mode == "train", cu_seqlens)
         return _checked(self.kernels if x.is_cuda else None, a, x, r.window_blocks, r.block_len, out_dtype,
                         cu_seqlens, initial_state, return_state)  # fmt: skip
 
@@ -685,6 +690,5 @@ def swr(a: torch.Tensor, x: torch.Tensor, *, window_blocks: int | None = None, b
     else:
         ks = default_kernels(x.shape[2], a.dim() == 4, x.dtype, a.dtype, k, bl, out_dtype)
     if key is not None:  # a call without a state that passed the checks: remember its plans
-        seqs = None if cu_seqlens is None else packed_sequences(cu_seqlens, tuple(x.shape), x.shape[-1], x.device)
-        return _remember(key, ks, a, x, out_dtype, mode == "train", seqs)
+        return _remember(key, ks, a, x, out_dtype, mode == "train", cu_seqlens)
     return _checked(ks, a, x, k, bl, out_dtype, cu_seqlens, initial_state, return_state)
