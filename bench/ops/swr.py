@@ -197,7 +197,7 @@ def _autograd_steps(fwd_ks, bwd_ks, a: torch.Tensor, x: torch.Tensor, dy: torch.
             ("op_fwd_inference", lambda: swrgen.swr(a, x, out_dtype=out_dtype)),
             ("autograd_fwd", lambda: swrgen.swr(ag, xg, out_dtype=out_dtype)),
             ("autograd_bwd", lambda: torch.autograd.grad(y, (ag, xg), dy, retain_graph=True)),
-            ("autograd_fwd_bwd", lambda: torch.autograd.grad(swrgen.swr(ag, xg, out_dtype=out_dtype), (ag, xg), dy))]
+            ("autograd_fwd_bwd", _training_call(a, x, dy, out_dtype))]
 
 
 def _training_call(a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype):
