@@ -57,6 +57,23 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
+def _trained(fn, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor, poison_bytes: int, **kwargs):
+    """(out, grads) of ``fn(*leaves, **kwargs)`` on fresh leaves of ``inputs`` for upstream gradient dy, on the
+    path a plain call takes (the allocator poisoned first)."""
+    leaves = _leaves(*inputs)
+    _poison_allocator(poison_bytes)
+    out = fn(*leaves, **kwargs)
+    return out, torch.autograd.grad(out, leaves, dy)
+
+
+def _trained_by_the_op(fn, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor, **kwargs):
+    """The same through the custom ops."""
+    leaves = _leaves(*inputs)
+    with _SeeTheOp():
+        out = fn(*leaves, **kwargs)
+        return out, torch.autograd.grad(out, leaves, dy)
+
+
 def _unaligned(t: torch.Tensor) -> torch.Tensor:
     """A copy of t whose base is 2 bytes past a 16-byte boundary (same shape, contiguous)."""
     out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
@@ -129,14 +146,8 @@ def test_training_calls_equal_the_custom_ops_bitwise(head_dim, per_channel, out)
     want = torch.autograd.grad(swr_reference(a64, x64, 2, 16), (a64, x64), dy.double())
     other = dy.bfloat16() if out == torch.float32 else dy.float()
     for dy_ in (dy, dy, dy, _restrided(dy), _unaligned(dy), other):
-        ag, xg = _leaves(a, x)
-        _poison_allocator(x.numel() * 4)
-        y = swrgen.swr(ag, xg, out_dtype=out)
-        got = torch.autograd.grad(y, (ag, xg), dy_)
-        ao, xo = _leaves(a, x)
-        with _SeeTheOp():
-            y_op = swrgen.swr(ao, xo, out_dtype=out)
-            got_op = torch.autograd.grad(y_op, (ao, xo), dy_)
+        y, got = _trained(swrgen.swr, (a, x), dy_, x.numel() * 4, out_dtype=out)
+        y_op, got_op = _trained_by_the_op(swrgen.swr, (a, x), dy_, out_dtype=out)
         assert type(y.grad_fn).__name__ == "_SwrTrainCallFunctionBackward" and type(y_op.grad_fn) is not type(y.grad_fn)
         assert torch.equal(y, y_op) and torch.equal(got[0], got_op[0]) and torch.equal(got[1], got_op[1])
         if dy_ is not other:
@@ -157,14 +168,8 @@ def test_remembered_packed_calls_equal_the_custom_ops_bitwise(offsets):
     cu = torch.tensor(offsets)
     grads = []
     for dy_ in (dy, dy, dy, dy.bfloat16()):
-        ag, xg = _leaves(a, x)
-        _poison_allocator(x.numel() * 4)
-        y = swrgen.swr(ag, xg, cu_seqlens=offsets)
-        got = torch.autograd.grad(y, (ag, xg), dy_)
-        ao, xo = _leaves(a, x)
-        with _SeeTheOp():
-            y_op = swrgen.swr(ao, xo, cu_seqlens=cu)
-            got_op = torch.autograd.grad(y_op, (ao, xo), dy_)
+        y, got = _trained(swrgen.swr, (a, x), dy_, x.numel() * 4, cu_seqlens=offsets)
+        y_op, got_op = _trained_by_the_op(swrgen.swr, (a, x), dy_, cu_seqlens=cu)
         assert type(y.grad_fn).__name__ == "_SwrTrainCallFunctionBackward"
         assert torch.equal(y, y_op) and torch.equal(got[0], got_op[0]) and torch.equal(got[1], got_op[1])
         with torch.no_grad():
@@ -180,14 +185,8 @@ def test_remembered_packed_calls_equal_the_custom_ops_bitwise(offsets):
     P = _projections(1, offsets[-1], layout, seed=len(offsets))
     dZ = torch.randn(1, offsets[-1], layout.inner, device="cuda").bfloat16()
     for _ in range(3):
-        (Pg,) = _leaves(P)
-        _poison_allocator(P.numel() * 2)
-        Z = swrgen.phalanx_gating(Pg, heads=8, kv_heads=4, cu_seqlens=offsets)
-        (got,) = torch.autograd.grad(Z, Pg, dZ)
-        (Po,) = _leaves(P)
-        with _SeeTheOp():
-            Z_op = swrgen.phalanx_gating(Po, heads=8, kv_heads=4, cu_seqlens=cu)
-            (got_op,) = torch.autograd.grad(Z_op, Po, dZ)
+        Z, (got,) = _trained(swrgen.phalanx_gating, (P,), dZ, P.numel() * 2, heads=8, kv_heads=4, cu_seqlens=offsets)
+        Z_op, (got_op,) = _trained_by_the_op(swrgen.phalanx_gating, (P,), dZ, heads=8, kv_heads=4, cu_seqlens=cu)
         assert type(Z.grad_fn).__name__ == "_PhalanxTrainCallFunctionBackward"
         assert torch.equal(Z, Z_op) and torch.equal(got, got_op)
     s, e = offsets[-2], offsets[-1]
@@ -249,14 +248,8 @@ def test_fused_training_calls_equal_the_custom_ops_bitwise(heads, kv_heads):
     P64 = P.double().requires_grad_()
     (want,) = torch.autograd.grad(phalanx_gating_reference(P64, layout, 2, 16, 0.8), P64, dZ.double())
     for dZ_ in (dZ, dZ, dZ, _restrided(dZ), _unaligned(dZ), dZ.float()):
-        (Pg,) = _leaves(P)
-        _poison_allocator(P.numel() * 2)
-        Z = swrgen.phalanx_gating(Pg, heads=heads, kv_heads=kv_heads)
-        (got,) = torch.autograd.grad(Z, Pg, dZ_)
-        (Po,) = _leaves(P)
-        with _SeeTheOp():
-            Z_op = swrgen.phalanx_gating(Po, heads=heads, kv_heads=kv_heads)
-            (got_op,) = torch.autograd.grad(Z_op, Po, dZ_)
+        Z, (got,) = _trained(swrgen.phalanx_gating, (P,), dZ_, P.numel() * 2, heads=heads, kv_heads=kv_heads)
+        Z_op, (got_op,) = _trained_by_the_op(swrgen.phalanx_gating, (P,), dZ_, heads=heads, kv_heads=kv_heads)
         assert type(Z.grad_fn).__name__ == "_PhalanxTrainCallFunctionBackward"
         assert torch.equal(Z, Z_op) and torch.equal(got, got_op)
         assert rel_err(got, want) <= 2e-2
