@@ -119,6 +119,7 @@ def all_gpu_test_specs():
     specs += [fused_spec_for(k=k) for k in (1, 2, 3)]
     specs += [fused_spec_for(k=2, bl=bl, dtype=dt) for bl in (16, 32, 64) for dt in ("fp16", "fp32")]
     specs += [fused_spec_for(k=3, **kw) for kw in TUNING]
+    specs += [fused_spec_for(k=2, warps_per_cta=w, tiles_per_warp=3) for w in (1, 4, 8, 16)]  # the CTA loads' test
     # tests/test_gpu_staging.py
     specs += [shared(spec_for(**kw)) for kw in FWD_VARIANTS + BWD_VARIANTS]
     specs += [shared(b, **kw) for b in base for kw in SHARED_KNOBS]

@@ -1356,6 +1356,22 @@ constexpr int kGatesPerLane = kBlockLen / kChannelsPerWarp;          // vec: gat
 // spills at two (ptxas: 255 registers on sm_90a); the vec path holds a quarter of that.
 template <bool kVec>
 __device__ constexpr int fused_flight() { return kVec && kFusedVecOk ? (kTilesInFlight < 2 ? kTilesInFlight : 2) : 1; }
+// Forward, CTA loads (constants.FUSED_CTA_LOADS): when the heads are a multiple of warps_per_cta, a CTA's
+// warps hold consecutive heads of one chunk, and the CTA moves each token row's run of its heads' blocks
+// (warps_per_cta x 32 bytes) together instead of each warp 16 rows x 32 bytes of its own: a load or store
+// instruction then spans fewer, longer runs of a row. The rows meet in the warps' shared tiles (B, V, C
+// and Z, two sets by tile parity), behind one CTA barrier a tile: Z of a tile is stored after the next
+// tile's barrier.
+// A warp's tiles start kFusedFwdWarpBytes apart, a multiple of 128 bytes plus a skew: each 8-lane phase of a
+// 16-byte shared store (or load) of CTA loads covers one row of 4 heads (W >= 4) or two rows of 2 (W = 2),
+// and the skew puts those heads' chunks in different banks (without it, 4-way bank conflicts).
+constexpr int kFwdCtaTiles = 8;
+constexpr int kFwdCtaBytes = kFwdCtaTiles * kSmemTile;
+constexpr int kFwdCtaSkew = ((kWarpsPerCta == 2 ? 64 : 32) - kFwdCtaBytes % 128 + 128) % 128;
+constexpr bool kFusedCtaLoads = true && kWarpsPerCta > 1 &&
+                                kWarpsPerCta * (kFwdCtaBytes + kFwdCtaSkew) <= 48 * 1024;
+constexpr int kFusedFwdWarpBytes = kFusedCtaLoads ? kFwdCtaBytes + kFwdCtaSkew : kSmemTile;
+static_assert(!kFusedCtaLoads || kFusedFwdWarpBytes % 128 == (kWarpsPerCta == 2 ? 64 : 32), "the CTA loads' bank skew");
 // Backward: prefetch the next step's loads unless tiles_in_flight is 1.
 constexpr bool kFusedBwdPrefetch = kTilesInFlight >= 2;
 // Backward: keep the look-ahead's reverse scan, dZ and gate sigmoids of a tile until it is finished.
@@ -1425,24 +1441,71 @@ __device__ __forceinline__ uint4 load_row_chunk(const uint4* p) {
   return v;
 }
 
-// Tile `tile` of the block whose channel-0 column is `col0` (this lane's column is col0 + channel);
-// positions outside [lo, hi) read 0.
+// Which 16-byte chunks of a tile's rows a thread moves (vec): rows row, row + 16, ... (kVecChunks of them),
+// half `half` of each row's 32 bytes. A warp alone: lane pair i takes row i. CTA loads: the 2W threads of
+// row r take its W heads' blocks in turn (head (tid % 2W) / 2 of the CTA's), so a warp spans 16 / W rows.
+struct RowChunk {
+  int row, half;
+};
+__device__ __forceinline__ RowChunk warp_chunk(int lane) { return {lane / 2, lane & 1}; }
+__device__ __forceinline__ RowChunk cta_chunk(int tid) { return {tid / (2 * kWarpsPerCta), tid & 1}; }
+
+// Tile `tile` of the block whose channel-0 column is `col0` (this lane's column is col0 + channel; vec:
+// the rows of chunk `rc` of it); positions outside [lo, hi) read 0.
 template <bool kVec, typename T>
 __device__ __forceinline__ Block<kVec, T> load_block(const T* __restrict__ col0, int lane, long long stride,
-                                                     tok_t tile, tok_t lo, tok_t hi) {
+                                                     tok_t tile, tok_t lo, tok_t hi, RowChunk rc) {
   Block<kVec, T> r;
   if constexpr (kVec) {
 #pragma unroll
     for (int i = 0; i < kVecChunks; ++i) {
-      const int id = lane + kWarpSize * i;
-      const tok_t tok = tile * kBlockLen + id / 2;
-      r.q[i] = (tok >= lo && tok < hi) ? load_row_chunk(reinterpret_cast<const uint4*>(col0 + tok * stride) + (id & 1))
+      const tok_t tok = tile * kBlockLen + rc.row + (kWarpSize / 2) * i;
+      r.q[i] = (tok >= lo && tok < hi) ? load_row_chunk(reinterpret_cast<const uint4*>(col0 + tok * stride) + rc.half)
                                        : make_uint4(0, 0, 0, 0);
     }
   } else {
     load_tokens(col0 + lane / kLanesPerTile, stride, tile * kBlockLen + (lane & 1) * kTokensPerLane, lo, hi, r.v);
   }
   return r;
+}
+template <bool kVec, typename T>
+__device__ __forceinline__ Block<kVec, T> load_block(const T* __restrict__ col0, int lane, long long stride,
+                                                     tok_t tile, tok_t lo, tok_t hi) {
+  return load_block<kVec>(col0, lane, stride, tile, lo, hi, warp_chunk(lane));
+}
+
+// vec: chunk rc of a tile's raw rows into a shared tile, and this lane's channel of its half-tile out of
+// one, as floats (and back: write_tile, store_chunks).
+template <typename T>
+__device__ __forceinline__ void stage_chunks(const Block<true, T>& r, unsigned char* tile_smem, RowChunk rc) {
+#pragma unroll
+  for (int i = 0; i < kVecChunks; ++i)
+    *reinterpret_cast<uint4*>(tile_smem + smem_row(rc.row + (kWarpSize / 2) * i) + rc.half * 16) = r.q[i];
+}
+template <typename T>
+__device__ __forceinline__ void read_tile(const unsigned char* tile_smem, int lane, float (&out)[kTokensPerLane]) {
+  const int half = (lane & 1) * kTokensPerLane;
+#pragma unroll
+  for (int e = 0; e < kTokensPerLane; ++e)
+    out[e] = to_f32(*reinterpret_cast<const T*>(tile_smem + smem_row(half + e) + (lane / kLanesPerTile) * 2));
+}
+template <typename T>
+__device__ __forceinline__ void write_tile(unsigned char* tile_smem, int lane, const float (&v)[kTokensPerLane]) {
+  const int half = (lane & 1) * kTokensPerLane;
+#pragma unroll
+  for (int e = 0; e < kTokensPerLane; ++e)
+    *reinterpret_cast<T*>(tile_smem + smem_row(half + e) + (lane / kLanesPerTile) * 2) = from_f32<T>(v[e]);
+}
+template <typename T>
+__device__ __forceinline__ void store_chunks(T* __restrict__ col0, const unsigned char* tile_smem, RowChunk rc,
+                                             long long stride, tok_t tile, tok_t lo, tok_t hi) {
+#pragma unroll
+  for (int i = 0; i < kVecChunks; ++i) {
+    const int row = rc.row + (kWarpSize / 2) * i;
+    const tok_t tok = tile * kBlockLen + row;
+    if (tok >= lo && tok < hi)
+      reinterpret_cast<uint4*>(col0 + tok * stride)[rc.half] = *reinterpret_cast<const uint4*>(tile_smem + smem_row(row) + rc.half * 16);
+  }
 }
 
 // This lane's channel, tokens of its half-tile, as floats (vec: through the warp's shared tile).
@@ -1451,16 +1514,9 @@ __device__ __forceinline__ void unpack_block(const Block<kVec, T>& r, unsigned c
                                              float (&out)[kTokensPerLane]) {
   if constexpr (kVec) {
     __syncwarp();  // the previous reads of the shared tile are done
-#pragma unroll
-    for (int i = 0; i < kVecChunks; ++i) {
-      const int id = lane + kWarpSize * i;
-      *reinterpret_cast<uint4*>(smem + smem_row(id / 2) + (id & 1) * 16) = r.q[i];
-    }
+    stage_chunks(r, smem, warp_chunk(lane));
     __syncwarp();
-    const int half = (lane & 1) * kTokensPerLane;
-#pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e)
-      out[e] = to_f32(*reinterpret_cast<const T*>(smem + smem_row(half + e) + (lane / kLanesPerTile) * 2));
+    read_tile<T>(smem, lane, out);
   } else {
 #pragma unroll
     for (int e = 0; e < kTokensPerLane; ++e) out[e] = to_f32(r.v[e]);
@@ -1472,19 +1528,10 @@ template <bool kVec, typename T>
 __device__ __forceinline__ void store_block(T* __restrict__ col0, const float (&v)[kTokensPerLane], unsigned char* smem,
                                             int lane, long long stride, tok_t tile, tok_t lo, tok_t hi) {
   if constexpr (kVec) {
-    const int half = (lane & 1) * kTokensPerLane;
     __syncwarp();
-#pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e)
-      *reinterpret_cast<T*>(smem + smem_row(half + e) + (lane / kLanesPerTile) * 2) = from_f32<T>(v[e]);
+    write_tile<T>(smem, lane, v);
     __syncwarp();
-#pragma unroll
-    for (int i = 0; i < kVecChunks; ++i) {
-      const int id = lane + kWarpSize * i;
-      const tok_t tok = tile * kBlockLen + id / 2;
-      if (tok >= lo && tok < hi)
-        reinterpret_cast<uint4*>(col0 + tok * stride)[id & 1] = *reinterpret_cast<const uint4*>(smem + smem_row(id / 2) + (id & 1) * 16);
-    }
+    store_chunks(col0, smem, warp_chunk(lane), stride, tile, lo, hi);
   } else {
     store_tokens(col0 + lane / kLanesPerTile, stride, tile * kBlockLen + (lane & 1) * kTokensPerLane, lo, hi, v);
   }
@@ -1584,10 +1631,10 @@ struct Columns {
   T *a, *b, *c, *v;
 };
 template <typename T>
-__device__ __forceinline__ Columns<T> columns(T* base, const Params& p, const WarpWork& w) {
-  const long long kv = w.h / p.kv_group;
-  return {base + p.col_a + w.h, base + p.col_b + kv * kHeadDim, base + p.col_c + kv * kHeadDim,
-          base + p.col_v + w.h * kHeadDim};
+__device__ __forceinline__ Columns<T> columns(T* base, const Params& p, long long h) {
+  const long long kv = h / p.kv_group;
+  return {base + p.col_a + h, base + p.col_b + kv * kHeadDim, base + p.col_c + kv * kHeadDim,
+          base + p.col_v + h * kHeadDim};
 }
 
 // Tokens of this lane's half-tile outside [lo, hi) take the gate `fill` (1: the scan carries its state
@@ -1612,12 +1659,20 @@ __device__ __forceinline__ void gated_inputs(float (&a8)[kTokensPerLane], float 
 
 // ---- Forward ----
 
-// kState: continue from a state and write the new one (state, state_out, pos_out).
-template <bool kVecIn, bool kState>
-__device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem) {
+// kState: continue from a state and write the new one (state, state_out, pos_out). kCta: CTA loads (above);
+// `smem` holds kFusedFwdWarpBytes of shared tiles a warp.
+template <bool kVecIn, bool kState, bool kCta>
+__device__ __forceinline__ void phalanx_fwd_rows(const Params& p, unsigned char* smem) {
   constexpr bool kVec = kVecIn && kFusedVecOk;
   constexpr int kFlight = fused_flight<kVec>();
   const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  // CTA loads: this thread moves chunk rc of head `mate` of the CTA's (its tiles at `theirs`). The scalar
+  // kernels have no shared tiles.
+  const RowChunk rc = kCta ? cta_chunk(threadIdx.x) : warp_chunk(lane);
+  const int mate = kCta ? (threadIdx.x % (2 * kWarpsPerCta)) / 2 : warp;
+  unsigned char* const own = kVec ? smem + warp * kFusedFwdWarpBytes : smem;
+  unsigned char* const theirs = kVec ? smem + mate * kFusedFwdWarpBytes : smem;
   const bool odd = lane & 1;
   const int half_off = odd ? kTokensPerLane : 0;
   const float dm = static_cast<float>(p.decay_max);
@@ -1632,8 +1687,11 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem
       continue;
     }
     if (w.first >= w.tiles) continue;  // past this sequence's tiles (the grid is sized for the most)
-    const Columns<const in_t> P = columns(static_cast<const in_t*>(p.x) + w.b * p.spb + w.base * p.spt, p, w);
+    const in_t* const x = static_cast<const in_t*>(p.x) + w.b * p.spb + w.base * p.spt;
+    const long long head = w.h - warp + mate;  // the head whose blocks this thread moves (CTA loads)
+    const Columns<const in_t> P = columns(x, p, w.h), Q = kCta ? columns(x, p, head) : P;
     out_t* z = const_cast<out_t*>(static_cast<const out_t*>(p.y)) + w.b * p.szb + w.base * p.szt + w.h * kHeadDim;
+    out_t* const zq = kCta ? z + (head - w.h) * kHeadDim : z;
 
     const float* st_in = kState ? state_in(p, w) : nullptr;
     float cv[kCarry], cp[kCarry];
@@ -1651,9 +1709,9 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem
       for (int f = 0; f < kFlight; ++f) {
         const tok_t hi = tile + f < w.last ? w.hi : 0;  // tiles past the chunk load nothing
         as[f] = load_gates<kVec>(P.a, lane, p.spt, tile + f, w.lo, hi);
-        bs[f] = load_block<kVec>(P.b, lane, p.spt, tile + f, w.lo, hi);
-        vs[f] = load_block<kVec>(P.v, lane, p.spt, tile + f, w.lo, hi);
-        cs[f] = load_block<kVec>(P.c, lane, p.spt, tile + f, w.lo, tile + f >= w.first ? hi : 0);  // halo: no C
+        bs[f] = load_block<kVec>(Q.b, lane, p.spt, tile + f, w.lo, hi, rc);
+        vs[f] = load_block<kVec>(Q.v, lane, p.spt, tile + f, w.lo, hi, rc);
+        cs[f] = load_block<kVec>(Q.c, lane, p.spt, tile + f, w.lo, tile + f >= w.first ? hi : 0, rc);  // halo: no C
       }
     };
     const tok_t start = max(0, w.first - (kWindow - 1));
@@ -1664,12 +1722,28 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem
       load_batch(tile + kFlight, an, bn, cn, vn);
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
-        if (tile + f >= w.last) break;  // uniform across the warp
+        if (tile + f >= w.last) break;  // uniform across the warp (CTA loads: across the CTA)
         const tok_t t0 = (tile + f) * kBlockLen + half_off;
         float a8[kTokensPerLane], u[kTokensPerLane], vv[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
         gate_sigmoids(ab[f], lane, a8, dm);
-        unpack_block(bb[f], smem, lane, u);
-        unpack_block(vb[f], smem, lane, vv);
+        // CTA loads: this tile's set of shared tiles (B, V, C, Z), the warp's own and its mate's.
+        unsigned char* const mine = own + ((tile + f) & 1) * 4 * kSmemTile;
+        unsigned char* const mates = theirs + ((tile + f) & 1) * 4 * kSmemTile;
+        if constexpr (kCta) {
+          // The set was last read two tiles ago, before the barrier of the tile before: free.
+          stage_chunks(bb[f], mates, rc);
+          stage_chunks(vb[f], mates + kSmemTile, rc);
+          stage_chunks(cb[f], mates + 2 * kSmemTile, rc);
+          __syncthreads();
+          if (tile + f > w.first)  // Z of the tile before (the other set), written before this barrier
+            store_chunks(zq, theirs + ((tile + f + 1) & 1) * 4 * kSmemTile + 3 * kSmemTile, rc, p.szt, tile + f - 1,
+                         w.lo, w.hi);
+          read_tile<in_t>(mine, lane, u);
+          read_tile<in_t>(mine + kSmemTile, lane, vv);
+        } else {
+          unpack_block(bb[f], own, lane, u);
+          unpack_block(vb[f], own, lane, vv);
+        }
         gated_inputs(a8, u, vv, edge_tile(tile + f, w.lo, w.hi), t0, w);
         if (resume && tile + f == 0) virtual_token(st_in, w, t0, u, a8);
         tile_scan_fwd(u, a8, odd, wl, gl);
@@ -1678,10 +1752,15 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem
         if (tile + f >= w.first) {  // halo tiles only feed the carriers
           const float carry = carry_in(cv, cp);
           float cc[kTokensPerLane], out[kTokensPerLane];
-          unpack_block(cb[f], smem, lane, cc);
+          if constexpr (kCta) read_tile<in_t>(mine + 2 * kSmemTile, lane, cc);
+          else unpack_block(cb[f], own, lane, cc);
 #pragma unroll
           for (int e = 0; e < kTokensPerLane; ++e) out[e] = fmaf(fmaf(gl[e], carry, wl[e]), cc[e], vv[e]);
-          store_block<kVec>(z, out, smem, lane, p.szt, tile + f, w.lo, w.hi);
+          if constexpr (kCta) {
+            write_tile<out_t>(mine + 3 * kSmemTile, lane, out);  // stored after the next barrier
+          } else {
+            store_block<kVec>(z, out, own, lane, p.szt, tile + f, w.lo, w.hi);
+          }
         }
         if constexpr (kState) {
           lost_v = cv[kCarry - 1];
@@ -1697,10 +1776,23 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem
         vb[f] = vn[f];
       }
     }
+    if constexpr (kCta) {  // Z of the chunk's last tile
+      __syncthreads();
+      store_chunks(zq, theirs + ((w.last - 1) & 1) * 4 * kSmemTile + 3 * kSmemTile, rc, p.szt, w.last - 1, w.lo, w.hi);
+    }
     if constexpr (kState) {
       if (w.last == w.tiles) store_state(p, w, cv, cp, lost_v, lost_p, lane);
     }
   }
+}
+
+template <bool kVecIn, bool kState>
+__device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem) {
+  if constexpr (kVecIn && kFusedVecOk && kFusedCtaLoads) {
+    // A CTA's warps then share a chunk and a batch entry: rows % W == 0, so its items never straddle one.
+    if (p.heads % kWarpsPerCta == 0) return phalanx_fwd_rows<kVecIn, kState, true>(p, smem);
+  }
+  phalanx_fwd_rows<kVecIn, kState, false>(p, smem);
 }
 
 // ---- Backward ----
@@ -1738,9 +1830,9 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
     }
     if (w.first >= w.tiles) continue;  // past this sequence's tiles (the grid is sized for the most)
     const tok_t num_tiles = w.tiles;
-    const Columns<const in_t> P = columns(static_cast<const in_t*>(p.x) + w.b * p.spb + w.base * p.spt, p, w);
+    const Columns<const in_t> P = columns(static_cast<const in_t*>(p.x) + w.b * p.spb + w.base * p.spt, p, w.h);
     const Columns<in_t> dP = columns(const_cast<in_t*>(static_cast<const in_t*>(p.dx)) + w.b * p.sdpb + w.base * p.sdpt,
-                                     p, w);
+                                     p, w.h);
     const out_t* dz = static_cast<const out_t*>(p.dy) + w.b * p.sdzb + w.base * p.sdzt + w.h * kHeadDim;
     // Per-head dB, dC for shared kv-heads: [B, L, 2, H, DH] fp32.
     const long long sbc = 2 * p.heads * kHeadDim;
@@ -1996,20 +2088,20 @@ __device__ __forceinline__ void phalanx_decode(const Params& p) {
 // the plain ones do); "scalar" take any layout; "_state" ones continue from a state and write the new one
 // (forward) or hand back both gradients (backward).
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_fwd_vec(const swr::Params p) {
-  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][true && swr::kFusedVecOk ? swr::kSmemTile : 16];
-  swr::phalanx_fwd<true, false>(p, smem[threadIdx.x / swr::kWarpSize]);
+  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta * (true && swr::kFusedVecOk ? swr::kFusedFwdWarpBytes : 16)];
+  swr::phalanx_fwd<true, false>(p, smem);  // the CTA's tiles: CTA loads reach the other warps'
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_fwd_scalar(const swr::Params p) {
-  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][false && swr::kFusedVecOk ? swr::kSmemTile : 16];
-  swr::phalanx_fwd<false, false>(p, smem[threadIdx.x / swr::kWarpSize]);
+  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta * (false && swr::kFusedVecOk ? swr::kFusedFwdWarpBytes : 16)];
+  swr::phalanx_fwd<false, false>(p, smem);  // the CTA's tiles: CTA loads reach the other warps'
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_fwd_state_vec(const swr::Params p) {
-  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][true && swr::kFusedVecOk ? swr::kSmemTile : 16];
-  swr::phalanx_fwd<true, true>(p, smem[threadIdx.x / swr::kWarpSize]);
+  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta * (true && swr::kFusedVecOk ? swr::kFusedFwdWarpBytes : 16)];
+  swr::phalanx_fwd<true, true>(p, smem);  // the CTA's tiles: CTA loads reach the other warps'
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_fwd_state_scalar(const swr::Params p) {
-  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][false && swr::kFusedVecOk ? swr::kSmemTile : 16];
-  swr::phalanx_fwd<false, true>(p, smem[threadIdx.x / swr::kWarpSize]);
+  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta * (false && swr::kFusedVecOk ? swr::kFusedFwdWarpBytes : 16)];
+  swr::phalanx_fwd<false, true>(p, smem);  // the CTA's tiles: CTA loads reach the other warps'
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_bwd_vec(const swr::Params p) {
   __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][true && swr::kFusedVecOk ? swr::kSmemTile : 16];
