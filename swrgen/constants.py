@@ -25,10 +25,10 @@ REREAD_L2_PREFETCH_BYTES = 256
 FUSED_L2_PREFETCH_BYTES = 128
 # The fused forward's CTA loads (templates/phalanx.cuh.j2): with heads a multiple of warps_per_cta, the CTA
 # moves each token row's run of its W heads' blocks (W x 32 bytes) together, through shared tiles, instead of
-# each warp 16 rows x 32 bytes of its own. The warp's own loads kept the L1 data pipe 88% busy (about 16
-# wavefronts a load of 16 scattered rows; DRAM 64%). H200, bench/results/log.md runs 97-100: fused forward
-# 0.179 -> 0.152 ms (72% -> 85% of the floor) at the spec's target, outputs identical; the stores of the
-# shared tiles need the bank skew between warps' tiles (without it, runs 97-98, CTA loads gained nothing).
+# each warp 16 rows x 32 bytes of its own. The warp's own loads kept the L1 data pipe 88% busy (a load of
+# 16 rows touches 16 lines; DRAM 64%). H200, bench/results/log.md runs 97-100: fused forward 0.179 -> 0.152
+# ms (72% -> 84.6% of the floor) at the spec's target, outputs identical; the stores of the shared tiles
+# need the bank skew between warps' tiles (without it, runs 97-98, CTA loads gained nothing).
 # False: every warp moves its own head's rows.
 FUSED_CTA_LOADS = True
 # target.staging: where a warp's loads wait before the math (layout: swrgen/spec/staging.py).

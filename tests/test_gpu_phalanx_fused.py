@@ -101,15 +101,15 @@ def test_fused_identical_across_tuning(knobs, heads):
 
 @pytest.mark.parametrize("heads", [8, 24])
 def test_fused_forward_cta_loads_or_not(heads):
-    """The fused forward's CTA loads (heads a multiple of warps_per_cta: a CTA moves its heads' token rows
-    together) and its warps' own loads (one warp a CTA, or heads not a multiple) give the same bits, and the
+    """The fused forward's CTA loads (a CTA moves its heads' token rows together: 4 and 8 warps) and its
+    warps' own loads (1 warp a CTA; 16, whose shared tiles would not fit) give the same bits, and the
     reference's values; short chunks, a partial tile and three batch entries put chunk and row edges inside
     CTAs' reach."""
     layout = GatingLayout(heads, heads // 4, 16)
     length = 16 * 20 + 9
     P = make_projections(3, length, layout, torch.bfloat16, seed=heads)
     Z = {w: run(fused_spec(k=2, warps_per_cta=w, tiles_per_warp=3), P, layout, 0.8)[0] for w in (1, 4, 8, 16)}
-    for w in (4, 8, 16):  # 16 at 8 heads, and at 24: not a multiple, the warps' own loads
+    for w in (4, 8, 16):
         assert torch.equal(Z[w], Z[1]), w
     P64 = P.double()
     assert rel_err(Z[1], phalanx_gating_reference(P64, layout, 2, 16, 0.8)) <= TOL["bf16"]

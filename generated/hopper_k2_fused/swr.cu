@@ -1790,6 +1790,8 @@ template <bool kVecIn, bool kState>
 __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem) {
   if constexpr (kVecIn && kFusedVecOk && kFusedCtaLoads) {
     // A CTA's warps then share a chunk and a batch entry: rows % W == 0, so its items never straddle one.
+    // (The vec kernels' alignment rule already makes heads a multiple of 8, and CTA loads fit W <= 8 warps;
+    // the test keeps the barriers safe should either change.)
     if (p.heads % kWarpsPerCta == 0) return phalanx_fwd_rows<kVecIn, kState, true>(p, smem);
   }
   phalanx_fwd_rows<kVecIn, kState, false>(p, smem);
