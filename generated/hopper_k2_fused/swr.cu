@@ -1365,8 +1365,12 @@ __device__ constexpr int fused_flight() { return kVec && kFusedVecOk ? (kTilesIn
 // A warp's tiles start kFusedFwdWarpBytes apart, a multiple of 128 bytes plus a skew: each 8-lane phase of a
 // 16-byte shared store (or load) of CTA loads covers one row of 4 heads (W >= 4) or two rows of 2 (W = 2),
 // and the skew puts those heads' chunks in different banks (without it, 4-way bank conflicts).
+// The gate column (A) goes the same way: the CTA loads its W heads' BL x 2W bytes of gate logits a tile, and
+// each lane pair reads its G tokens back from its warp's gate tile (BL values a set).
 constexpr int kFwdCtaTiles = 8;
-constexpr int kFwdCtaBytes = kFwdCtaTiles * kSmemTile;
+constexpr int kGateTileBytes = kBlockLen * 2;  // 16-bit gate logits
+constexpr int kFwdCtaBytes = kFwdCtaTiles * kSmemTile + 2 * kGateTileBytes;
+constexpr int kCtaGateLoads = (kBlockLen + kWarpSize - 1) / kWarpSize;  // gate logits a thread loads a tile
 constexpr int kFwdCtaSkew = ((kWarpsPerCta == 2 ? 64 : 32) - kFwdCtaBytes % 128 + 128) % 128;
 constexpr bool kFusedCtaLoads = true && kWarpsPerCta > 1 &&
                                 kWarpsPerCta * (kFwdCtaBytes + kFwdCtaSkew) <= 48 * 1024;
@@ -1553,6 +1557,54 @@ __device__ __forceinline__ Gates<kVec, T> load_gates(const T* __restrict__ col, 
   return g;
 }
 
+// CTA loads: this thread's gate logits of a tile, logit idx = tid + 32W i at row idx / W of head idx % W of the
+// CTA's (whose heads' logits are contiguous in a token row: col_a0 is head 0's column); rows past BL and
+// positions outside [lo, hi) read 0, as load_gates reads them.
+template <typename T>
+struct CtaGates {
+  T v[kCtaGateLoads];
+};
+// The forward's gate loads: a lane pair's (Gates) or, with CTA loads, the CTA's (CtaGates).
+template <bool kCta, bool kVec, typename T>
+struct FwdGates {
+  using type = Gates<kVec, T>;
+};
+template <bool kVec, typename T>
+struct FwdGates<true, kVec, T> {
+  using type = CtaGates<T>;
+};
+template <typename T>
+__device__ __forceinline__ CtaGates<T> load_cta_gates(const T* __restrict__ col_a0, long long stride, tok_t tile,
+                                                      tok_t lo, tok_t hi, int tid) {
+  CtaGates<T> g;
+#pragma unroll
+  for (int i = 0; i < kCtaGateLoads; ++i) {
+    const int idx = tid + kWarpSize * kWarpsPerCta * i, row = idx / kWarpsPerCta;
+    const tok_t tok = tile * kBlockLen + row;
+    g.v[i] = (row < kBlockLen && tok >= lo && tok < hi) ? __ldg(col_a0 + tok * stride + idx % kWarpsPerCta)
+                                                        : from_f32<T>(0.f);
+  }
+  return g;
+}
+// Into the gate tiles (`tiles`: the CTA's, `set_off`: the set's offset in a warp's bytes), and a lane
+// pair's G logits back out of its own warp's: the values load_gates gives.
+template <typename T>
+__device__ __forceinline__ void stage_cta_gates(const CtaGates<T>& g, unsigned char* tiles, int warp_bytes, int tid) {
+#pragma unroll
+  for (int i = 0; i < kCtaGateLoads; ++i) {
+    const int idx = tid + kWarpSize * kWarpsPerCta * i, row = idx / kWarpsPerCta;
+    if (row < kBlockLen) *reinterpret_cast<T*>(tiles + (idx % kWarpsPerCta) * warp_bytes + row * 2) = g.v[i];
+  }
+}
+template <typename T>
+__device__ __forceinline__ Gates<true, T> read_gates(const unsigned char* gate_tile, int lane) {
+  Gates<true, T> g;
+#pragma unroll
+  for (int i = 0; i < kGatesPerLane; ++i)
+    g.v[i] = *reinterpret_cast<const T*>(gate_tile + ((lane / 2) * kGatesPerLane + i) * 2);
+  return g;
+}
+
 // The slope of a gate in its logit, d(decay_max sigmoid(P_A)) / dP_A = a (1 - s) with a = decay_max s, for
 // the gates a lane takes the sigmoid of (vec: its pair's G tokens; scalar: its own tokens). The backward
 // applies it to dP_A after the channel sum (apply_slope): one product a token, not one a channel.
@@ -1700,7 +1752,7 @@ __device__ __forceinline__ void phalanx_fwd_rows(const Params& p, unsigned char*
     float lost_v = 0.f, lost_p = 0.f;
 
     using Blk = Block<kVec, in_t>;
-    using Gts = Gates<kVec, in_t>;
+    using Gts = typename FwdGates<kCta, kVec, in_t>::type;
     Gts ab[kFlight];
     Blk bb[kFlight], cb[kFlight], vb[kFlight];
     const auto load_batch = [&](tok_t tile, Gts (&as)[kFlight], Blk (&bs)[kFlight], Blk (&cs)[kFlight],
@@ -1708,7 +1760,8 @@ __device__ __forceinline__ void phalanx_fwd_rows(const Params& p, unsigned char*
 #pragma unroll
       for (int f = 0; f < kFlight; ++f) {
         const tok_t hi = tile + f < w.last ? w.hi : 0;  // tiles past the chunk load nothing
-        as[f] = load_gates<kVec>(P.a, lane, p.spt, tile + f, w.lo, hi);
+        if constexpr (kCta) as[f] = load_cta_gates(P.a - warp, p.spt, tile + f, w.lo, hi, threadIdx.x);
+        else as[f] = load_gates<kVec>(P.a, lane, p.spt, tile + f, w.lo, hi);
         bs[f] = load_block<kVec>(Q.b, lane, p.spt, tile + f, w.lo, hi, rc);
         vs[f] = load_block<kVec>(Q.v, lane, p.spt, tile + f, w.lo, hi, rc);
         cs[f] = load_block<kVec>(Q.c, lane, p.spt, tile + f, w.lo, tile + f >= w.first ? hi : 0, rc);  // halo: no C
@@ -1725,22 +1778,25 @@ __device__ __forceinline__ void phalanx_fwd_rows(const Params& p, unsigned char*
         if (tile + f >= w.last) break;  // uniform across the warp (CTA loads: across the CTA)
         const tok_t t0 = (tile + f) * kBlockLen + half_off;
         float a8[kTokensPerLane], u[kTokensPerLane], vv[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
-        gate_sigmoids(ab[f], lane, a8, dm);
-        // CTA loads: this tile's set of shared tiles (B, V, C, Z), the warp's own and its mate's.
+        // CTA loads: this tile's set of shared tiles (B, V, C, Z), the warp's own and its mate's; its gate tiles.
         unsigned char* const mine = own + ((tile + f) & 1) * 4 * kSmemTile;
         unsigned char* const mates = theirs + ((tile + f) & 1) * 4 * kSmemTile;
+        const int gate_off = 8 * kSmemTile + ((tile + f) & 1) * kGateTileBytes;
         if constexpr (kCta) {
           // The set was last read two tiles ago, before the barrier of the tile before: free.
+          stage_cta_gates(ab[f], smem + gate_off, kFusedFwdWarpBytes, threadIdx.x);
           stage_chunks(bb[f], mates, rc);
           stage_chunks(vb[f], mates + kSmemTile, rc);
           stage_chunks(cb[f], mates + 2 * kSmemTile, rc);
           __syncthreads();
+          gate_sigmoids(read_gates<in_t>(own + gate_off, lane), lane, a8, dm);
           if (tile + f > w.first)  // Z of the tile before (the other set), written before this barrier
             store_chunks(zq, theirs + ((tile + f + 1) & 1) * 4 * kSmemTile + 3 * kSmemTile, rc, p.szt, tile + f - 1,
                          w.lo, w.hi);
           read_tile<in_t>(mine, lane, u);
           read_tile<in_t>(mine + kSmemTile, lane, vv);
         } else {
+          gate_sigmoids(ab[f], lane, a8, dm);
           unpack_block(bb[f], own, lane, u);
           unpack_block(vb[f], own, lane, vv);
         }
