@@ -24,11 +24,12 @@ REREAD_L2_PREFETCH_BYTES = 256
 # the tuned one, backward -0.5%; 128 and 256 alike. 0 disables the hint.
 FUSED_L2_PREFETCH_BYTES = 128
 # The fused forward's CTA loads (templates/phalanx.cuh.j2): with heads a multiple of warps_per_cta, the CTA
-# moves each token row's run of its W heads' blocks (W x 32 bytes) together, through shared tiles, instead of
-# each warp 16 rows x 32 bytes of its own. The warp's own loads kept the L1 data pipe 88% busy (a load of
-# 16 rows touches 16 lines; DRAM 64%). H200, bench/results/log.md runs 97-100: fused forward 0.179 -> 0.152
-# ms (72% -> 84.6% of the floor) at the spec's target, outputs identical; the stores of the shared tiles
-# need the bank skew between warps' tiles (without it, runs 97-98, CTA loads gained nothing).
+# moves each token row's run of its W heads' blocks (W x 32 bytes) and gate logits (2W bytes) together,
+# through shared tiles, instead of each warp 16 rows of its own. The warp's own loads kept the L1 data pipe
+# 88% busy (a load of 16 rows touches 16 lines; DRAM 64%). H200, bench/results/log.md runs 97-105: fused
+# forward 0.179 -> 0.149 ms (72% -> 86% of the floor) at the spec's target, outputs identical; the stores of
+# the shared tiles need the bank skew between warps' tiles (without it, runs 97-98, CTA loads gained
+# nothing). The backward keeps its warps' own loads (CTA loads there: 1.4% slower, run 103).
 # False: every warp moves its own head's rows.
 FUSED_CTA_LOADS = True
 # target.staging: where a warp's loads wait before the math (layout: swrgen/spec/staging.py).

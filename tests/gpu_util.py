@@ -119,7 +119,8 @@ def all_gpu_test_specs():
     specs += [fused_spec_for(k=k) for k in (1, 2, 3)]
     specs += [fused_spec_for(k=2, bl=bl, dtype=dt) for bl in (16, 32, 64) for dt in ("fp16", "fp32")]
     specs += [fused_spec_for(k=3, **kw) for kw in TUNING]
-    specs += [fused_spec_for(k=2, warps_per_cta=w, tiles_per_warp=3) for w in (1, 4, 8, 16)]  # the CTA loads' test
+    # the CTA loads' test (test_gpu_phalanx_fused.py)
+    specs += [fused_spec_for(k=k, warps_per_cta=w, tiles_per_warp=3) for k in (2, 3) for w in (1, 2, 4, 8, 16)]
     # tests/test_gpu_staging.py
     specs += [shared(spec_for(**kw)) for kw in FWD_VARIANTS + BWD_VARIANTS]
     specs += [shared(b, **kw) for b in base for kw in SHARED_KNOBS]

@@ -99,20 +99,30 @@ def test_fused_identical_across_tuning(knobs, heads):
     assert torch.equal(dP0, dP1)
 
 
+CTA_WARPS = (1, 2, 4, 8, 16)  # tests/gpu_util.py pre-builds these
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("kv_div", [1, 4], ids=["mha", "gqa"])
 @pytest.mark.parametrize("heads", [8, 24])
-def test_fused_forward_cta_loads_or_not(heads):
-    """The fused forward's CTA loads (a CTA moves its heads' token rows together: 4 and 8 warps) and its
-    warps' own loads (1 warp a CTA; 16, whose shared tiles would not fit) give the same bits, and the
-    reference's values; short chunks, a partial tile and three batch entries put chunk and row edges inside
-    CTAs' reach."""
-    layout = GatingLayout(heads, heads // 4, 16)
+def test_fused_cta_loads_or_not(heads, kv_div, k):
+    """The fused forward's CTA loads (a CTA moves its heads' token rows and gate logits together: 2, 4 and 8
+    warps) and its warps' own loads (1 warp a CTA; 16, whose shared tiles would not fit) give the same bits,
+    and the reference's values; so does the backward (its warps' own loads) across the same warp counts.
+    Short chunks, a partial tile and three batch entries put chunk and row edges inside CTAs' reach; gqa
+    sends dB and dC to the per-head buffer."""
+    layout = GatingLayout(heads, heads // kv_div, 16)
     length = 16 * 20 + 9
-    P = make_projections(3, length, layout, torch.bfloat16, seed=heads)
-    Z = {w: run(fused_spec(k=2, warps_per_cta=w, tiles_per_warp=3), P, layout, 0.8)[0] for w in (1, 4, 8, 16)}
-    for w in (4, 8, 16):
-        assert torch.equal(Z[w], Z[1]), w
-    P64 = P.double()
-    assert rel_err(Z[1], phalanx_gating_reference(P64, layout, 2, 16, 0.8)) <= TOL["bf16"]
+    P = make_projections(3, length, layout, torch.bfloat16, seed=heads + kv_div + k)
+    g = torch.Generator(device="cpu").manual_seed(heads * k)
+    dZ = torch.randn(3, length, layout.inner, generator=g).to(device="cuda", dtype=torch.bfloat16)
+    out = {w: run(fused_spec(k=k, warps_per_cta=w, tiles_per_warp=3), P, layout, 0.8, dZ) for w in CTA_WARPS}
+    for w in CTA_WARPS[1:]:
+        assert torch.equal(out[w][0], out[1][0]), ("Z", w)
+        assert torch.equal(out[w][1], out[1][1]), ("dP", w)
+    rZ, rdP = reference(P, layout, k, 16, 0.8, dZ)
+    assert rel_err(out[1][0], rZ) <= TOL["bf16"]
+    assert rel_err(out[1][1], rdP) <= TOL["bf16"]
 
 
 def test_fused_autograd_compile_and_layer():
