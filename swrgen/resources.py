@@ -3,8 +3,9 @@
 This module is the only place that knows. In the repository they are the top-level folders ``templates/``
 and ``specs/``; pyproject.toml installs them as the packages ``swrgen.templates`` and ``swrgen.specs``
 (``package-dir``), so a wheel, an sdist build and an editable install (``pip install -e .``) all serve them
-through ``importlib.resources``. A source tree that was never installed (only on ``sys.path``) has no such
-packages; there the folders are found beside ``swrgen/``.
+through ``importlib.resources``. In a source tree (the folders beside ``swrgen/``) those folders win: a
+checkout on ``sys.path`` renders its own templates even where another checkout is installed editable (whose
+finder would otherwise serve ``swrgen.templates`` from there), and one never installed has no such packages.
 """
 
 from __future__ import annotations
@@ -20,18 +21,20 @@ DEFAULT_SPEC_NAME = "hopper_k2"
 
 _CHECKOUT = Path(__file__).resolve().parents[1]
 _CHECKOUT_FOLDERS = {TEMPLATES_PACKAGE: _CHECKOUT / "templates", SPECS_PACKAGE: _CHECKOUT / "specs"}
+# A file each folder of a source tree has: beside an installed swrgen (site-packages) no folder has it.
+_MARKERS = {TEMPLATES_PACKAGE: "swr.cu.j2", SPECS_PACKAGE: DEFAULT_SPEC_NAME + SPEC_SUFFIX}
 
 
 @functools.cache
 def _folder(package: str) -> Path:
+    beside = _CHECKOUT_FOLDERS[package]
+    if (beside / "__init__.py").is_file() and (beside / _MARKERS[package]).is_file():
+        return beside  # a source tree: code and templates of the same tree
     try:
         root = resources.files(package)
     except ModuleNotFoundError:
-        fallback = _CHECKOUT_FOLDERS[package]
-        if (fallback / "__init__.py").is_file():
-            return fallback
         raise RuntimeError(
-            f"swrgen's data package {package} is missing (and {fallback} is no source folder): the "
+            f"swrgen's data package {package} is missing (and {beside} is no source folder): the "
             "installation is broken; reinstall swrgen (pip install swrgen, or pip install -e . in a checkout)"
         ) from None
     # pip installs packages unpacked, so this is a real folder; jinja2 and the CLI need real paths.

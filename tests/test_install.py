@@ -112,6 +112,30 @@ def test_a_source_tree_never_installed_finds_its_folders(tmp_path: Path) -> None
                                      str(tree / "specs"), swrgen._VERSION]  # fmt: skip
 
 
+def test_a_second_checkout_renders_its_own_templates(tmp_path: Path) -> None:
+    """A second source tree first on sys.path, with this checkout installed editable: its code and its own
+    templates and specs, not the installed checkout's (whose editable finder serves swrgen.templates)."""
+    if not installed():
+        pytest.skip("swrgen is not installed here (a source tree on sys.path only)")
+    tree = tmp_path / "tree"
+    for name in ("swrgen", "templates", "specs"):
+        shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    marker = "// a second checkout's template\n"
+    swr = tree / "templates" / "swr.cu.j2"
+    swr.write_text(marker + swr.read_text())
+    code = (
+        f"import sys; sys.path.insert(0, {str(tree)!r})\n"
+        "import swrgen, swrgen.resources as r\n"
+        "from swrgen.codegen import render_source\n"
+        "from swrgen.spec import load_spec\n"
+        f"assert {marker.strip()!r} in render_source(load_spec(r.shipped_spec('hopper_k2')))\n"
+        "print(swrgen.__file__, r.templates_dir(), r.specs_dir())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tree / "swrgen" / "__init__.py"), str(tree / "templates"), str(tree / "specs")]
+
+
 # --- the package's namespace ----------------------------------------------------------------------------
 
 
