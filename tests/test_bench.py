@@ -85,6 +85,13 @@ def test_shape_and_knob_arguments() -> None:
         common.parse_knobs("tiles_per_warp")
 
 
+def test_ab_spread_is_half_the_rounds_range_over_their_median() -> None:
+    from bench.tools.ab import spread
+
+    assert spread([0.150, 0.150, 0.150]) == 0.0
+    assert spread([0.148, 0.150, 0.156, 0.151, 0.149]) == pytest.approx(50 * 0.008 / 0.150)
+
+
 def test_sweep_specs_skip_impossible_configs(capsys: pytest.CaptureFixture[str]) -> None:
     from bench.ops.swr import GRID, sweep_specs
 

@@ -9,8 +9,10 @@ change that alters results is a bug, not a speedup; ``--rounding`` is for a chan
 differently: then each program's outputs are checked against float64 at each shape, within the tuner's
 tolerances, and the errors printed), and are timed interleaved over ``--rounds`` rounds
 so clock and thermal drift hit them alike. Reported: the median over rounds of each do_bench median,
-with % of the copy-bandwidth floor (bytes: ``bench.common.swr_bytes``) and the ratio to the first of its
-group. ``bench/tools/variant.py`` makes folders with other knobs or template constants.
+with % of the copy-bandwidth floor (bytes: ``bench.common.swr_bytes``), the ratio to the first of its
+group and the rounds' spread (half their range, % of the median). Compare programs only within one run:
+between runs (and machines) one kernel has measured up to 5% apart. ``bench/tools/variant.py`` makes
+folders with other knobs or template constants.
 
 Fused specs (``fused_gating: true``) time the fused Phalanx kernels instead: B,H,L is P [B, L, N] with H
 heads of 16 channels (kv_heads = H, decay_max 0.8); Z and dP must be identical, bytes as
@@ -77,6 +79,12 @@ def check_against_float64(label: str, prog, shape: tuple[int, int, int, int]) ->
         raise SystemExit(f"{label} is past the float64 tolerances at {dims}")
 
 
+def spread(times: list[float]) -> float:
+    """Half the range of a program's per-round times, in % of their median: how far the rounds disagree. A
+    ratio between programs within it is not a difference this run can tell."""
+    return 50 * (max(times) - min(times)) / statistics.median(times)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/tools/ab.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("programs", nargs="+", help="generated folders (swrgen build) or spec YAML files")
@@ -139,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                     times[label].append((f, bk))
             base = None
             for label, _ in members:
-                f = statistics.median(t[0] for t in times[label])
-                bk = statistics.median(t[1] for t in times[label])
+                fs, bks = [t[0] for t in times[label]], [t[1] for t in times[label]]
+                f, bk = statistics.median(fs), statistics.median(bks)
                 base = base or (f, bk)
                 print(f"{label:28s} k={rec.window_blocks} out={rec.output_dtype} B,H,L={text:>12s}: "
-                      f"fwd {f:.4f} ms {100 * fb / bw / f / 1e-3:3.0f}% ({f / base[0]:.3f}x)  "
-                      f"bwd {bk:.4f} ms {100 * bb / bw / bk / 1e-3:3.0f}% ({bk / base[1]:.3f}x)  "
+                      f"fwd {f:.4f} ms {100 * fb / bw / f / 1e-3:3.0f}% ({f / base[0]:.3f}x, ±{spread(fs):.1f}%)  "
+                      f"bwd {bk:.4f} ms {100 * bb / bw / bk / 1e-3:3.0f}% ({bk / base[1]:.3f}x, ±{spread(bks):.1f}%)  "
                       f"{'identical' if same[label] else 'rounds differently'}",
                       flush=True)  # fmt: skip
     return 0
