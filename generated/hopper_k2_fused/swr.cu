@@ -1368,14 +1368,16 @@ __device__ constexpr int fused_flight() { return kVec && kFusedVecOk ? (kTilesIn
 // The gate column (A) goes the same way: the CTA loads its W heads' BL x 2W bytes of gate logits a tile, and
 // each lane pair reads its G tokens back from its warp's gate tile (BL values a set).
 constexpr int kFwdCtaTiles = 8;
-constexpr int kGateTileBytes = kBlockLen * 2;  // 16-bit gate logits
+constexpr int kFwdSetTiles = kFwdCtaTiles / 2;  // one set: B, V, C, Z
+constexpr int kGateTileBytes = kBlockLen * 2;   // 16-bit gate logits; two sets after the blocks' tiles
 constexpr int kFwdCtaBytes = kFwdCtaTiles * kSmemTile + 2 * kGateTileBytes;
 constexpr int kCtaGateLoads = (kBlockLen + kWarpSize - 1) / kWarpSize;  // gate logits a thread loads a tile
-constexpr int kFwdCtaSkew = ((kWarpsPerCta == 2 ? 64 : 32) - kFwdCtaBytes % 128 + 128) % 128;
+constexpr int kCtaSkewBytes = kWarpsPerCta == 2 ? 64 : 32;  // a warp's tiles start this far past a 128-byte line
+constexpr int kFwdCtaSkew = (kCtaSkewBytes - kFwdCtaBytes % 128 + 128) % 128;
 constexpr bool kFusedCtaLoads = true && kWarpsPerCta > 1 &&
                                 kWarpsPerCta * (kFwdCtaBytes + kFwdCtaSkew) <= 48 * 1024;
 constexpr int kFusedFwdWarpBytes = kFusedCtaLoads ? kFwdCtaBytes + kFwdCtaSkew : kSmemTile;
-static_assert(!kFusedCtaLoads || kFusedFwdWarpBytes % 128 == (kWarpsPerCta == 2 ? 64 : 32), "the CTA loads' bank skew");
+static_assert(!kFusedCtaLoads || kFusedFwdWarpBytes % 128 == kCtaSkewBytes, "the CTA loads' bank skew");
 // Backward: prefetch the next step's loads unless tiles_in_flight is 1.
 constexpr bool kFusedBwdPrefetch = kTilesInFlight >= 2;
 // Backward: keep the look-ahead's reverse scan, dZ and gate sigmoids of a tile until it is finished.
@@ -1586,8 +1588,8 @@ __device__ __forceinline__ CtaGates<T> load_cta_gates(const T* __restrict__ col_
   }
   return g;
 }
-// Into the gate tiles (`tiles`: the CTA's, `set_off`: the set's offset in a warp's bytes), and a lane
-// pair's G logits back out of its own warp's: the values load_gates gives.
+// Into the CTA's gate tiles of one set (`tiles`: warp 0's, the others `warp_bytes` apart), and a lane pair's
+// G logits back out of its own warp's: the values load_gates gives.
 template <typename T>
 __device__ __forceinline__ void stage_cta_gates(const CtaGates<T>& g, unsigned char* tiles, int warp_bytes, int tid) {
 #pragma unroll
@@ -1779,9 +1781,9 @@ __device__ __forceinline__ void phalanx_fwd_rows(const Params& p, unsigned char*
         const tok_t t0 = (tile + f) * kBlockLen + half_off;
         float a8[kTokensPerLane], u[kTokensPerLane], vv[kTokensPerLane], wl[kTokensPerLane], gl[kTokensPerLane];
         // CTA loads: this tile's set of shared tiles (B, V, C, Z), the warp's own and its mate's; its gate tiles.
-        unsigned char* const mine = own + ((tile + f) & 1) * 4 * kSmemTile;
-        unsigned char* const mates = theirs + ((tile + f) & 1) * 4 * kSmemTile;
-        const int gate_off = 8 * kSmemTile + ((tile + f) & 1) * kGateTileBytes;
+        unsigned char* const mine = own + ((tile + f) & 1) * kFwdSetTiles * kSmemTile;
+        unsigned char* const mates = theirs + ((tile + f) & 1) * kFwdSetTiles * kSmemTile;
+        const int gate_off = kFwdCtaTiles * kSmemTile + ((tile + f) & 1) * kGateTileBytes;
         if constexpr (kCta) {
           // The set was last read two tiles ago, before the barrier of the tile before: free.
           stage_cta_gates(ab[f], smem + gate_off, kFusedFwdWarpBytes, threadIdx.x);
@@ -1791,8 +1793,8 @@ __device__ __forceinline__ void phalanx_fwd_rows(const Params& p, unsigned char*
           __syncthreads();
           gate_sigmoids(read_gates<in_t>(own + gate_off, lane), lane, a8, dm);
           if (tile + f > w.first)  // Z of the tile before (the other set), written before this barrier
-            store_chunks(zq, theirs + ((tile + f + 1) & 1) * 4 * kSmemTile + 3 * kSmemTile, rc, p.szt, tile + f - 1,
-                         w.lo, w.hi);
+            store_chunks(zq, theirs + ((tile + f + 1) & 1) * kFwdSetTiles * kSmemTile + 3 * kSmemTile, rc, p.szt,
+                         tile + f - 1, w.lo, w.hi);
           read_tile<in_t>(mine, lane, u);
           read_tile<in_t>(mine + kSmemTile, lane, vv);
         } else {
@@ -1834,7 +1836,8 @@ __device__ __forceinline__ void phalanx_fwd_rows(const Params& p, unsigned char*
     }
     if constexpr (kCta) {  // Z of the chunk's last tile
       __syncthreads();
-      store_chunks(zq, theirs + ((w.last - 1) & 1) * 4 * kSmemTile + 3 * kSmemTile, rc, p.szt, w.last - 1, w.lo, w.hi);
+      store_chunks(zq, theirs + ((w.last - 1) & 1) * kFwdSetTiles * kSmemTile + 3 * kSmemTile, rc, p.szt, w.last - 1,
+                   w.lo, w.hi);
     }
     if constexpr (kState) {
       if (w.last == w.tiles) store_state(p, w, cv, cp, lost_v, lost_p, lane);
