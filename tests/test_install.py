@@ -88,12 +88,18 @@ def test_editable_install_serves_the_data_packages() -> None:
     assert out.split() == [str(REPO / "templates" / "__init__.py"), str(REPO / "specs" / "__init__.py")]
 
 
-def test_a_source_tree_never_installed_finds_its_folders(tmp_path: Path) -> None:
-    """Only on sys.path, no install (no editable finder): swrgen.resources falls back to the folders beside
-    swrgen/, and the version to the constant."""
+def _copy_of_the_source_tree(tmp_path: Path) -> Path:
+    """swrgen/, templates/ and specs/ of this checkout copied to tmp_path/tree (no caches)."""
     tree = tmp_path / "tree"
     for name in ("swrgen", "templates", "specs"):
         shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return tree
+
+
+def test_a_source_tree_never_installed_finds_its_folders(tmp_path: Path) -> None:
+    """Only on sys.path, no install (no editable finder): swrgen.resources falls back to the folders beside
+    swrgen/, and the version to the constant."""
+    tree = _copy_of_the_source_tree(tmp_path)
     site = [p for p in sys.path if p.endswith("site-packages")]
     code = (
         f"import sys; sys.path[:0] = [{str(tree)!r}]; sys.path += {site!r}\n"  # site-packages, not their .pth files
@@ -117,9 +123,7 @@ def test_a_second_checkout_renders_its_own_templates(tmp_path: Path) -> None:
     templates and specs, not the installed checkout's (whose editable finder serves swrgen.templates)."""
     if not installed():
         pytest.skip("swrgen is not installed here (a source tree on sys.path only)")
-    tree = tmp_path / "tree"
-    for name in ("swrgen", "templates", "specs"):
-        shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    tree = _copy_of_the_source_tree(tmp_path)
     marker = "// a second checkout's template\n"
     swr = tree / "templates" / "swr.cu.j2"
     swr.write_text(marker + swr.read_text())
