@@ -330,13 +330,18 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
-// One stream's rows in a stage: kRows rows of kCopyBytes, kStride bytes apart, from kOffset.
-template <typename T, int kRows, int kCopyBytes, int kStride, int kOffset>
+// One stream's rows in a stage: kRows rows of kCopyBytes, kStride bytes apart, from kOffset, chunks swizzled.
+template <typename T, int kRows, int kCopyBytes, int kStride, int kOffset, int kSwizzle>
 struct StagedRows {
   static constexpr int kBytes = kCopyBytes;
   static constexpr int kChunksPerRow = kCopyBytes / 16;
   static constexpr int kTokensPerChunk = 16 / static_cast<int>(sizeof(T));
   static_assert(kChunksPerRow * 16 == kCopyBytes && kStride % 16 == 0 && kOffset % 16 == 0, "16-byte chunks");
+  // Chunk col of row r sits at col ^ (r & kSwizzle) (swrgen/spec/staging.py, lane_swizzle): a lane's half-tile
+  // of two or more 16-byte accesses would otherwise put lanes (c, odd) and (c + 1, even) on the same banks.
+  static_assert((kSwizzle & (kSwizzle + 1)) == 0 && (kSwizzle == 0 || kChunksPerRow % (kSwizzle + 1) == 0),
+                "a swizzle permutes aligned groups of whole chunks");
+  static __device__ __forceinline__ int chunk_at(int row, int col) { return col ^ (row & kSwizzle); }
 
   // Calls f(row, col) for each 16-byte chunk of the rows, consecutive lanes on consecutive chunks of a row
   // (so one warp instruction covers whole runs of a row).
@@ -358,25 +363,27 @@ struct StagedRows {
     each_chunk(lane, [&](int row, int col) {
       const tok_t t = t_start + col * kTokensPerChunk;
       const bool ok = t >= lo && t < hi;
-      cp_async16(stage + kOffset + row * kStride + col * 16, g + row * row_stride + (ok ? t : lo), ok);
+      cp_async16(stage + kOffset + row * kStride + chunk_at(row, col) * 16, g + row * row_stride + (ok ? t : lo), ok);
     });
   }
 
   // A lane's vector of `row` at token `t` of the stage (t counted from the stage's first token).
   static __device__ __forceinline__ Lane<true, T> read(const unsigned char* stage, int row, int t) {
     Lane<true, T> l;
-    const uint4* src = reinterpret_cast<const uint4*>(stage + kOffset + row * kStride + t * static_cast<int>(sizeof(T)));
+    const uint4* src = reinterpret_cast<const uint4*>(stage + kOffset + row * kStride);
+    const int col = t / kTokensPerChunk;  // a half-tile's first chunk: a multiple of kLaneChunks
 #pragma unroll
-    for (int i = 0; i < Lane<true, T>::kChunks; ++i) l.q[i] = src[i];
+    for (int i = 0; i < Lane<true, T>::kChunks; ++i) l.q[i] = src[chunk_at(row, col + i)];
     return l;
   }
 
   // A lane's vector v into `row` at token `t` (an output buffer), converted to T.
   static __device__ __forceinline__ void write(unsigned char* buf, int row, int t, const float (&v)[kTokensPerLane]) {
     const Lane<true, T> l = packed_lane<T>(v);
-    uint4* dst = reinterpret_cast<uint4*>(buf + kOffset + row * kStride + t * static_cast<int>(sizeof(T)));
+    uint4* dst = reinterpret_cast<uint4*>(buf + kOffset + row * kStride);
+    const int col = t / kTokensPerChunk;
 #pragma unroll
-    for (int i = 0; i < Lane<true, T>::kChunks; ++i) dst[i] = l.q[i];
+    for (int i = 0; i < Lane<true, T>::kChunks; ++i) dst[chunk_at(row, col + i)] = l.q[i];
   }
 
   // The buffer's rows back to global memory as whole runs: chunk c of row r goes to g + r * row_stride +
@@ -387,13 +394,15 @@ struct StagedRows {
       const tok_t t = t_start + col * kTokensPerChunk;
       if (t >= lo && t < hi)
         *reinterpret_cast<uint4*>(g + row * row_stride + t) =
-            *reinterpret_cast<const uint4*>(buf + kOffset + row * kStride + col * 16);
+            *reinterpret_cast<const uint4*>(buf + kOffset + row * kStride + chunk_at(row, col) * 16);
     });
   }
 
   // One element of `row` at token `t` of the stage.
   static __device__ __forceinline__ float element(const unsigned char* stage, int row, int t) {
-    return to_f32(*reinterpret_cast<const T*>(stage + kOffset + row * kStride + t * static_cast<int>(sizeof(T))));
+    const int col = t / kTokensPerChunk;
+    return to_f32(*reinterpret_cast<const T*>(stage + kOffset + row * kStride + chunk_at(row, col) * 16 +
+                                              (t - col * kTokensPerChunk) * static_cast<int>(sizeof(T))));
   }
 };
 
@@ -641,9 +650,9 @@ namespace swr {
 // tokens of the current tile were consumed by an earlier call; the warp of a sequence's last chunk
 // writes the new state (state_out, pos_out) when asked.
 // target.staging: shared -- a stage holds kTilesInFlight tiles of x (16 rows) and of the gates.
-using FwdStageX = StagedRows<in_t, 16, 256, 288, 0>;
-using FwdStageA = StagedRows<gate_t, 1, 256, 288, 4608>;
-using FwdOutY = StagedRows<out_t, 16, 512, 544, 9792>;
+using FwdStageX = StagedRows<in_t, 16, 256, 288, 0, 0>;
+using FwdStageA = StagedRows<gate_t, 1, 256, 288, 4608, 0>;
+using FwdOutY = StagedRows<out_t, 16, 512, 544, 9792, 1>;
 constexpr int kFwdStageBytes = 4896;
 constexpr int kFwdWarpBytes = 18496;
 // y as wide as x: the y buffer is x's place in the stage being computed (each lane overwrites what it read).
@@ -1102,10 +1111,10 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict_
 // target.staging: shared -- the stage of steps n0..n0+F-1 starts at tile n0-(k-1): F tiles of x, F+k-1
 // tiles of dy (the tiles finished and the tiles looked ahead at) and of the gates, plus the first
 // gate chunk of tile n0+F.
-using BwdStageX = StagedRows<in_t, 16, 256, 288, 0>;
-using BwdStageD = StagedRows<out_t, 16, 576, 672, 4608>;
-using BwdStageA = StagedRows<gate_t, 1, 304, 416, 15360>;
-using BwdOutDx = StagedRows<in_t, 0, 256, 288, 31552>;
+using BwdStageX = StagedRows<in_t, 16, 256, 288, 0, 0>;
+using BwdStageD = StagedRows<out_t, 16, 576, 672, 4608, 1>;
+using BwdStageA = StagedRows<gate_t, 1, 304, 416, 15360, 0>;
+using BwdOutDx = StagedRows<in_t, 0, 256, 288, 31552, 0>;
 constexpr int kBwdStageBytes = 15776;
 constexpr int kBwdWarpBytes = 31552;
 static_assert(BwdStageD::kBytes == (kTilesInFlight + kWindow - 1) * kBlockLen * static_cast<int>(sizeof(out_t)),

@@ -16,7 +16,10 @@ then the warp stores whole runs of each row. Without it the buffer has no rows. 
 (bf16 in, bf16 out) there is no buffer: a lane writes its y over the x it has just read, in the stage.
 
 Row strides are padded to 32 bytes past a multiple of 128, so the four rows that one quarter-warp
-reads from shared memory fall in different banks. The templates receive these numbers and
+reads from shared memory fall in different banks. A lane reads its half-tile as 16-byte accesses;
+where that takes two or more, the stride alone cannot keep a quarter-warp off shared banks (lane
+(c, odd) and lane (c + 1, even) meet at every access: 2-way conflicts), so such rows are *swizzled*:
+chunk ``col`` of row ``r`` sits at ``col ^ (r & swizzle)``. The templates receive these numbers and
 ``static_assert`` what they rely on; launches pass ``cta_bytes`` as dynamic shared memory.
 """
 
@@ -35,14 +38,31 @@ def padded_stride(row_bytes: int) -> int:
     return stride
 
 
+def lane_swizzle(copy_bytes: int, lane_bytes: int) -> int:
+    """XOR mask of a row's 16-byte chunk positions (0: none) for lanes reading ``lane_bytes`` at a time.
+
+    K = lane_bytes / 16 chunks a lane: ``col ^ (row & (min(K, 4) - 1))`` permutes each aligned group of K
+    chunks, which puts every access of a quarter-warp (4 rows x 2 half-tiles) on distinct banks for K = 2
+    and 4 (K = 8 keeps its 2-way conflicts either way) and leaves the copies' runs of whole groups on the
+    banks they had. A row that is not whole groups (the gates' extra chunk) is not swizzled: the XOR could
+    leave it.
+    """
+    k = lane_bytes // C.VECTOR_BYTES
+    if k < 2 or (copy_bytes // C.VECTOR_BYTES) % k:
+        return 0
+    return min(k, 4) - 1
+
+
 @dataclass(frozen=True)
 class Rows:
-    """One stream's rows in a stage: ``count`` rows of ``copy`` bytes at ``stride`` bytes, from ``offset``."""
+    """One stream's rows in a stage: ``count`` rows of ``copy`` bytes at ``stride`` bytes, from ``offset``;
+    chunk positions XOR ``swizzle`` (``lane_swizzle``)."""
 
     count: int
     copy: int
     stride: int
     offset: int
+    swizzle: int = 0
 
     @property
     def end(self) -> int:
@@ -75,11 +95,11 @@ class Layout:
         return self.warp_bytes * self.warps
 
 
-def _stack(parts: list[tuple[str, int, int]]) -> tuple[dict[str, Rows], int]:
+def _stack(parts: list[tuple[str, int, int, int]]) -> tuple[dict[str, Rows], int]:
     streams: dict[str, Rows] = {}
     offset = 0
-    for name, count, copy in parts:
-        rows = Rows(count=count, copy=copy, stride=padded_stride(copy), offset=offset)
+    for name, count, copy, lane in parts:
+        rows = Rows(count=count, copy=copy, stride=padded_stride(copy), offset=offset, swizzle=lane_swizzle(copy, lane))
         streams[name] = rows
         offset = rows.end
     return streams, offset
@@ -95,17 +115,18 @@ def layout(direction: str, recurrence, tiles_in_flight: int, warps_per_cta: int,
     gate_rows = rows if r.gate_layout == "per_channel" else 1
     tile = {name: r.block_len * C.DTYPE_BYTES[dtype] for name, dtype in
             (("x", r.input_dtype), ("y", r.output_dtype), ("a", r.gate_dtype))}  # fmt: skip
+    lane = {name: nbytes // C.LANES_PER_TILE for name, nbytes in tile.items()}  # a lane's half-tile
     tiles, halo = tiles_in_flight, r.window_blocks - 1
     if direction == "fwd":
-        parts = [("x", rows, tiles * tile["x"]), ("a", gate_rows, tiles * tile["a"])]
-        out = ("y", rows, tiles * tile["y"])
+        parts = [("x", rows, tiles * tile["x"], lane["x"]), ("a", gate_rows, tiles * tile["a"], lane["a"])]
+        out = ("y", rows, tiles * tile["y"], lane["y"])
     elif direction == "bwd":
         parts = [
-            ("x", rows, tiles * tile["x"]),
-            ("dy", rows, (tiles + halo) * tile["y"]),
-            ("a", gate_rows, (tiles + halo) * tile["a"] + C.VECTOR_BYTES),
+            ("x", rows, tiles * tile["x"], lane["x"]),
+            ("dy", rows, (tiles + halo) * tile["y"], lane["y"]),
+            ("a", gate_rows, (tiles + halo) * tile["a"] + C.VECTOR_BYTES, lane["a"]),
         ]
-        out = ("dx", rows, tiles * tile["x"])
+        out = ("dx", rows, tiles * tile["x"], lane["x"])
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     streams, stage_bytes = _stack(parts)
@@ -115,7 +136,8 @@ def layout(direction: str, recurrence, tiles_in_flight: int, warps_per_cta: int,
         out_rows = streams["x"]
     else:
         out_count = out[1] if C.STAGE_OUTPUTS[direction] else 0
-        out_rows = Rows(count=out_count, copy=out[2], stride=padded_stride(out[2]), offset=stage_bytes * stages)
+        out_rows = Rows(count=out_count, copy=out[2], stride=padded_stride(out[2]), offset=stage_bytes * stages,
+                        swizzle=lane_swizzle(out[2], out[3]))
     return Layout(streams=streams, out=out_rows, stage_bytes=stage_bytes, stages=stages, warps=warps_per_cta,
                   out_in_stage=in_stage)  # fmt: skip
 
