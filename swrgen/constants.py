@@ -41,6 +41,11 @@ STAGE_COUNTS = (2, 3, 4)  # registers staging double-buffers: 2
 # Shared staging may also store outputs through shared memory as whole row runs: the forward's y gains
 # 3-10% that way, the backward's dx loses 2-12% (its buffer costs occupancy; bench/RESULTS.md runs 39-41).
 STAGE_OUTPUTS = {"fwd": True, "bwd": False}
+# Shared staging, backward: a batch's dy starts window_blocks - 1 tiles before its steps (the tiles it finishes
+# were the previous batch's look-ahead). True: a warp's dy tiles wait in one ring of stages x tiles_in_flight +
+# window_blocks - 1 tiles, so each tile is copied once; False: each stage copies its batch's window, those
+# k - 1 tiles twice (L2 re-reads: the plain backward's L2 was its busiest unit, 80%, run 102).
+BWD_DY_RING = True
 # The backward's look-ahead scans tile n in reverse for its carrier; tile n is finished k-1 steps later.
 # For window_blocks k up to this (1: never), that scan waits in registers (16 a lane for each of the k-1
 # tiles in between) instead of being made again: plain kernels "swr", fused "phalanx" (which also keeps

@@ -44,7 +44,12 @@ def test_backward_layout_holds_the_halo_and_the_next_gate() -> None:
     rec = default_spec(window_blocks=3, gate_layout="per_channel").recurrence
     lay = layout("bwd", rec, tiles_in_flight=4, warps_per_cta=1, stages=2)
     assert lay.streams["x"].copy == 4 * 16 * 2
-    assert lay.streams["dy"].copy == (4 + 2) * 16 * 4  # the k-1 tiles the batch finishes, fp32 dy
+    if C.BWD_DY_RING:  # one ring of the stages' tiles and the k-1 tiles the first batch finishes, fp32 dy
+        assert "dy" not in lay.streams and lay.dy_ring.copy == (2 * 4 + 2) * 16 * 4
+        assert lay.dy_ring.offset == 2 * lay.stage_bytes and lay.out.offset == lay.dy_ring.offset + lay.ring_bytes
+        assert lay.warp_bytes == 2 * lay.stage_bytes + lay.ring_bytes + lay.out_bytes
+    else:
+        assert lay.streams["dy"].copy == (4 + 2) * 16 * 4  # the k-1 tiles the batch finishes, fp32 dy
     assert lay.streams["a"].count == 16 and lay.streams["a"].copy == (4 + 2) * 16 * 2 + C.VECTOR_BYTES
     assert lay.out.count == (16 if C.STAGE_OUTPUTS["bwd"] else 0)
 
@@ -114,7 +119,9 @@ def test_lane_reads_of_a_stage_stay_off_each_others_banks(block_len: int, dtype:
                        gate_layout="per_channel").recurrence  # fmt: skip
     for direction in ("fwd", "bwd"):
         lay = layout(direction, rec, tiles_in_flight=tiles, warps_per_cta=1, stages=2)
-        streams = dict(lay.streams, out=lay.out) if lay.out.count else lay.streams  # bwd: no dx buffer
+        streams = dict(lay.streams, out=lay.out) if lay.out.count else dict(lay.streams)  # bwd: no dx buffer
+        if lay.dy_ring is not None:
+            streams["dy"] = lay.dy_ring
         for name, rows in streams.items():
             dtype_of = "fp32" if name == "dy" or (name, direction) == ("out", "fwd") else dtype  # y, dy: fp32
             bytes_per = C.DTYPE_BYTES[dtype_of]
@@ -135,7 +142,7 @@ def test_lane_reads_of_a_stage_stay_off_each_others_banks(block_len: int, dtype:
 def test_the_source_takes_each_streams_swizzle() -> None:
     spec = default_spec(window_blocks=2).replace_target(staging="shared", tiles_in_flight=4)  # fp32 y and dy
     lays = spec_layouts(spec.recurrence, spec.target)
-    dy, y = lays["bwd"].streams["dy"], lays["fwd"].out
+    dy, y = lays["bwd"].dy_ring or lays["bwd"].streams["dy"], lays["fwd"].out
     assert dy.swizzle == 1 and y.swizzle == 1 and lays["bwd"].streams["x"].swizzle == 0  # bf16 x: one access
     source = render_source(spec)
     assert f"using BwdStageD = StagedRows<out_t, 16, {dy.copy}, {dy.stride}, {dy.offset}, 1>;" in source

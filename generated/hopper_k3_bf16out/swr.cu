@@ -367,6 +367,31 @@ struct StagedRows {
     });
   }
 
+  // kTiles tiles of the rows from token t_start into the tiles of a ring (the rows hold whole tiles, kRingTiles
+  // of them), from ring tile slot0 on, wrapping: the ring's tile s is tokens s * BL .. of each row.
+  template <int kTiles>
+  static __device__ __forceinline__ void copy_ring(unsigned stage, const T* __restrict__ g, long long row_stride,
+                                                   tok_t t_start, int slot0, tok_t lo, tok_t hi, int lane) {
+    constexpr int kTileChunks = kBlockLen * static_cast<int>(sizeof(T)) / 16;
+    constexpr int kRingTiles = kChunksPerRow / kTileChunks;
+    constexpr int kRunChunks = kTiles * kTileChunks;
+    static_assert(kRingTiles * kTileChunks == kChunksPerRow && kTiles <= kRingTiles, "a ring of whole tiles");
+    constexpr int kTotal = kRows * kRunChunks;
+#pragma unroll
+    for (int i0 = 0; i0 < kTotal; i0 += kWarpSize) {
+      const int i = i0 + lane;
+      if (kTotal % kWarpSize == 0 || i < kTotal) {
+        const int row = i / kRunChunks, c = i % kRunChunks;
+        int tile = slot0 + c / kTileChunks;
+        tile -= tile >= kRingTiles ? kRingTiles : 0;
+        const tok_t t = t_start + c * kTokensPerChunk;
+        const bool ok = t >= lo && t < hi;
+        cp_async16(stage + kOffset + row * kStride + chunk_at(row, tile * kTileChunks + c % kTileChunks) * 16,
+                   g + row * row_stride + (ok ? t : lo), ok);
+      }
+    }
+  }
+
   // A lane's vector of `row` at token `t` of the stage (t counted from the stage's first token).
   static __device__ __forceinline__ Lane<true, T> read(const unsigned char* stage, int row, int t) {
     Lane<true, T> l;
@@ -1112,12 +1137,17 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict_
 // tiles of dy (the tiles finished and the tiles looked ahead at) and of the gates, plus the first
 // gate chunk of tile n0+F.
 using BwdStageX = StagedRows<in_t, 16, 256, 288, 0, 0>;
-using BwdStageD = StagedRows<out_t, 16, 320, 416, 4608, 0>;
-using BwdStageA = StagedRows<gate_t, 1, 336, 416, 11264, 0>;
-using BwdOutDx = StagedRows<in_t, 0, 256, 288, 23360, 0>;
-constexpr int kBwdStageBytes = 11680;
-constexpr int kBwdWarpBytes = 23360;
-static_assert(BwdStageD::kBytes == (kTilesInFlight + kWindow - 1) * kBlockLen * static_cast<int>(sizeof(out_t)),
+// BWD_DY_RING: dy waits in one ring of kDyRingTiles tiles after the stages (tile t of the warp's chunk, counted
+// from w.first - (k-1), at ring tile t % kDyRingTiles), each tile copied once; else in each stage, as x.
+constexpr bool kDyRing = true;
+using BwdStageD = StagedRows<out_t, 16, 576, 672, 10048, 0>;
+constexpr int kDyRingTiles = kDyRing ? BwdStageD::kBytes / (kBlockLen * static_cast<int>(sizeof(out_t))) : 1;
+static_assert(!kDyRing || kDyRingTiles == kStages * kTilesInFlight + kWindow - 1, "dy ring: the stages' tiles and the halo");
+using BwdStageA = StagedRows<gate_t, 1, 336, 416, 4608, 0>;
+using BwdOutDx = StagedRows<in_t, 0, 256, 288, 20800, 0>;
+constexpr int kBwdStageBytes = 5024;
+constexpr int kBwdWarpBytes = 20800;
+static_assert(kDyRing || BwdStageD::kBytes == (kTilesInFlight + kWindow - 1) * kBlockLen * static_cast<int>(sizeof(out_t)),
               "dy stage: one batch and its k-1 tiles before");
 
 // Kept look-ahead scans in the plain backward (keep_scan; constants.KEEP_LOOKAHEAD_SCANS).
@@ -1190,7 +1220,19 @@ __device__ __forceinline__ void bwd(const Params& p) {
         const unsigned st_addr = shared_address(ring + slot * kBwdStageBytes);
         const tok_t ts = (n0 - (kWindow - 1)) * kBlockLen;
         BwdStageX::copy(st_addr, xg, p.sxc, ts, w.lo, min(w.hi, w.last * kBlockLen), lane);
-        BwdStageD::copy(st_addr, dyg, p.sdyc, ts, w.lo, w.hi, lane);
+        if constexpr (kDyRing) {  // the first batch its window, the others the tiles after the last one's
+          const unsigned ring_addr = shared_address(ring);
+          const int s0 = (n0 - w.first) % kDyRingTiles;  // ring tile of tile n0 - (k-1)
+          if (n0 == w.first) {
+            BwdStageD::template copy_ring<kFlight + kWindow - 1>(ring_addr, dyg, p.sdyc, ts, s0, w.lo, w.hi, lane);
+          } else {
+            const int s1 = s0 + kWindow - 1;
+            BwdStageD::template copy_ring<kFlight>(ring_addr, dyg, p.sdyc, n0 * kBlockLen,
+                                                   s1 >= kDyRingTiles ? s1 - kDyRingTiles : s1, w.lo, w.hi, lane);
+          }
+        } else {
+          BwdStageD::copy(st_addr, dyg, p.sdyc, ts, w.lo, w.hi, lane);
+        }
         BwdStageA::copy(st_addr, ag, p.sac, ts, w.lo, w.hi, lane);
       }
       cp_async_commit();
@@ -1214,6 +1256,16 @@ __device__ __forceinline__ void bwd(const Params& p) {
       float anext[kFlight];
       const unsigned char* const st = kShared ? ring + slot * kBwdStageBytes : nullptr;
       const int row = lane / kLanesPerTile, arow = kPerChannelGate ? row : 0;  // this lane's rows in a stage
+      // dy of the batch's window tile i (tile n0 - (k-1) + i): in the stage, or at its ring tile.
+      const int dy_s0 = kDyRing ? static_cast<int>((n0 - w.first) % kDyRingTiles) : 0;
+      const auto dy_lane = [&](int i) {
+        if constexpr (kDyRing) {
+          const int s = dy_s0 + i;
+          return BwdStageD::read(ring, row, (s >= kDyRingTiles ? s - kDyRingTiles : s) * kBlockLen + half_off);
+        } else {
+          return BwdStageD::read(st, row, i * kBlockLen + half_off);
+        }
+      };
       if constexpr (kShared) {
         stage_batch(n0 + (kStages - 1) * kFlight, (slot + kStages - 1) % kStages);
         cp_async_wait<kStages - 1>();
@@ -1244,7 +1296,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
             float a_after;
             if constexpr (kShared) {  // stage token (f + k-1) * BL is tile n's first
               const int tn = (f + kWindow - 1) * kBlockLen;
-              unpack_lane(BwdStageD::read(st, row, tn + half_off), d);
+              unpack_lane(dy_lane(f + kWindow - 1), d);
               unpack_lane(BwdStageA::read(st, arow, tn + half_off), g8);
               a_after = (n + 1) * kBlockLen < w.hi ? BwdStageA::element(st, arow, tn + kBlockLen) : 0.f;
             } else {
@@ -1280,7 +1332,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
             float d[kTokensPerLane], a_next;
             const tok_t tn = (j + 1) * kBlockLen;
             if constexpr (kShared) {
-              unpack_lane(BwdStageD::read(st, row, f * kBlockLen + half_off), d);
+              unpack_lane(dy_lane(f), d);
               a_next = tn < w.hi ? BwdStageA::element(st, arow, (f + 1) * kBlockLen) : 0.f;
             } else {
               load_lane<kVec>(dy, t0, w.lo, w.hi, 0.f, d);

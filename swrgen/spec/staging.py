@@ -75,11 +75,12 @@ class Layout:
     direction; ``cta_bytes`` is the launch's dynamic shared memory."""
 
     streams: dict[str, Rows]  # inside each stage
-    out: Rows  # after the ring, once per warp; or, with out_in_stage, x's place in the stage
+    out: Rows  # after the stages (and dy's ring), once per warp; or, with out_in_stage, x's place in the stage
     stage_bytes: int
     stages: int
     warps: int
     out_in_stage: bool = False
+    dy_ring: Rows | None = None  # backward with BWD_DY_RING: dy's tiles, one ring after the stages
 
     @property
     def out_bytes(self) -> int:
@@ -87,8 +88,12 @@ class Layout:
         return 0 if self.out_in_stage else self.out.count * self.out.stride
 
     @property
+    def ring_bytes(self) -> int:
+        return 0 if self.dy_ring is None else self.dy_ring.count * self.dy_ring.stride
+
+    @property
     def warp_bytes(self) -> int:
-        return self.stage_bytes * self.stages + self.out_bytes
+        return self.stage_bytes * self.stages + self.ring_bytes + self.out_bytes
 
     @property
     def cta_bytes(self) -> int:
@@ -126,20 +131,28 @@ def layout(direction: str, recurrence, tiles_in_flight: int, warps_per_cta: int,
             ("dy", rows, (tiles + halo) * tile["y"], lane["y"]),
             ("a", gate_rows, (tiles + halo) * tile["a"] + C.VECTOR_BYTES, lane["a"]),
         ]
+        if C.BWD_DY_RING:  # dy leaves the stages for a ring of stages x tiles + halo tiles
+            parts.pop(1)
         out = ("dx", rows, tiles * tile["x"], lane["x"])
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     streams, stage_bytes = _stack(parts)
+    dy_ring = None
+    if direction == "bwd" and C.BWD_DY_RING:
+        copy = (stages * tiles + halo) * tile["y"]
+        dy_ring = Rows(count=rows, copy=copy, stride=padded_stride(copy), offset=stage_bytes * stages,
+                       swizzle=lane_swizzle(copy, lane["y"]))  # fmt: skip
+    after = stage_bytes * stages + (0 if dy_ring is None else dy_ring.count * dy_ring.stride)
     # y as wide as x: each lane writes its y vector over the x vector it has just read, in the stage.
     in_stage = direction == "fwd" and C.STAGE_OUTPUTS["fwd"] and out[2] == parts[0][2]
     if in_stage:
         out_rows = streams["x"]
     else:
         out_count = out[1] if C.STAGE_OUTPUTS[direction] else 0
-        out_rows = Rows(count=out_count, copy=out[2], stride=padded_stride(out[2]), offset=stage_bytes * stages,
+        out_rows = Rows(count=out_count, copy=out[2], stride=padded_stride(out[2]), offset=after,
                         swizzle=lane_swizzle(out[2], out[3]))
     return Layout(streams=streams, out=out_rows, stage_bytes=stage_bytes, stages=stages, warps=warps_per_cta,
-                  out_in_stage=in_stage)  # fmt: skip
+                  out_in_stage=in_stage, dy_ring=dy_ring)  # fmt: skip
 
 
 def spec_layouts(recurrence, target) -> dict[str, Layout]:
