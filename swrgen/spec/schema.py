@@ -411,7 +411,8 @@ class Spec:
                 if lay.cta_bytes > limit:
                     raise SpecError(
                         f"got 'shared', but the {direction} kernel needs {t.warps_per_cta} warps x "
-                        f"({lay.stages} stages x {lay.stage_bytes} + {lay.ring_bytes} dy ring + {lay.out_bytes} output) bytes = "
+                        f"({lay.stages} stages x {lay.stage_bytes} + {lay.ring_bytes} dy ring + {lay.out_bytes} "
+                        "output) bytes = "
                         f"{lay.cta_bytes} bytes of shared memory per CTA, over the {limit} bytes "
                         f"of {', '.join(t.archs)}",
                         field="target.staging",
