@@ -42,10 +42,12 @@ STAGE_COUNTS = (2, 3, 4)  # registers staging double-buffers: 2
 # 3-10% that way, the backward's dx loses 2-12% (its buffer costs occupancy; bench/RESULTS.md runs 39-41).
 STAGE_OUTPUTS = {"fwd": True, "bwd": False}
 # Shared staging, backward: a batch's dy starts window_blocks - 1 tiles before its steps (the tiles it finishes
-# were the previous batch's look-ahead). True: a warp's dy tiles wait in one ring of stages x tiles_in_flight +
-# window_blocks - 1 tiles, so each tile is copied once; False: each stage copies its batch's window, those
-# k - 1 tiles twice (L2 re-reads: the plain backward's L2 was its busiest unit, 80%, run 102).
-BWD_DY_RING = True
+# were the previous batch's look-ahead). True (by output dtype, which dy has): a warp's dy tiles wait in one ring
+# of stages x tiles_in_flight + window_blocks - 1 tiles, each copied once; False: each stage copies its batch's
+# window, those k - 1 tiles twice (L2 re-reads). H200, bench/results/log.md run 110: fp32 dy 1-4% faster
+# (k=2 8K-32K 0.0884 -> 0.0872 / 0.0888 -> 0.0868 ms, k=3 W=1 -3 to -4%); bf16 dy 10-13% slower (the ring's
+# addressing took the bf16-out backward from 120-128 to 163 registers: a CTA of 4 warps fewer an SM).
+BWD_DY_RING = {"fp32": True, "bf16": False, "fp16": False}
 # The backward's look-ahead scans tile n in reverse for its carrier; tile n is finished k-1 steps later.
 # For window_blocks k up to this (1: never), that scan waits in registers (16 a lane for each of the k-1
 # tiles in between) instead of being made again: plain kernels "swr", fused "phalanx" (which also keeps

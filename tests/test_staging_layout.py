@@ -44,7 +44,7 @@ def test_backward_layout_holds_the_halo_and_the_next_gate() -> None:
     rec = default_spec(window_blocks=3, gate_layout="per_channel").recurrence
     lay = layout("bwd", rec, tiles_in_flight=4, warps_per_cta=1, stages=2)
     assert lay.streams["x"].copy == 4 * 16 * 2
-    if C.BWD_DY_RING:  # one ring of the stages' tiles and the k-1 tiles the first batch finishes, fp32 dy
+    if C.BWD_DY_RING["fp32"]:  # one ring of the stages' tiles and the k-1 tiles the first batch finishes, fp32 dy
         assert "dy" not in lay.streams and lay.dy_ring.copy == (2 * 4 + 2) * 16 * 4
         assert lay.dy_ring.offset == 2 * lay.stage_bytes and lay.out.offset == lay.dy_ring.offset + lay.ring_bytes
         assert lay.warp_bytes == 2 * lay.stage_bytes + lay.ring_bytes + lay.out_bytes
@@ -147,3 +147,22 @@ def test_the_source_takes_each_streams_swizzle() -> None:
     source = render_source(spec)
     assert f"using BwdStageD = StagedRows<out_t, 16, {dy.copy}, {dy.stride}, {dy.offset}, 1>;" in source
     assert f"using FwdOutY = StagedRows<out_t, 16, {y.copy}, {y.stride}, {y.offset}, 1>;" in source
+
+
+@pytest.mark.parametrize("out", ["fp32", "bf16"])
+def test_the_dy_ring_follows_the_output_dtype(out: str) -> None:
+    """dy waits in one ring or in each stage as constants.BWD_DY_RING says for its dtype; the ring holds the
+    stages' tiles and the halo, and the source gets the ring's rows."""
+    spec = default_spec(window_blocks=3, output_dtype=out).replace_target(staging="shared", tiles_in_flight=4, stages=3)
+    lay = spec_layouts(spec.recurrence, spec.target)["bwd"]
+    source = render_source(spec)
+    if C.BWD_DY_RING[out]:
+        ring = lay.dy_ring
+        assert ring.copy == (3 * 4 + 2) * 16 * C.DTYPE_BYTES[out] and "dy" not in lay.streams
+        assert "constexpr bool kDyRing = true;" in source
+        rows = f"{ring.copy}, {ring.stride}, {ring.offset}, {ring.swizzle}"
+        assert f"using BwdStageD = StagedRows<out_t, 16, {rows}>;" in source
+    else:
+        assert lay.dy_ring is None and lay.streams["dy"].copy == (4 + 2) * 16 * C.DTYPE_BYTES[out]
+        assert "constexpr bool kDyRing = false;" in source
+    assert kernel_shared_bytes(spec)["swr_bwd_vec"] == lay.cta_bytes

@@ -1139,14 +1139,14 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict_
 using BwdStageX = StagedRows<in_t, 16, 256, 288, 0, 0>;
 // BWD_DY_RING: dy waits in one ring of kDyRingTiles tiles after the stages (tile t of the warp's chunk, counted
 // from w.first - (k-1), at ring tile t % kDyRingTiles), each tile copied once; else in each stage, as x.
-constexpr bool kDyRing = true;
-using BwdStageD = StagedRows<out_t, 16, 544, 544, 10048, 0>;
+constexpr bool kDyRing = false;
+using BwdStageD = StagedRows<out_t, 16, 288, 288, 4608, 0>;
 constexpr int kDyRingTiles = kDyRing ? BwdStageD::kBytes / (kBlockLen * static_cast<int>(sizeof(out_t))) : 1;
 static_assert(!kDyRing || kDyRingTiles == kStages * kTilesInFlight + kWindow - 1, "dy ring: the stages' tiles and the halo");
-using BwdStageA = StagedRows<gate_t, 1, 304, 416, 4608, 0>;
-using BwdOutDx = StagedRows<in_t, 0, 256, 288, 18752, 0>;
-constexpr int kBwdStageBytes = 5024;
-constexpr int kBwdWarpBytes = 18752;
+using BwdStageA = StagedRows<gate_t, 1, 304, 416, 9216, 0>;
+using BwdOutDx = StagedRows<in_t, 0, 256, 288, 19264, 0>;
+constexpr int kBwdStageBytes = 9632;
+constexpr int kBwdWarpBytes = 19264;
 static_assert(kDyRing || BwdStageD::kBytes == (kTilesInFlight + kWindow - 1) * kBlockLen * static_cast<int>(sizeof(out_t)),
               "dy stage: one batch and its k-1 tiles before");
 

@@ -131,14 +131,14 @@ def layout(direction: str, recurrence, tiles_in_flight: int, warps_per_cta: int,
             ("dy", rows, (tiles + halo) * tile["y"], lane["y"]),
             ("a", gate_rows, (tiles + halo) * tile["a"] + C.VECTOR_BYTES, lane["a"]),
         ]
-        if C.BWD_DY_RING:  # dy leaves the stages for a ring of stages x tiles + halo tiles
+        if C.BWD_DY_RING[r.output_dtype]:  # dy leaves the stages for a ring of stages x tiles + halo tiles
             parts.pop(1)
         out = ("dx", rows, tiles * tile["x"], lane["x"])
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     streams, stage_bytes = _stack(parts)
     dy_ring = None
-    if direction == "bwd" and C.BWD_DY_RING:
+    if direction == "bwd" and C.BWD_DY_RING[r.output_dtype]:
         copy = (stages * tiles + halo) * tile["y"]
         dy_ring = Rows(count=rows, copy=copy, stride=padded_stride(copy), offset=stage_bytes * stages,
                        swizzle=lane_swizzle(copy, lane["y"]))  # fmt: skip
