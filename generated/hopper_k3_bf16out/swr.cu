@@ -1134,8 +1134,8 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict_
 // with wx_q, gx_q the tile-local forward state and gate prefix just before q, and
 // c_p = (prod_{m<p} P_{j-m}) v_{j-p} the contribution of tile j-p.
 // target.staging: shared -- the stage of steps n0..n0+F-1 starts at tile n0-(k-1): F tiles of x, F+k-1
-// tiles of dy (the tiles finished and the tiles looked ahead at) and of the gates, plus the first
-// gate chunk of tile n0+F.
+// tiles of dy (the tiles finished and the tiles looked ahead at; or, kDyRing, dy in its own ring) and of
+// the gates, plus the first gate chunk of tile n0+F.
 using BwdStageX = StagedRows<in_t, 16, 256, 288, 0, 0>;
 // BWD_DY_RING: dy waits in one ring of kDyRingTiles tiles after the stages (tile t of the warp's chunk, counted
 // from w.first - (k-1), at ring tile t % kDyRingTiles), each tile copied once; else in each stage, as x.
@@ -1221,7 +1221,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
         const tok_t ts = (n0 - (kWindow - 1)) * kBlockLen;
         BwdStageX::copy(st_addr, xg, p.sxc, ts, w.lo, min(w.hi, w.last * kBlockLen), lane);
         if constexpr (kDyRing) {  // the first batch its window, the others the tiles after the last one's
-          const unsigned ring_addr = shared_address(ring);
+          const unsigned ring_addr = shared_address(ring);  // the warp's region: BwdStageD's offset is the ring's
           const int s0 = (n0 - w.first) % kDyRingTiles;  // ring tile of tile n0 - (k-1)
           if (n0 == w.first) {
             BwdStageD::template copy_ring<kFlight + kWindow - 1>(ring_addr, dyg, p.sdyc, ts, s0, w.lo, w.hi, lane);

@@ -8,7 +8,9 @@ registers. A stage holds ``tiles_in_flight`` tiles of each stream:
 - forward: x (16 channel rows) and the gates (1 row per head, or 16 per channel);
 - backward: x, and dy and the gates starting ``window_blocks - 1`` tiles earlier (the tiles the
   step finishes, besides the tiles it looks ahead at), the gates one 16-byte chunk longer (the first
-  gate of the next tile).
+  gate of the next tile). Where ``constants.BWD_DY_RING`` says so for dy's dtype, dy is not in the
+  stages but in one ring a warp after them (``Layout.dy_ring``) of ``stages * tiles_in_flight +
+  window_blocks - 1`` tiles, so the tiles consecutive batches share are copied once.
 
 Where ``constants.STAGE_OUTPUTS`` says so (the forward's y; the backward's dx measured slower), the
 outputs of a batch go the same way back: lanes write their half-tiles into one output buffer per warp,
