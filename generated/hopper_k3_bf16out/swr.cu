@@ -1143,6 +1143,8 @@ constexpr bool kDyRing = false;
 using BwdStageD = StagedRows<out_t, 16, 320, 416, 4608, 0>;
 constexpr int kDyRingTiles = kDyRing ? BwdStageD::kBytes / (kBlockLen * static_cast<int>(sizeof(out_t))) : 1;
 static_assert(!kDyRing || kDyRingTiles == kStages * kTilesInFlight + kWindow - 1, "dy ring: the stages' tiles and the halo");
+// Ring tile s, for s < 2 * kDyRingTiles.
+__device__ __forceinline__ int dy_ring_tile(int s) { return s >= kDyRingTiles ? s - kDyRingTiles : s; }
 using BwdStageA = StagedRows<gate_t, 1, 336, 416, 11264, 0>;
 using BwdOutDx = StagedRows<in_t, 0, 256, 288, 23360, 0>;
 constexpr int kBwdStageBytes = 11680;
@@ -1226,9 +1228,8 @@ __device__ __forceinline__ void bwd(const Params& p) {
           if (n0 == w.first) {
             BwdStageD::template copy_ring<kFlight + kWindow - 1>(ring_addr, dyg, p.sdyc, ts, s0, w.lo, w.hi, lane);
           } else {
-            const int s1 = s0 + kWindow - 1;
-            BwdStageD::template copy_ring<kFlight>(ring_addr, dyg, p.sdyc, n0 * kBlockLen,
-                                                   s1 >= kDyRingTiles ? s1 - kDyRingTiles : s1, w.lo, w.hi, lane);
+            BwdStageD::template copy_ring<kFlight>(ring_addr, dyg, p.sdyc, n0 * kBlockLen, dy_ring_tile(s0 + kWindow - 1),
+                                                   w.lo, w.hi, lane);
           }
         } else {
           BwdStageD::copy(st_addr, dyg, p.sdyc, ts, w.lo, w.hi, lane);
@@ -1260,8 +1261,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
       const int dy_s0 = kDyRing ? static_cast<int>((n0 - w.first) % kDyRingTiles) : 0;
       const auto dy_lane = [&](int i) {
         if constexpr (kDyRing) {
-          const int s = dy_s0 + i;
-          return BwdStageD::read(ring, row, (s >= kDyRingTiles ? s - kDyRingTiles : s) * kBlockLen + half_off);
+          return BwdStageD::read(ring, row, dy_ring_tile(dy_s0 + i) * kBlockLen + half_off);
         } else {
           return BwdStageD::read(st, row, i * kBlockLen + half_off);
         }

@@ -91,7 +91,7 @@ class Layout:
 
     @property
     def ring_bytes(self) -> int:
-        return 0 if self.dy_ring is None else self.dy_ring.count * self.dy_ring.stride
+        return 0 if self.dy_ring is None else self.dy_ring.end - self.dy_ring.offset
 
     @property
     def warp_bytes(self) -> int:
@@ -124,27 +124,26 @@ def layout(direction: str, recurrence, tiles_in_flight: int, warps_per_cta: int,
             (("x", r.input_dtype), ("y", r.output_dtype), ("a", r.gate_dtype))}  # fmt: skip
     lane = {name: nbytes // C.LANES_PER_TILE for name, nbytes in tile.items()}  # a lane's half-tile
     tiles, halo = tiles_in_flight, r.window_blocks - 1
+    dy_in_ring = direction == "bwd" and C.BWD_DY_RING[r.output_dtype]
     if direction == "fwd":
         parts = [("x", rows, tiles * tile["x"], lane["x"]), ("a", gate_rows, tiles * tile["a"], lane["a"])]
         out = ("y", rows, tiles * tile["y"], lane["y"])
     elif direction == "bwd":
         parts = [
             ("x", rows, tiles * tile["x"], lane["x"]),
-            ("dy", rows, (tiles + halo) * tile["y"], lane["y"]),
+            *([] if dy_in_ring else [("dy", rows, (tiles + halo) * tile["y"], lane["y"])]),
             ("a", gate_rows, (tiles + halo) * tile["a"] + C.VECTOR_BYTES, lane["a"]),
         ]
-        if C.BWD_DY_RING[r.output_dtype]:  # dy leaves the stages for a ring of stages x tiles + halo tiles
-            parts.pop(1)
         out = ("dx", rows, tiles * tile["x"], lane["x"])
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     streams, stage_bytes = _stack(parts)
     dy_ring = None
-    if direction == "bwd" and C.BWD_DY_RING[r.output_dtype]:
+    if dy_in_ring:  # dy's own ring after the stages: stages x tiles + the halo tiles
         copy = (stages * tiles + halo) * tile["y"]
         dy_ring = Rows(count=rows, copy=copy, stride=padded_stride(copy), offset=stage_bytes * stages,
                        swizzle=lane_swizzle(copy, lane["y"]))  # fmt: skip
-    after = stage_bytes * stages + (0 if dy_ring is None else dy_ring.count * dy_ring.stride)
+    after = stage_bytes * stages if dy_ring is None else dy_ring.end
     # y as wide as x: each lane writes its y vector over the x vector it has just read, in the stage.
     in_stage = direction == "fwd" and C.STAGE_OUTPUTS["fwd"] and out[2] == parts[0][2]
     if in_stage:
