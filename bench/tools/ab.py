@@ -14,6 +14,11 @@ group and the rounds' spread (half their range, % of the median). Compare progra
 between runs (and machines) one kernel has measured up to 5% apart. ``bench/tools/variant.py`` makes
 folders with other knobs or template constants.
 
+``--state`` times the state-carrying kernels instead (``swr_*_state``: the path of a chunked prefill or a
+training chunk that hands its state on): each sequence continues a random state at a tile edge (so the vector
+kernels run) and the forward also writes the new state, the backward takes its gradient and hands back the old
+state's; the states' bytes count with the rest. Plain specs only.
+
 Fused specs (``fused_gating: true``) time the fused Phalanx kernels instead: B,H,L is P [B, L, N] with H
 heads of 16 channels (kv_heads = H, decay_max 0.8); Z and dP must be identical, bytes as
 ``bench.common.gating_bytes``.
@@ -64,6 +69,30 @@ def fused_calls(batch: int, heads: int, length: int):
     return fwd, bwd, common.gating_bytes(P, dZ.numel())
 
 
+def state_calls(rec, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, plain_bytes: tuple[int, int]):
+    """Forward and backward calls of the ``*_state`` kernels (random states at tile-aligned positions, the new
+    state written, its gradient taken and the old one's handed back) and their bytes: the plain call's plus
+    the states' (float32 [B, H, DH, 2k]: fwd reads one and writes one, bwd reads two and writes one)."""
+    from swrgen.ops.swr import launch
+
+    batch, heads, head_dim, _ = x.shape
+    g = torch.Generator(device="cuda").manual_seed(3)
+    cols = 2 * rec.window_blocks
+    data = torch.randn(batch, heads, head_dim, cols, device="cuda", generator=g)
+    d_out = torch.randn(batch, heads, head_dim, cols, device="cuda", generator=g)
+    positions = [rec.block_len * (5 + 3 * i) for i in range(batch)]  # tile edges: the vector kernels
+    state = launch.StateArgs(data=data, pos=torch.tensor(positions, device="cuda"), phases=(0,) * batch)
+
+    def fwd(prog, poison=None):
+        return launch.forward(prog, a, x, state=state, want_state=True, poison=poison)[:2]
+
+    def bwd(prog, poison=None):
+        return launch.backward(prog, a, x, dy, state=state, d_state_out=d_out, want_d_state=True, poison=poison)
+
+    state_bytes = data.numel() * data.element_size()
+    return fwd, bwd, (plain_bytes[0] + 2 * state_bytes, plain_bytes[1] + 3 * state_bytes)
+
+
 def check_against_float64(label: str, prog, shape: tuple[int, int, int, int]) -> None:
     """Errors of one program against float64 on fresh inputs (the tuner's check, at its check shape for
     ``shape``); exits past its tolerances."""
@@ -90,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("programs", nargs="+", help="generated folders (swrgen build) or spec YAML files")
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,H,L (head_dim from the spec)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median counts)")
+    ap.add_argument("--state", action="store_true",
+                    help="time the *_state kernels: a state in and out, tile-aligned positions (plain specs)")  # fmt: skip
     ap.add_argument("--rounding", action="store_true",
                     help="the programs may round differently: check each against float64 instead")  # fmt: skip
     return ap
@@ -105,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = program_labels(args.programs)
     ops = [(label, swrgen.load(p)) for label, p in zip(labels, args.programs, strict=True)]
+    if args.state and any(op.spec.recurrence.fused_gating for _, op in ops):
+        raise SystemExit("--state times the plain *_state kernels, not a fused spec's")
     groups: dict[object, list] = {}
     for label, op in ops:
         groups.setdefault(op.spec.recurrence, []).append((label, op.kernels))
@@ -123,11 +156,15 @@ def main(argv: list[str] | None = None) -> int:
                 dy = torch.randn(shape, device="cuda").to(out_dtype)
                 fb, bb = common.swr_bytes(x, a, out_dtype.itemsize)
 
-                def fwd(prog, poison=None, a=a, x=x):
-                    return launch.forward(prog, a, x, poison=poison)[:1]
+                if args.state:
+                    fwd, bwd, (fb, bb) = state_calls(rec, a, x, dy, (fb, bb))
+                else:
 
-                def bwd(prog, poison=None, a=a, x=x, dy=dy):
-                    return launch.backward(prog, a, x, dy, poison=poison)[:2]
+                    def fwd(prog, poison=None, a=a, x=x):
+                        return launch.forward(prog, a, x, poison=poison)[:1]
+
+                    def bwd(prog, poison=None, a=a, x=x, dy=dy):
+                        return launch.backward(prog, a, x, dy, poison=poison)[:2]
 
             first = None
             same = {}
