@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,H,L (head_dim from the spec)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median counts)")
     ap.add_argument("--state", action="store_true",
-                    help="time the *_state kernels: a state in and out, tile-aligned positions (plain specs)")  # fmt: skip
+                    help="time the *_state kernels: a state in and out at tile edges (plain specs)")  # fmt: skip
     ap.add_argument("--rounding", action="store_true",
                     help="the programs may round differently: check each against float64 instead")  # fmt: skip
     return ap

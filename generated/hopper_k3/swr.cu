@@ -261,7 +261,15 @@ __device__ __forceinline__ void load_lane(const T* __restrict__ row, tok_t t0, t
   unpack_lane(load_raw<kVec>(row, t0, lo, hi, fill), out);
 }
 
-template <bool kVec, typename T>
+// One 16-byte global store as one instruction: NVVM splits the uint4 store of the state backward's dx into
+// four 4-byte stores (5x the L2 write sectors: bench/results/log.md, run 114), so that path pins it.
+__device__ __forceinline__ void store16(uint4* dst, const uint4& v) {
+  asm volatile("st.global.v4.u32 [%0], { %1, %2, %3, %4 };" ::"l"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// kPin: store each 16-byte chunk with store16 (else a plain uint4 store, which the other kernels keep whole).
+template <bool kVec, typename T, bool kPin = false>
 __device__ __forceinline__ void store_lane(T* __restrict__ row, tok_t t0, tok_t lo, tok_t hi,
                                            const float (&v)[kTokensPerLane]) {
   if constexpr (kVec) {
@@ -269,7 +277,10 @@ __device__ __forceinline__ void store_lane(T* __restrict__ row, tok_t t0, tok_t 
       const Lane<true, T> l = packed_lane<T>(v);
       uint4* dst = reinterpret_cast<uint4*>(row + t0);
 #pragma unroll
-      for (int i = 0; i < Lane<true, T>::kChunks; ++i) dst[i] = l.q[i];
+      for (int i = 0; i < Lane<true, T>::kChunks; ++i) {
+        if constexpr (kPin) store16(dst + i, l.q[i]);
+        else dst[i] = l.q[i];
+      }
     }
   } else {
 #pragma unroll
@@ -283,7 +294,7 @@ __device__ __forceinline__ void store_lane(T* __restrict__ row, tok_t t0, tok_t 
 // [even0 even1 odd0 odd1]; stored as they lie, each instruction half-fills sectors. Swapping
 // even1 and odd0 within the pair makes instruction 0 write chunks 0-1 and instruction 1
 // chunks 2-3. Other widths store directly.
-template <bool kVec, typename T>
+template <bool kVec, typename T, bool kPin = false>
 __device__ __forceinline__ void store_pair(T* __restrict__ row, tok_t t0, tok_t lo, tok_t hi,
                                            const float (&v)[kTokensPerLane], bool odd) {
   if constexpr (kVec && sizeof(T) * kTokensPerLane == 32) {
@@ -304,7 +315,7 @@ __device__ __forceinline__ void store_pair(T* __restrict__ row, tok_t t0, tok_t 
     if (even_ok) dst[odd ? 1 : 0] = pack16<T>(c0);
     if (odd_ok) dst[odd ? 3 : 2] = pack16<T>(c1);
   } else {
-    store_lane<kVec>(row, t0, lo, hi, v);
+    store_lane<kVec, T, kPin>(row, t0, lo, hi, v);
   }
 }
 
@@ -1355,7 +1366,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
           if constexpr (kShared && kStageBwdOutputs) {
             BwdOutDx::write(ring, row, f * kBlockLen + half_off, dxv);
           } else {
-            store_pair<kVec>(dx, t0, w.lo, w.hi, dxv, odd);
+            store_pair<kVec, in_t, kState>(dx, t0, w.lo, w.hi, dxv, odd);
           }
         }
         push_carrier(cv, cp, __shfl_sync(kFullMask, wl[kTokensPerLane - 1], lane | 1),
