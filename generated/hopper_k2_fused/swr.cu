@@ -293,7 +293,7 @@ __device__ __forceinline__ void store_lane(T* __restrict__ row, tok_t t0, tok_t 
 // With 32 bytes per lane (fp32, 8 tokens) the pair's four 16-byte chunks lie as
 // [even0 even1 odd0 odd1]; stored as they lie, each instruction half-fills sectors. Swapping
 // even1 and odd0 within the pair makes instruction 0 write chunks 0-1 and instruction 1
-// chunks 2-3. Other widths store directly.
+// chunks 2-3. Other widths store directly (kPin as store_lane's; the 32-byte path ignores it).
 template <bool kVec, typename T, bool kPin = false>
 __device__ __forceinline__ void store_pair(T* __restrict__ row, tok_t t0, tok_t lo, tok_t hi,
                                            const float (&v)[kTokensPerLane], bool odd) {
