@@ -1,0 +1,44 @@
+"""The vector kernels store each lane's dx / y chunks as whole 16-byte stores (PTX st.global.v4), the state
+backward too: NVVM once split that kernel's dx store into four 4-byte stores (5x the L2 write sectors,
+bench/results/log.md run 114), which `store16` (templates/swr_common.cuh.j2) now prevents. CPU only: NVRTC's
+PTX, no GPU."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from swrgen.codegen import render_source
+from swrgen.compiler import nvrtc
+from swrgen.spec import SPECS_DIR, load_spec
+
+
+def kernel_ptx(source: str, arch: str) -> dict[str, str]:
+    """Each kernel's PTX body (NVRTC for the virtual arch of ``arch``)."""
+    from cuda.bindings import nvrtc as rtc
+
+    opts = [o.replace(f"={arch}", f"=compute_{arch.removeprefix('sm_')}") for o in nvrtc.compile_options(arch)]
+    err, prog = rtc.nvrtcCreateProgram(source.encode(), b"swr.cu", 0, [], [])
+    assert err == rtc.nvrtcResult.NVRTC_SUCCESS
+    (err,) = rtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+    assert err == rtc.nvrtcResult.NVRTC_SUCCESS, opts
+    err, size = rtc.nvrtcGetPTXSize(prog)
+    buf = b" " * size
+    rtc.nvrtcGetPTX(prog, buf)
+    rtc.nvrtcDestroyProgram(prog)
+    ptx = buf.decode()
+    parts = re.split(r"\.entry\s+(\w+)\(", ptx)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+@pytest.mark.parametrize("spec_name", ["hopper_k2", "hopper_k3", "hopper_k2_bf16out"])
+def test_backward_kernels_store_dx_whole(spec_name: str) -> None:
+    spec = load_spec(SPECS_DIR / f"{spec_name}.yaml")
+    spec = spec.replace_target(staging="shared", stages=2, tiles_in_flight=4, warps_per_cta=4, tiles_per_warp=15)
+    bodies = kernel_ptx(render_source(spec), "sm_90a")
+    plain, state = bodies["swr_bwd_vec"], bodies["swr_bwd_state_vec"]
+    wide = re.compile(r"st\.global\.v4\.u32")
+    assert len(wide.findall(plain)) > 0
+    # the state kernel stores dx as the plain one does: as many 16-byte stores, and no 4-byte ones of dx
+    assert len(wide.findall(state)) == len(wide.findall(plain))
