@@ -3,7 +3,8 @@
     ncu --clock-control none -k regex:swr_ python bench/tools/profile_one.py --shape 4,64,8192 \
         --tune staging=shared,warps_per_cta=1,tiles_per_warp=15,tiles_in_flight=4
 
-``--tune`` takes knob=value,...: integers, true/false, or words such as staging=shared.
+``--tune`` takes knob=value,...: integers, true/false, or words such as staging=shared. ``--state`` adds the
+``swr_*_state`` kernels' launches (a state read, the new one written, both gradients).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shape", type=common.shape_type("B,H,L"), default=(4, 64, 8192), help="B,H,L")
     ap.add_argument("--k", type=int, default=2, help="window_blocks")
     ap.add_argument("--tune", type=common.parse_knobs, default={}, help="target overrides, knob=value,...")
+    ap.add_argument("--state", action="store_true",
+                    help="also the *_state kernels, as bench/tools/ab.py --state calls them")  # fmt: skip
     return ap
 
 
@@ -43,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(2):
         y, _, _ = launch.forward(prog, a, x)
         launch.backward(prog, a, x, torch.randn_like(y))
+    if args.state:
+        from bench.tools.ab import state_calls
+
+        fwd, bwd, _ = state_calls(prog.spec.recurrence, a, x, torch.randn_like(y), (0, 0))
+        for _ in range(2):
+            fwd(prog)
+            bwd(prog)
     torch.cuda.synchronize()
     return 0
 

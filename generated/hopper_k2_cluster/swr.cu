@@ -635,11 +635,10 @@ __device__ __forceinline__ void state_carriers(const float* st, float (&cv)[kCar
 // input at lo-1 (the positions before lo carry a = 1, u = 0), so (w, g) at lo-1 are exactly (w0, g0).
 __device__ __forceinline__ void virtual_token(const float* st, const WarpWork& w, tok_t t0,
                                               float (&u)[kTokensPerLane], float (&a)[kTokensPerLane]) {
+  const float w0 = st[0], g0 = st[1];  // one load each (a load under every select: 4 x kTokensPerLane of them)
 #pragma unroll
-  for (int e = 0; e < kTokensPerLane; ++e) {
-    u[e] = t0 + e == w.lo - 1 ? st[0] : u[e];
-    a[e] = t0 + e == 0 ? st[1] : a[e];
-  }
+  for (int e = 0; e < kTokensPerLane; ++e) u[e] = t0 + e == w.lo - 1 ? w0 : u[e];
+  a[0] = t0 == 0 ? g0 : a[0];  // position 0: a constant index (see finish_tile's g0)
 }
 
 // The new state after the sequence's last tile: (w, g) of a partial last tile (its pushed carrier: the
@@ -1116,10 +1115,11 @@ __device__ __forceinline__ void finish_tile(const WarpWork& w, da_t* __restrict_
   tile_grads(s, odd, wl, gl, cv, cp, rr, rq, dxv, dav);
   if constexpr (kState) {
     if (inj.on) add_injection(inj, g8, odd, wl, gl, dxv, dav);
+    if (t0 < kBlockLen) {  // tile 0 (uniform): the virtual tokens (virtual_token), w0 at lo-1 and g0 at 0
 #pragma unroll
-    for (int e = 0; e < kTokensPerLane; ++e) {  // the virtual tokens (virtual_token): w0 at lo-1, g0 at 0
-      dw0 = t0 + e == w.lo - 1 ? dxv[e] : dw0;
-      dg0 = t0 + e == 0 ? dav[e] : dg0;
+      for (int e = 0; e < kTokensPerLane; ++e) dw0 = t0 + e == w.lo - 1 ? dxv[e] : dw0;
+      // g0 at a constant index: as t0 + e == 0 in that loop, NVVM kept dav in a local array, on every tile
+      dg0 = t0 == 0 ? dav[0] : dg0;
     }
   }
   if constexpr (kPerChannelGate) {
