@@ -674,3 +674,16 @@ def test_packed_and_state_calls_reuse_their_plan_and_set_the_work(fake_cuda) -> 
     assert fake_cuda.made[-1][1] == "swr_fwd_state_scalar"
     launch = ks.on(-1).kernels["swr_fwd_state_scalar"].launches[-1]
     assert launch.state and not launch.state_out
+
+
+def test_state_backward_reads_no_phase_where_every_sequence_starts_at_a_tile(fake_cuda) -> None:
+    a, x = _inputs(B=2, L=96)
+    for positions, kernel in (([0, 32], "swr_bwd_state_aligned_vec"), ([16, 8], "swr_bwd_state_vec"),
+                              ([3, 0], "swr_bwd_state_scalar")):  # fmt: skip
+        state = swrgen.ops.swr.state.SwrState.zeros(2, 2, 16, 2)
+        state.pos.copy_(torch.tensor(positions))
+        state.host_pos = tuple(positions)
+        ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
+        y = swrgen.swr(ag, xg, initial_state=state)
+        torch.autograd.grad(y, (ag, xg), torch.randn_like(y))
+        assert fake_cuda.made[-1][1] == kernel, positions  # each case a plan of its own: made last

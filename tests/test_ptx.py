@@ -43,11 +43,12 @@ def test_backward_kernels_store_dx_whole(spec_name: str) -> None:
     spec = load_spec(SPECS_DIR / f"{spec_name}.yaml")
     spec = spec.replace_target(staging="shared", stages=2, tiles_in_flight=4, warps_per_cta=4, tiles_per_warp=15)
     bodies = kernel_ptx(render_source(spec), "sm_90a")
-    plain, state = bodies["swr_bwd_vec"], bodies["swr_bwd_state_vec"]
     wide = re.compile(r"st\.global\.v4\.u32")
-    assert len(wide.findall(plain)) > 0
-    # the state kernel stores dx as the plain one does: as many 16-byte stores, and no 4-byte ones of dx
-    assert len(wide.findall(state)) == len(wide.findall(plain))
+    plain = len(wide.findall(bodies["swr_bwd_vec"]))
+    assert plain > 0
+    # the state kernels store dx as the plain one does: as many 16-byte stores, and no 4-byte ones of dx
+    for name in ("swr_bwd_state_vec", "swr_bwd_state_aligned_vec"):
+        assert len(wide.findall(bodies[name])) == plain, name
 
 
 @functools.cache

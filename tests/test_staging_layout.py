@@ -61,7 +61,7 @@ def test_kernel_shared_bytes_and_the_source_agree() -> None:
     lays = spec_layouts(shared.recurrence, shared.target)
     fwd, bwd = lays["fwd"].cta_bytes, lays["bwd"].cta_bytes  # the state entry points stage like the plain ones
     assert kernel_shared_bytes(shared) == {"swr_fwd_vec": fwd, "swr_fwd_state_vec": fwd, "swr_bwd_vec": bwd,
-                                           "swr_bwd_state_vec": bwd}  # fmt: skip
+                                           "swr_bwd_state_vec": bwd, "swr_bwd_state_aligned_vec": bwd}  # fmt: skip
     source = render_source(shared)
     assert f"constexpr int kFwdWarpBytes = {lays['fwd'].warp_bytes};" in source
     assert f"constexpr int kBwdWarpBytes = {lays['bwd'].warp_bytes};" in source

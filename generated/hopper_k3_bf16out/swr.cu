@@ -1168,7 +1168,9 @@ constexpr bool kKeepScans = kWindow > 1 && kWindow <= 1;
 
 // kState: continue from a state and hand back its gradient (state, dstate), taking the new state's
 // gradient (dstate_out): the *_state entry points; the plain ones start every sequence from zero.
-template <bool kVec, bool kState>
+// kPhase: a sequence may start inside a tile (its phase read from p.pos); without it every sequence starts
+// at a tile, as in the plain kernels and swr_bwd_state_aligned_vec (the phase per warp costs registers).
+template <bool kVec, bool kState, bool kPhase>
 __device__ __forceinline__ void bwd(const Params& p) {
   constexpr bool kShared = kVec && kStaged;
   // In registers the backward keeps four streams per tile in flight (x, a, dy and the look-ahead dy, a);
@@ -1181,7 +1183,7 @@ __device__ __forceinline__ void bwd(const Params& p) {
   const int half_off = odd ? kTokensPerLane : 0;
   for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
-    const WarpWork w = decode_work<kState>(p, item, lane);
+    const WarpWork w = decode_work<kPhase>(p, item, lane);
     const float* dso = (kState && p.dstate_out != nullptr)
                            ? static_cast<const float*>(p.dstate_out) + state_offset(p, w) : nullptr;
     const float* st_in = kState ? state_in(p, w) : nullptr;
@@ -1387,16 +1389,18 @@ __device__ __forceinline__ void bwd(const Params& p) {
 
 }  // namespace swr
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_vec(const swr::Params p) {
-  swr::bwd<true, false>(p);
+  swr::bwd<true, false, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_scalar(const swr::Params p) {
-  swr::bwd<false, false>(p);
+  swr::bwd<false, false, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_state_vec(const swr::Params p) {
-  swr::bwd<true, true>(p);
+  swr::bwd<true, true, true>(p);
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_state_scalar(const swr::Params p) {
-  swr::bwd<false, true>(p);
+  swr::bwd<false, true, true>(p);
 }
-
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) swr_bwd_state_aligned_vec(const swr::Params p) {
+  swr::bwd<true, true, false>(p);
+}
 

@@ -19,9 +19,11 @@ TEMPLATE_DIR = resources.templates_dir()
 MAIN_TEMPLATE = "swr.cu.j2"
 # Entry points every rendered module defines: "vec" needs 16-byte aligned rows and
 # L % (block_len / 2) == 0; "scalar" takes any L and any strides. The "_state" ones also continue from a
-# state and write the new one (forward), or hand back the gradients of both (backward).
+# state and write the new one (forward), or hand back the gradients of both (backward); the backward's
+# "_state_aligned" one only where every sequence starts at a tile (pos % block_len == 0; no phase to read).
 KERNEL_NAMES = ("swr_fwd_vec", "swr_fwd_scalar", "swr_bwd_vec", "swr_bwd_scalar",
-                "swr_fwd_state_vec", "swr_fwd_state_scalar", "swr_bwd_state_vec", "swr_bwd_state_scalar")  # fmt: skip
+                "swr_fwd_state_vec", "swr_fwd_state_scalar", "swr_bwd_state_vec", "swr_bwd_state_scalar",
+                "swr_bwd_state_aligned_vec")  # fmt: skip
 # Added by fused_gating: the Phalanx layer's gating fused around the SWR, on its [B, L, N] projections.
 # "vec" needs 16-bit types and 16-byte aligned rows and column blocks; "scalar" takes any layout.
 FUSED_KERNEL_NAMES = (*(f"phalanx_{d}{s}_{k}" for d in ("fwd", "bwd") for s in ("", "_state")
@@ -40,7 +42,8 @@ def kernel_shared_bytes(spec: Spec) -> dict[str, int]:
         return {}
     layouts = spec_layouts(spec.recurrence, spec.target)
     fwd, bwd = layouts["fwd"].cta_bytes, layouts["bwd"].cta_bytes
-    return {"swr_fwd_vec": fwd, "swr_fwd_state_vec": fwd, "swr_bwd_vec": bwd, "swr_bwd_state_vec": bwd}
+    return {"swr_fwd_vec": fwd, "swr_fwd_state_vec": fwd, "swr_bwd_vec": bwd, "swr_bwd_state_vec": bwd,
+            "swr_bwd_state_aligned_vec": bwd}  # fmt: skip
 
 
 def _environment() -> jinja2.Environment:

@@ -135,6 +135,12 @@ def offsets_fit_vectors(block_len: int, length: int, seqs: Sequences | None, sta
     return state is None or (state.phases is not None and not any(ph % v for ph in state.phases))
 
 
+def starts_at_tiles(block_len: int, state: StateArgs | None) -> bool:
+    """Whether every sequence starts at a tile (no state, or phases known on the host and all 0): the state
+    backward then runs ``swr_bwd_state_aligned_vec``, which reads no phase."""
+    return state is None or (state.phases is not None and not any(ph % block_len for ph in state.phases))
+
+
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
     """(batch, head, channel) element strides; a per-head gate has no channel dim."""
     if t is None:
@@ -368,15 +374,17 @@ def backward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Ten
     """The backward's launch plan for these inputs (cached on ``ks``); ``stateful``: a state in or out."""
     _, heads, head_dim, length = x.shape
     vec = offsets_fit_vectors(ks.spec.recurrence.block_len, length, seqs, state)
+    aligned = stateful and starts_at_tiles(ks.spec.recurrence.block_len, state)
     packed = None if seqs is None else bucket_of(tuning_shape(tuple(x.shape), seqs))  # packed: its tuning bucket
-    key = ("bwd", packed, stateful, vec, geometry(x, a, dy))
+    key = ("bwd", packed, stateful, vec, aligned, geometry(x, a, dy))
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, a, x, seqs, state)
         p.sdyb, p.sdyh, p.sdyc = _strides3(dy)
         p.sdxb, p.sdxh, p.sdxc = heads * head_dim * length, head_dim * length, length  # dx is contiguous
         use_vec = vec and rows_aligned(x) and rows_aligned(a) and rows_aligned(dy)
-        name = f"swr_bwd{'_state' if stateful else ''}_{'vec' if use_vec else 'scalar'}"
+        kind = ("_state_aligned" if aligned and use_vec else "_state") if stateful else ""
+        name = f"swr_bwd{kind}_{'vec' if use_vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
     return cached_plan(ks, x, key, "bwd", build, tuning_shape(tuple(x.shape), seqs))
