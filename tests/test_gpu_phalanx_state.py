@@ -165,6 +165,33 @@ def test_packed_sequences_with_states(k):
         assert rel_err(dd[i : i + 1], rd) <= 1e-2, f"sequence {i}"
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("knobs", [{}, dict(persistent=True, tiles_per_warp=128, tiles_in_flight=2, warps_per_cta=2)],
+                         ids=["spec", "h200"])  # fmt: skip
+def test_state_backward_at_tiles_reads_no_phase(k, knobs):
+    """Every sequence at a tile with the phases known: the aligned state backward, against float64 and bitwise
+    equal to the one that reads the phases (the same call with the phases unknown)."""
+    bl, positions, length = 16, [0, 32, 16, 48], 1000
+    layout = GatingLayout(8, 4, 16)
+    P = projections(len(positions), length, layout, seed=k)
+    data = random_state(len(positions), 8, 16, k, bl, positions, seed=k)
+    dZ = torch.randn(len(positions), length, layout.inner, device="cuda", dtype=torch.bfloat16)
+    d_out = torch.randn(data.shape, device="cuda")
+    _rZ, _rnew, rdP, rd = gated_reference(P, layout, k, bl, data, positions, dZ, d_out)
+    ks = swrgen.load(fused_spec(k=k, **knobs)).kernels
+    pos = torch.tensor(positions, device="cuda")
+    got = []
+    for phases, kernel in (((0,) * len(positions), "phalanx_bwd_state_aligned_vec"), (None, "phalanx_bwd_state_vec")):
+        state = StateArgs(data=data.float().cuda().contiguous(), pos=pos, phases=phases)
+        got.append(launch.backward(ks, P, dZ, layout, DM, state=state, d_state_out=d_out, want_d_state=True,
+                                   poison=NAN))  # fmt: skip
+        assert launch.backward_plan(ks, P, dZ, layout, DM, None, True, state).kernel.name == kernel
+    dP, dd = got[0]
+    check_blocks(dP, rdP, layout, 1e-2)
+    assert rel_err(dd, rd) <= 1e-2, "d state"
+    assert torch.equal(dP, got[1][0]) and torch.equal(dd, got[1][1])
+
+
 @pytest.mark.parametrize("knobs", TUNING, ids=str)
 def test_state_kernels_identical_across_tuning(knobs):
     bl, positions, length, k = 16, [0, 3, 16, 40], 3000, 3

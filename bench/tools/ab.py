@@ -14,10 +14,10 @@ group and the rounds' spread (half their range, % of the median). Compare progra
 between runs (and machines) one kernel has measured up to 5% apart. ``bench/tools/variant.py`` makes
 folders with other knobs or template constants.
 
-``--state`` times the state-carrying kernels instead (``swr_*_state``: the path of a chunked prefill or a
+``--state`` times the state-carrying kernels instead (``*_state``: the path of a chunked prefill or a
 training chunk that hands its state on): each sequence continues a random state at a tile edge (so the vector
 kernels run) and the forward also writes the new state, the backward takes its gradient and hands back the old
-state's; the states' bytes count with the rest. Plain specs only.
+state's; the states' bytes count with the rest.
 
 Fused specs (``fused_gating: true``) time the fused Phalanx kernels instead: B,H,L is P [B, L, N] with H
 heads of 16 channels (kv_heads = H, decay_max 0.8); Z and dP must be identical, bytes as
@@ -69,19 +69,47 @@ def fused_calls(batch: int, heads: int, length: int):
     return fwd, bwd, common.gating_bytes(P, dZ.numel())
 
 
+def random_states(rec, batch: int, heads: int, head_dim: int):
+    """A random state of ``batch`` sequences at tile-aligned positions (phases known: the vector kernels and
+    the aligned state backward), and a random gradient for the new one."""
+    from swrgen.ops.swr import launch
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    cols = 2 * rec.window_blocks
+    data = torch.randn(batch, heads, head_dim, cols, device="cuda", generator=g)
+    d_out = torch.randn(batch, heads, head_dim, cols, device="cuda", generator=g)
+    positions = [rec.block_len * (5 + 3 * i) for i in range(batch)]  # tile edges
+    return launch.StateArgs(data=data, pos=torch.tensor(positions, device="cuda"), phases=(0,) * batch), d_out
+
+
+def fused_state_calls(rec, batch: int, heads: int, length: int):
+    """:func:`fused_calls` through the fused ``*_state`` kernels (as :func:`state_calls`)."""
+    from bench.ops.phalanx_gating import DECAY_MAX as decay_max
+    from bench.ops.phalanx_gating import gating_inputs
+    from swrgen.ops.phalanx import launch as fused
+
+    layout, P, dZ = gating_inputs(batch, length, heads, seed=7)
+    state, d_out = random_states(rec, batch, layout.heads, layout.head_dim)
+
+    def fwd(prog, poison=None):
+        return fused.forward(prog, P, layout, decay_max, state=state, want_state=True, poison=poison)[:2]
+
+    def bwd(prog, poison=None):
+        return fused.backward(prog, P, dZ, layout, decay_max, state=state, d_state_out=d_out, want_d_state=True,
+                              poison=poison)  # fmt: skip
+
+    state_bytes = state.data.numel() * state.data.element_size()
+    fb, bb = common.gating_bytes(P, dZ.numel())
+    return fwd, bwd, (fb + 2 * state_bytes, bb + 3 * state_bytes)
+
+
 def state_calls(rec, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, plain_bytes: tuple[int, int]):
     """Forward and backward calls of the ``*_state`` kernels (random states at tile-aligned positions, the new
     state written, its gradient taken and the old one's handed back) and their bytes: the plain call's plus
     the states' (float32 [B, H, DH, 2k]: fwd reads one and writes one, bwd reads two and writes one)."""
     from swrgen.ops.swr import launch
 
-    batch, heads, head_dim, _ = x.shape
-    g = torch.Generator(device="cuda").manual_seed(3)
-    cols = 2 * rec.window_blocks
-    data = torch.randn(batch, heads, head_dim, cols, device="cuda", generator=g)
-    d_out = torch.randn(batch, heads, head_dim, cols, device="cuda", generator=g)
-    positions = [rec.block_len * (5 + 3 * i) for i in range(batch)]  # tile edges: the vector kernels
-    state = launch.StateArgs(data=data, pos=torch.tensor(positions, device="cuda"), phases=(0,) * batch)
+    state, d_out = random_states(rec, *x.shape[:3])
 
     def fwd(prog, poison=None):
         return launch.forward(prog, a, x, state=state, want_state=True, poison=poison)[:2]
@@ -89,7 +117,7 @@ def state_calls(rec, a: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, plain_b
     def bwd(prog, poison=None):
         return launch.backward(prog, a, x, dy, state=state, d_state_out=d_out, want_d_state=True, poison=poison)
 
-    state_bytes = data.numel() * data.element_size()
+    state_bytes = state.data.numel() * state.data.element_size()
     return fwd, bwd, (plain_bytes[0] + 2 * state_bytes, plain_bytes[1] + 3 * state_bytes)
 
 
@@ -120,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,H,L (head_dim from the spec)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median counts)")
     ap.add_argument("--state", action="store_true",
-                    help="time the *_state kernels: a state in and out at tile edges (plain specs)")  # fmt: skip
+                    help="time the *_state kernels: a state in and out at tile edges")  # fmt: skip
     ap.add_argument("--rounding", action="store_true",
                     help="the programs may round differently: check each against float64 instead")  # fmt: skip
     return ap
@@ -136,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = program_labels(args.programs)
     ops = [(label, swrgen.load(p)) for label, p in zip(labels, args.programs, strict=True)]
-    if args.state and any(op.spec.recurrence.fused_gating for _, op in ops):
-        raise SystemExit("--state times the plain *_state kernels, not a fused spec's")
     groups: dict[object, list] = {}
     for label, op in ops:
         groups.setdefault(op.spec.recurrence, []).append((label, op.kernels))
@@ -148,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             b, h, length = (int(v) for v in text.split(","))
             shape = (b, h, rec.head_dim, length)
             if rec.fused_gating:
-                fwd, bwd, (fb, bb) = fused_calls(b, h, length)
+                fwd, bwd, (fb, bb) = fused_state_calls(rec, b, h, length) if args.state else fused_calls(b, h, length)
             else:
                 spec = members[0][1].spec
                 a, x = random_inputs(spec, shape, seed=7, device=torch.device("cuda"))

@@ -1940,7 +1940,8 @@ __device__ __forceinline__ void phalanx_fwd(const Params& p, unsigned char* smem
 // where y is rebuilt from the forward scan and carriers the backward has anyway.
 // With kv_group > 1, dB and dC are per head (fp32, dbc) and the host sums each group.
 // kState: continue from a state, take the new state's gradient and hand back the old one's.
-template <bool kVecIn, bool kState>
+// kPhase: as in the plain backward (swr_bwd.cuh.j2's bwd): false where every sequence starts at a tile.
+template <bool kVecIn, bool kState, bool kPhase>
 __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem) {
   constexpr bool kVec = kVecIn && kFusedVecOk;
   const int lane = threadIdx.x % kWarpSize;
@@ -1951,7 +1952,7 @@ __device__ __forceinline__ void phalanx_bwd(const Params& p, unsigned char* smem
   const long long stride = static_cast<long long>(gridDim.x) * kWarpsPerCta;
   for (long long item = static_cast<long long>(blockIdx.x) * kWarpsPerCta + threadIdx.x / kWarpSize; item < p.work;
        item += stride) {
-    const WarpWork w = fused_work<kState>(p, item, lane);
+    const WarpWork w = fused_work<kPhase>(p, item, lane);
     const float* dso = (kState && p.dstate_out != nullptr)
                            ? static_cast<const float*>(p.dstate_out) + state_offset(p, w) : nullptr;
     const float* st_in = kState ? state_in(p, w) : nullptr;
@@ -2242,19 +2243,24 @@ extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize)
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_bwd_vec(const swr::Params p) {
   __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][true && swr::kFusedVecOk ? swr::kSmemTile : 16];
-  swr::phalanx_bwd<true, false>(p, smem[threadIdx.x / swr::kWarpSize]);
+  swr::phalanx_bwd<true, false, false>(p, smem[threadIdx.x / swr::kWarpSize]);
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_bwd_scalar(const swr::Params p) {
   __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][false && swr::kFusedVecOk ? swr::kSmemTile : 16];
-  swr::phalanx_bwd<false, false>(p, smem[threadIdx.x / swr::kWarpSize]);
+  swr::phalanx_bwd<false, false, false>(p, smem[threadIdx.x / swr::kWarpSize]);
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_bwd_state_vec(const swr::Params p) {
   __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][true && swr::kFusedVecOk ? swr::kSmemTile : 16];
-  swr::phalanx_bwd<true, true>(p, smem[threadIdx.x / swr::kWarpSize]);
+  swr::phalanx_bwd<true, true, true>(p, smem[threadIdx.x / swr::kWarpSize]);
 }
 extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_bwd_state_scalar(const swr::Params p) {
   __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][false && swr::kFusedVecOk ? swr::kSmemTile : 16];
-  swr::phalanx_bwd<false, true>(p, smem[threadIdx.x / swr::kWarpSize]);
+  swr::phalanx_bwd<false, true, true>(p, smem[threadIdx.x / swr::kWarpSize]);
+}
+// The state backward where every sequence starts at a tile: no phase to read (the launcher knows).
+extern "C" __global__ void __launch_bounds__(swr::kWarpsPerCta * swr::kWarpSize) phalanx_bwd_state_aligned_vec(const swr::Params p) {
+  __shared__ __align__(16) unsigned char smem[swr::kWarpsPerCta][swr::kFusedVecOk ? swr::kSmemTile : 16];
+  swr::phalanx_bwd<true, true, false>(p, smem[threadIdx.x / swr::kWarpSize]);
 }
 extern "C" __global__ void __launch_bounds__(swr::kDecodeThreads) phalanx_decode(const swr::Params p) {
   swr::phalanx_decode(p);

@@ -28,6 +28,7 @@ KERNEL_NAMES = ("swr_fwd_vec", "swr_fwd_scalar", "swr_bwd_vec", "swr_bwd_scalar"
 # "vec" needs 16-bit types and 16-byte aligned rows and column blocks; "scalar" takes any layout.
 FUSED_KERNEL_NAMES = (*(f"phalanx_{d}{s}_{k}" for d in ("fwd", "bwd") for s in ("", "_state")
                         for k in ("vec", "scalar")),
+                      "phalanx_bwd_state_aligned_vec",  # every sequence at a tile: no phase read
                       "phalanx_decode")  # one token per sequence, state in place in a pool of slots
 
 

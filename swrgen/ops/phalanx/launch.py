@@ -24,6 +24,7 @@ from swrgen.ops.swr.launch import (
     make_plan,
     packed_plan,
     rows_aligned,
+    starts_at_tiles,
 )
 from swrgen.ops.swr.launch import tuning_shape as packed_tuning_shape
 from swrgen.tune.buckets import bucket_of
@@ -144,7 +145,7 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
         for t in (dP, dbc, d_state):
             if t is not None:
                 t.fill_(poison)
-    plan = backward_plan(ks, P, dZ, layout, decay_max, seqs, stateful)
+    plan = backward_plan(ks, P, dZ, layout, decay_max, seqs, stateful, state)
     dbc_ptr = 0 if dbc is None else dbc.data_ptr()
     if not stateful and seqs is None:  # dense, into poisoned buffers or with an (unwritten) d_state
         plan.launch(x=P.data_ptr(), dy=dZ.data_ptr(), dx=dP.data_ptr(), dbc=dbc_ptr)
@@ -156,19 +157,23 @@ def backward(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLay
 
 
 def backward_plan(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: GatingLayout, decay_max: float,
-                  seqs: Sequences | None = None, stateful: bool = False) -> LaunchPlan:  # fmt: skip
-    """The fused backward's launch plan (cached on ``ks``); ``stateful``: a state in or out."""
+                  seqs: Sequences | None = None, stateful: bool = False,
+                  state: StateArgs | None = None) -> LaunchPlan:  # fmt: skip
+    """The fused backward's launch plan (cached on ``ks``); ``stateful``: a state in or out (``state``: the
+    one read, if any)."""
     batch, length, width = P.shape
     shape = tuning_shape(P, layout, seqs)
     packed = None if seqs is None else bucket_of(shape)  # packed: its tuning bucket
-    key = ("bwd", packed, stateful, geometry(P, dZ), layout, decay_max)
+    at_tiles = stateful and starts_at_tiles(ks.spec.recurrence.block_len, state)
+    key = ("bwd", packed, stateful, at_tiles, geometry(P, dZ), layout, decay_max)
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, P, layout, decay_max, stateful, seqs is not None)
         p.sdzb, p.sdzt = dZ.stride(0), dZ.stride(1)
         p.sdpb, p.sdpt = length * width, width  # dP is a fresh contiguous tensor (aligned base)
         vec = use_vector_kernel(layout, P, dZ) and fresh_rows_aligned((batch, length, width), P.element_size())
-        name = f"phalanx_bwd{'_state' if stateful else ''}_{'vec' if vec else 'scalar'}"
+        kind = ("_state_aligned" if at_tiles and vec else "_state") if stateful else ""
+        name = f"phalanx_bwd{kind}_{'vec' if vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
     return cached_plan(ks, P, key, "bwd", build, shape)

@@ -374,16 +374,16 @@ def backward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Ten
     """The backward's launch plan for these inputs (cached on ``ks``); ``stateful``: a state in or out."""
     _, heads, head_dim, length = x.shape
     vec = offsets_fit_vectors(ks.spec.recurrence.block_len, length, seqs, state)
-    aligned = stateful and starts_at_tiles(ks.spec.recurrence.block_len, state)
+    at_tiles = stateful and starts_at_tiles(ks.spec.recurrence.block_len, state)
     packed = None if seqs is None else bucket_of(tuning_shape(tuple(x.shape), seqs))  # packed: its tuning bucket
-    key = ("bwd", packed, stateful, vec, aligned, geometry(x, a, dy))
+    key = ("bwd", packed, stateful, vec, at_tiles, geometry(x, a, dy))
 
     def build(variant: KernelSet, dev: DeviceKernels) -> LaunchPlan:
         p = _params(variant, a, x, seqs, state)
         p.sdyb, p.sdyh, p.sdyc = _strides3(dy)
         p.sdxb, p.sdxh, p.sdxc = heads * head_dim * length, head_dim * length, length  # dx is contiguous
         use_vec = vec and rows_aligned(x) and rows_aligned(a) and rows_aligned(dy)
-        kind = ("_state_aligned" if aligned and use_vec else "_state") if stateful else ""
+        kind = ("_state_aligned" if at_tiles and use_vec else "_state") if stateful else ""
         name = f"swr_bwd{kind}_{'vec' if use_vec else 'scalar'}"
         return make_plan(variant, dev, name, p)
 
