@@ -11,7 +11,8 @@ launcher (``swrgen.ops.phalanx.launch``) builds on the same helpers: ``Sequences
 Streaming state: ``StateArgs`` carries a state's data (float32 ``[N', H, DH, 2 + 2(k-1)]``), positions
 (int64 ``[N']``), an optional row index (slots of a pool) and the phases when the host knows them. The
 ``*_state`` kernels continue from it and write the new state (forward), or hand back the gradient of the
-old state given that of the new one (backward).
+old state given that of the new one (backward); where every phase is known and 0, the backward's
+``*_state_aligned_vec`` kernel, which reads no phase (``starts_at_tiles``).
 """
 
 from __future__ import annotations
