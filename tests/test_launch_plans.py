@@ -21,6 +21,7 @@ from swrgen.ops.phalanx import GatingLayout
 from swrgen.ops.phalanx import launch as fused_launch
 from swrgen.ops.swr import launch
 from swrgen.ops.swr import op as swr_op
+from swrgen.ops.swr.state import SwrState
 from swrgen.runtime import driver, kernels, plan
 from swrgen.runtime.kernels import KernelSet
 from swrgen.runtime.params import KernelParams
@@ -680,18 +681,14 @@ def test_state_backward_reads_no_phase_where_every_sequence_starts_at_a_tile(fak
     a, x = _inputs(B=2, L=96)
     for positions, kernel in (([0, 32], "swr_bwd_state_aligned_vec"), ([16, 8], "swr_bwd_state_vec"),
                               ([3, 0], "swr_bwd_state_scalar")):  # fmt: skip
-        state = swrgen.ops.swr.state.SwrState.zeros(2, 2, 16, 2)
-        state.pos.copy_(torch.tensor(positions))
-        state.host_pos = tuple(positions)
+        state = SwrState(SwrState.zeros(2, 2, 16, 2).data, positions, 16)  # host positions: phases known
         ag, xg = a.clone().requires_grad_(), x.clone().requires_grad_()
         y = swrgen.swr(ag, xg, initial_state=state)
         torch.autograd.grad(y, (ag, xg), torch.randn_like(y))
         assert fake_cuda.made[-1][1] == kernel, positions  # each case a plan of its own: made last
     P = torch.randn(2, 96, 8 + 3 * 8 * 16).bfloat16()  # 8 heads and kv-heads of 16 channels: aligned blocks
     for positions, kernel in (([0, 32], "phalanx_bwd_state_aligned_vec"), ([16, 8], "phalanx_bwd_state_vec")):
-        state = swrgen.ops.swr.state.SwrState.zeros(2, 8, 16, 2)
-        state.pos.copy_(torch.tensor(positions))
-        state.host_pos = tuple(positions)
+        state = SwrState(SwrState.zeros(2, 8, 16, 2).data, positions, 16)
         Pg = P.clone().requires_grad_()
         Z = swrgen.phalanx_gating(Pg, heads=8, initial_state=state)
         torch.autograd.grad(Z, Pg, torch.randn_like(Z))

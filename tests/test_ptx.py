@@ -18,6 +18,9 @@ from swrgen.codegen import render_source
 from swrgen.compiler import nvrtc
 from swrgen.spec import SPECS_DIR, load_spec
 
+# The H200's tuned backward shape (shared staging, 2 stages, F = 4, W = 4, T = 15).
+H200_BWD = dict(staging="shared", stages=2, tiles_in_flight=4, warps_per_cta=4, tiles_per_warp=15)
+
 
 @functools.cache
 def kernel_ptx(source: str, arch: str) -> dict[str, str]:
@@ -40,9 +43,7 @@ def kernel_ptx(source: str, arch: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("spec_name", ["hopper_k2", "hopper_k3", "hopper_k2_bf16out"])
 def test_backward_kernels_store_dx_whole(spec_name: str) -> None:
-    spec = load_spec(SPECS_DIR / f"{spec_name}.yaml")
-    spec = spec.replace_target(staging="shared", stages=2, tiles_in_flight=4, warps_per_cta=4, tiles_per_warp=15)
-    bodies = kernel_ptx(render_source(spec), "sm_90a")
+    bodies = spec_ptx(spec_name, h200=True)  # these specs build sm_90a first
     wide = re.compile(r"st\.global\.v4\.u32")
     plain = len(wide.findall(bodies["swr_bwd_vec"]))
     assert plain > 0
@@ -56,7 +57,7 @@ def spec_ptx(spec_name: str, h200: bool) -> dict[str, str]:
     """The kernels' PTX of a shipped spec at its own target, or (``h200``) at the H200's tuned backward shape."""
     spec = load_spec(SPECS_DIR / f"{spec_name}.yaml")
     if h200:
-        spec = spec.replace_target(staging="shared", stages=2, tiles_in_flight=4, warps_per_cta=4, tiles_per_warp=15)
+        spec = spec.replace_target(**H200_BWD)
     return kernel_ptx(render_source(spec), spec.target.archs[0])
 
 

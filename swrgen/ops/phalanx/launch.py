@@ -15,6 +15,7 @@ from swrgen.ops.swr.launch import (
     Sequences,
     StateArgs,
     aligned,
+    backward_kernel,
     cached_plan,
     ceil_div,
     check_row_length,
@@ -172,9 +173,7 @@ def backward_plan(ks: KernelSet, P: torch.Tensor, dZ: torch.Tensor, layout: Gati
         p.sdzb, p.sdzt = dZ.stride(0), dZ.stride(1)
         p.sdpb, p.sdpt = length * width, width  # dP is a fresh contiguous tensor (aligned base)
         vec = use_vector_kernel(layout, P, dZ) and fresh_rows_aligned((batch, length, width), P.element_size())
-        kind = ("_state_aligned" if at_tiles and vec else "_state") if stateful else ""
-        name = f"phalanx_bwd{kind}_{'vec' if vec else 'scalar'}"
-        return make_plan(variant, dev, name, p)
+        return make_plan(variant, dev, backward_kernel("phalanx", stateful, at_tiles, vec), p)
 
     return cached_plan(ks, P, key, "bwd", build, shape)
 

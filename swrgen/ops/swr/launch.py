@@ -142,6 +142,13 @@ def starts_at_tiles(block_len: int, state: StateArgs | None) -> bool:
     return state is None or (state.phases is not None and not any(ph % block_len for ph in state.phases))
 
 
+def backward_kernel(op: str, stateful: bool, at_tiles: bool, vec: bool) -> str:
+    """The backward entry point of ``op`` ("swr" or "phalanx"): plain, ``_state``, or, for the vector kernel of
+    a state call whose sequences all start at a tile (:func:`starts_at_tiles`), ``_state_aligned``."""
+    kind = ("_state_aligned" if at_tiles and vec else "_state") if stateful else ""
+    return f"{op}_bwd{kind}_{'vec' if vec else 'scalar'}"
+
+
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
     """(batch, head, channel) element strides; a per-head gate has no channel dim."""
     if t is None:
@@ -384,9 +391,7 @@ def backward_plan(ks: KernelSet, a: torch.Tensor, x: torch.Tensor, dy: torch.Ten
         p.sdyb, p.sdyh, p.sdyc = _strides3(dy)
         p.sdxb, p.sdxh, p.sdxc = heads * head_dim * length, head_dim * length, length  # dx is contiguous
         use_vec = vec and rows_aligned(x) and rows_aligned(a) and rows_aligned(dy)
-        kind = ("_state_aligned" if at_tiles and use_vec else "_state") if stateful else ""
-        name = f"swr_bwd{kind}_{'vec' if use_vec else 'scalar'}"
-        return make_plan(variant, dev, name, p)
+        return make_plan(variant, dev, backward_kernel("swr", stateful, at_tiles, use_vec), p)
 
     return cached_plan(ks, x, key, "bwd", build, tuning_shape(tuple(x.shape), seqs))
 
